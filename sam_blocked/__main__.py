@@ -1,0 +1,5 @@
+import sys
+
+from sam_blocked.cli import main
+
+sys.exit(main())

@@ -1,0 +1,184 @@
+"""Model surgery: make segment_anything's image-encoder Attention compute in blocks.
+
+Each stock `Attention` found in the model has its class swapped for `BlockedAttention`, a
+subclass whose only change is `forward`; its settings live in `blocked_config`. Nothing
+else is touched: parameters, buffers and state_dict keys stay as they were, so a
+checkpoint loads before or after patching, and unpatching swaps the class back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.image_encoder import Attention
+
+from sam_blocked.attention import DEFAULT_CHUNKS, blocked_attention, chunk_bands, plan_blocks
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Settings of one patched Attention: fixed `chunks`, or a `max_block_mb` budget."""
+
+    chunks: int = DEFAULT_CHUNKS
+    max_block_mb: Optional[float] = None
+
+
+class BlockedAttention(Attention):
+    """segment_anything's Attention with the same parameters and a blocked forward."""
+
+    blocked_config: BlockConfig
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, dim = x.shape
+        heads = self.num_heads
+        head_dim = self.qkv.out_features // (3 * heads)
+        cfg = self.blocked_config
+        plan = plan_blocks(B * heads, (H, W), cfg.chunks, cfg.max_block_mb)
+        rel_h, rel_w = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
+
+        # q, k, v are projected for a few heads at a time, so the full (3, B*heads, N, C)
+        # projection never exists either: only `heads_per_step` of it at once.
+        heads_per_step = max(1, min(heads, plan.group // B))
+        out = x.new_empty(B, H * W, heads, head_dim)  # (B, N, heads, C)
+        weight = self.qkv.weight.view(3, heads, head_dim, dim)
+        bias = None if self.qkv.bias is None else self.qkv.bias.view(3, heads, head_dim)
+        for h0 in range(0, heads, heads_per_step):
+            h1 = min(heads, h0 + heads_per_step)
+            g = h1 - h0
+            if g == heads:
+                qkv = self.qkv(x)
+            else:
+                qkv = F.linear(
+                    x,
+                    weight[:, h0:h1].reshape(3 * g * head_dim, dim),
+                    None if bias is None else bias[:, h0:h1].reshape(-1),
+                )  # (B, H, W, 3*g*C)
+            # (3, B*g, N, C), as stock's reshape
+            qkv = qkv.reshape(B, H * W, 3, g, head_dim).permute(2, 0, 3, 1, 4).reshape(3, B * g, H * W, head_dim)
+            q, k, v = qkv.unbind(0)
+            o = blocked_attention(q, k, v, (H, W), rel_h, rel_w, scale=self.scale, plan=plan)  # (B*g, N, C)
+            out[:, :, h0:h1] = o.view(B, g, H * W, head_dim).transpose(1, 2)
+            del qkv, q, k, v, o
+        return self.proj(out.view(B, H, W, heads * head_dim))
+
+
+def _check_config(chunks: int, max_block_mb: Optional[float]) -> BlockConfig:
+    chunk_bands(chunks)  # raises on a bad count
+    if max_block_mb is not None and not (isinstance(max_block_mb, (int, float)) and max_block_mb > 0):
+        raise ValueError(f"max_block_mb must be a number > 0 (MiB), got {max_block_mb!r}")
+    return BlockConfig(chunks, None if max_block_mb is None else float(max_block_mb))
+
+
+def _check_attention(name: str, module: Attention) -> None:
+    if type(module) not in (Attention, BlockedAttention):
+        raise ValueError(
+            f"{name or 'model'} is {type(module).__qualname__}, a subclass of segment_anything's Attention "
+            "with a forward of its own: sam_blocked only patches the stock class"
+        )
+    missing = [a for a in ("qkv", "proj", "num_heads", "scale", "use_rel_pos") if not hasattr(module, a)]
+    if module.use_rel_pos if hasattr(module, "use_rel_pos") else False:
+        missing += [a for a in ("rel_pos_h", "rel_pos_w") if not hasattr(module, a)]
+    if missing:
+        raise ValueError(
+            f"{name or 'model'} lacks {', '.join(missing)}: this segment_anything version's Attention "
+            "is not the one sam_blocked was written against"
+        )
+    if module.qkv.out_features % (3 * module.num_heads):
+        raise ValueError(f"{name}: qkv has {module.qkv.out_features} outputs, not 3 x heads x head_dim")
+
+
+def sam_attentions(model: torch.nn.Module) -> list[tuple[str, Attention]]:
+    """Every segment_anything image-encoder Attention inside `model` (or `model` itself)."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, Attention)]
+    if not found:
+        raise ValueError(
+            f"no segment_anything image-encoder Attention found in {type(model).__qualname__}: "
+            "pass a Sam, its image_encoder, or a module containing them"
+        )
+    return found
+
+
+def patch_sam(
+    model: torch.nn.Module,
+    chunks: int = DEFAULT_CHUNKS,
+    max_block_mb: Optional[float] = None,
+) -> torch.nn.Module:
+    """Make every SAM image-encoder Attention in `model` compute in blocks, in place.
+
+    Global and windowed blocks alike. Patching a patched model only updates the settings.
+
+    Args:
+        model: a Sam, an ImageEncoderViT, an Attention, or any module containing them.
+        chunks: blocks per (batch*head) score matrix: q_bands x k_bands (16 -> 4 x 4).
+        max_block_mb: instead of chunks, a budget in MiB for the largest float32 score
+            block; the blocking is then chosen per layer and per input size.
+
+    Returns:
+        `model`, patched.
+    """
+    config = _check_config(chunks, max_block_mb)
+    attentions = sam_attentions(model)
+    for name, module in attentions:
+        _check_attention(name, module)
+    for _, module in attentions:
+        module.__class__ = BlockedAttention
+        module.blocked_config = config
+    return model
+
+
+def unpatch_sam(model: torch.nn.Module) -> torch.nn.Module:
+    """Restore stock segment_anything attention everywhere in `model`; returns `model`."""
+    for _, module in sam_attentions(model):
+        if isinstance(module, BlockedAttention):
+            module.__class__ = Attention
+            del module.blocked_config
+    return model
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    """True when every SAM Attention in `model` is patched."""
+    return all(isinstance(m, BlockedAttention) for _, m in sam_attentions(model))
+
+
+@contextlib.contextmanager
+def patched(
+    model: torch.nn.Module,
+    chunks: int = DEFAULT_CHUNKS,
+    max_block_mb: Optional[float] = None,
+) -> Iterator[torch.nn.Module]:
+    """Patch `model` for the `with` body, then put each Attention back as it was, also on an exception."""
+    before = _snapshot(model)
+    patch_sam(model, chunks, max_block_mb)
+    try:
+        yield model
+    finally:
+        _restore(before)
+
+
+@contextlib.contextmanager
+def stock(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run `model` with stock attention for the `with` body, then restore its patches."""
+    before = _snapshot(model)
+    unpatch_sam(model)
+    try:
+        yield model
+    finally:
+        _restore(before)
+
+
+def _snapshot(model: torch.nn.Module) -> list[tuple[Attention, Optional[BlockConfig]]]:
+    return [(m, getattr(m, "blocked_config", None)) for _, m in sam_attentions(model)]
+
+
+def _restore(before: list[tuple[Attention, Optional[BlockConfig]]]) -> None:
+    for module, config in before:
+        if config is None:
+            module.__class__ = Attention
+            module.__dict__.pop("blocked_config", None)
+        else:
+            module.__class__ = BlockedAttention
+            module.blocked_config = config
