@@ -85,3 +85,23 @@ def build_sam(model_type: str, *, img_size: int = 1024, seed: int | None = 0, re
         if seed is not None:
             torch.random.set_rng_state(generator_state)
     return sam.eval()
+
+
+def cast_image_encoder(sam: Sam, dtype: torch.dtype) -> Sam:
+    """Run the image encoder in `dtype` while the prompt encoder and mask decoder stay float32.
+
+    SamPredictor feeds the encoder float32 pixels and the decoder expects float32
+    embeddings, so the encoder's input is cast on the way in and its output on the way out.
+    """
+    encoder = sam.image_encoder
+    encoder.to(dtype)
+    for handle in getattr(encoder, "_sam_blocked_cast_hooks", ()):
+        handle.remove()
+    if dtype == torch.float32:
+        encoder._sam_blocked_cast_hooks = ()
+        return sam
+    encoder._sam_blocked_cast_hooks = (
+        encoder.register_forward_pre_hook(lambda module, args: tuple(a.to(dtype) for a in args)),
+        encoder.register_forward_hook(lambda module, args, output: output.float()),
+    )
+    return sam

@@ -10,7 +10,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from sam_blocked.attention import DEFAULT_CHUNKS
-from sam_blocked.models import ENCODER_CONFIGS, build_sam
+from sam_blocked.models import ENCODER_CONFIGS, build_sam, cast_image_encoder
 from sam_blocked.patch import patch_sam
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,7 +77,7 @@ def model_from_args(args: argparse.Namespace, *, patch: bool = True) -> LoadedMo
         from sam_blocked.resolution import set_image_size
 
         set_image_size(sam, args.img_size)
-    sam = sam.to(device=device, dtype=DTYPES[args.dtype])
+    sam = cast_image_encoder(sam.to(device), DTYPES[args.dtype])
     if patch:
         patch_sam(sam, chunks=args.chunks, max_block_mb=args.max_block_mb)
     if random_weights:
