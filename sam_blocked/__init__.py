@@ -1,14 +1,21 @@
 """sam_blocked: exact blocked attention for Segment Anything's image encoder."""
 
 from sam_blocked.attention import BlockPlan, blocked_attention, plan_blocks
+from sam_blocked.checkpoints import detect_model_type, download_checkpoint, find_checkpoint, load_sam
 from sam_blocked.models import MODEL_TYPES, build_sam
 from sam_blocked.patch import BlockConfig, is_patched, patch_sam, patched, stock, unpatch_sam
+from sam_blocked.verify import EquivalenceReport, verify_equivalence
 
 __all__ = [
     "BlockConfig",
     "BlockPlan",
+    "EquivalenceReport",
     "MODEL_TYPES",
     "blocked_attention",
+    "detect_model_type",
+    "download_checkpoint",
+    "find_checkpoint",
+    "load_sam",
     "build_sam",
     "is_patched",
     "patch_sam",
@@ -16,5 +23,6 @@ __all__ = [
     "plan_blocks",
     "stock",
     "unpatch_sam",
+    "verify_equivalence",
 ]
 __version__ = "0.1.0"

@@ -15,6 +15,13 @@ def _few_threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _no_real_weights(tmp_path_factory, monkeypatch):
+    # A developer's downloaded checkpoints must not leak into tests.
+    monkeypatch.setattr("sam_blocked.checkpoints.default_weights_dir", lambda: tmp_path_factory.mktemp("no_weights"))
+    monkeypatch.delenv("SAM_BLOCKED_WEIGHTS", raising=False)
+
+
 @pytest.fixture
 def tiny_sam():
     """A 2-block SAM (embed 64, 2 heads, one global block) at 1024 px, random weights."""

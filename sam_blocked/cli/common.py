@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +32,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="SAM architecture; 'auto' detects it from the checkpoint (vit_b without one). "
         "'tiny' is a 2-block test architecture with random weights.",
     )
-    group.add_argument("--checkpoint", default=None, help="SAM checkpoint (.pth). Without one, seeded random weights are used.")
+    group.add_argument(
+        "--checkpoint",
+        default=None,
+        help="SAM checkpoint (.pth) or a folder of them. Without it: $SAM_BLOCKED_WEIGHTS, then the weights "
+        "folder (`sam-blocked weights list`), else seeded random weights.",
+    )
     group.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
     group.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model dtype")
     group.add_argument("--img-size", type=int, default=None, help="square input size in pixels, a multiple of 16 (default 1024)")
@@ -61,17 +65,21 @@ def model_from_args(args: argparse.Namespace, *, patch: bool = True) -> LoadedMo
     """Build or load the model the flags describe, resized, moved, cast and (by default) patched."""
     device = device_from_args(args)
     model_type = "vit_h" if args.model_type == "default" else args.model_type
-    if args.checkpoint is None:
+    from sam_blocked.checkpoints import find_checkpoint, load_sam
+
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint = find_checkpoint(model_type)  # None for "tiny" or when nothing is on disk
+    if checkpoint is None:
         model_type = "vit_b" if model_type == "auto" else model_type
         sam = build_sam(model_type, seed=args.seed)
-        description = f"{model_type} with seeded random weights (seed {args.seed}): masks are meaningless until a checkpoint is given"
+        hint = "'tiny' has no checkpoint" if model_type == "tiny" else f"get weights with `sam-blocked weights download {model_type}`"
+        description = f"{model_type} with seeded random weights (seed {args.seed}): masks are meaningless; {hint}"
         random_weights = True
     else:
-        from sam_blocked.checkpoints import load_sam
-
-        sam = load_sam(model_type, args.checkpoint)
-        model_type = getattr(sam, "model_type", model_type)
-        description = f"{model_type} from {args.checkpoint}"
+        sam = load_sam(model_type, checkpoint)
+        model_type = sam.model_type
+        description = f"{model_type} from {checkpoint}"
         random_weights = False
     if args.img_size is not None and args.img_size != sam.image_encoder.img_size:
         from sam_blocked.resolution import set_image_size
@@ -80,6 +88,4 @@ def model_from_args(args: argparse.Namespace, *, patch: bool = True) -> LoadedMo
     sam = cast_image_encoder(sam.to(device), DTYPES[args.dtype])
     if patch:
         patch_sam(sam, chunks=args.chunks, max_block_mb=args.max_block_mb)
-    if random_weights:
-        print(f"note: {description}", file=sys.stderr)
     return LoadedModel(sam, model_type, description, random_weights)
