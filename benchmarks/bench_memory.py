@@ -1,0 +1,157 @@
+"""Extra peak memory and time: stock SAM attention vs the patched (blocked) one.
+
+Targets: one global attention layer with vit_b shapes at 64 x 64 tokens, and the whole
+vit_b image encoder at 1024 px; stock vs patched with chunks 1, 4, 16, 64. Every
+configuration runs in a fresh process. CPU: the resident high-water mark is reset
+(/proc/self/clear_refs) after the model and input exist and one warm-up run, then read
+after the measured run; CUDA: max_memory_allocated after reset_peak_memory_stats.
+
+    python benchmarks/bench_memory.py                 # CSV + PNG under benchmarks/results/
+    python benchmarks/bench_memory.py --targets layer --chunks 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MIB = 2**20
+
+
+def machine_name(device: str) -> str:
+    """CPU model and cores, or the GPU name, with the torch version."""
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    model = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def run_child(config: dict) -> dict:
+    """Build the target, warm up once, then measure one run's extra peak memory and time."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    from sam_blocked import build_sam, patch_sam
+    from sam_blocked.memory import current_bytes, peak_bytes, reset_peak
+
+    device = torch.device(config["device"])
+    torch.manual_seed(0)
+    if config["target"] == "layer":
+        model = Attention(768, num_heads=12, use_rel_pos=True, input_size=(64, 64))
+        with torch.no_grad():
+            model.rel_pos_h.normal_(0, 0.5)
+            model.rel_pos_w.normal_(0, 0.5)
+        x = torch.randn(1, 64, 64, 768)
+    else:
+        model = build_sam("vit_b").image_encoder
+        x = torch.randn(1, 3, 1024, 1024)
+    model, x = model.to(device).eval(), x.to(device)
+    if config["mode"] == "patched":
+        patch_sam(model, chunks=config["chunks"])
+    with torch.no_grad():
+        model(x)  # warm-up: allocator caches, thread pools
+        reset_peak(device)
+        base = current_bytes(device)
+        start = time.perf_counter()
+        out = model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        peak = peak_bytes(device)
+    del out
+    return {"extra_peak_mib": round((peak - base) / MIB, 1), "time_s": round(seconds, 3)}
+
+
+def configurations(args) -> list[dict]:
+    configs = []
+    for target in args.targets:
+        configs.append({"target": target, "mode": "stock", "chunks": ""})
+        configs += [{"target": target, "mode": "patched", "chunks": c} for c in args.chunks]
+    for c in configs:
+        c["device"] = args.device
+    return configs
+
+
+def plot(rows: list[dict], machine: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = sorted({r["target"] for r in rows}, key=["layer", "encoder"].index)
+    fig, axes = plt.subplots(2, len(targets), figsize=(5.5 * len(targets), 7), squeeze=False)
+    titles = {"layer": "one vit_b global attention layer, 64x64 tokens", "encoder": "vit_b image encoder, 1024 px"}
+    for col, target in enumerate(targets):
+        sel = [r for r in rows if r["target"] == target]
+        labels = ["stock" if r["mode"] == "stock" else f"chunks {r['chunks']}" for r in sel]
+        colors = ["tab:red" if r["mode"] == "stock" else "tab:blue" for r in sel]
+        for row, (key, unit) in enumerate([("extra_peak_mib", "extra peak memory (MiB, log)"), ("time_s", "time (s)")]):
+            ax = axes[row][col]
+            values = [float(r[key]) for r in sel]
+            ax.bar(labels, values, color=colors)
+            for i, value in enumerate(values):
+                ax.text(i, value, f"{value:g}", ha="center", va="bottom", fontsize=8)
+            ax.set_ylabel(unit)
+            if key == "extra_peak_mib":
+                ax.set_yscale("log")
+                ax.set_title(titles[target], fontsize=10)
+    fig.suptitle(f"sam_blocked vs stock SAM attention\n{machine}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", nargs="+", default=["layer", "encoder"], choices=["layer", "encoder"])
+    parser.add_argument("--chunks", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(json.loads(args.child))))
+        return 0
+
+    machine = machine_name(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = "cuda" if args.device.startswith("cuda") else "cpu"
+    rows = []
+    for config in configurations(args):
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", json.dumps(config)], capture_output=True, text=True, env=os.environ
+        )
+        if done.returncode != 0:
+            result = {"extra_peak_mib": "", "time_s": "", "error": done.stderr.strip().splitlines()[-1:]}
+        else:
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+        row = {**config, **result, "machine": machine}
+        rows.append(row)
+        print(f"{config['target']:8} {config['mode']:8} chunks={config['chunks']!s:3} "
+              f"extra peak {row['extra_peak_mib']!s:>8} MiB   time {row['time_s']!s:>7} s", flush=True)
+    csv_path = args.out / f"memory_{tag}.csv"
+    fields = ["machine", "device", "target", "mode", "chunks", "extra_peak_mib", "time_s"]
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    plot([r for r in rows if r["time_s"] != ""], machine, args.out / f"memory_{tag}.png")
+    print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
