@@ -26,20 +26,10 @@ from segment_anything.modeling import ImageEncoderViT
 
 from sam_blocked import cli
 from sam_blocked import segment as seg
-from sam_blocked.segment import (
-    AMG_COLUMNS,
-    LOG_NAME,
-    PROMPT_COLUMNS,
-    SUMMARY_NAME,
-    ImageItem,
-    InputError,
-    Prompt,
-    collect_images,
-    load_prompts,
-    match_prompts,
-    prompt_masks,
-    read_image,
-)
+from sam_blocked.images import ImageItem, InputError, collect_images, read_image
+from sam_blocked.outputs import AMG_COLUMNS, PREVIEW_SIZE, PROMPT_COLUMNS, ImageOutputs
+from sam_blocked.prompts import Prompt, load_prompts, match_prompts
+from sam_blocked.segment import LOG_NAME, SUMMARY_NAME, prompt_masks
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # pycocotools' decode under numpy 2; not ours to fix.
@@ -118,7 +108,7 @@ def test_prompts_mode_writes_amg_folders_and_coco_json(prompted):
             assert int(row["area"]) == ann["area"] == int(decoded.sum())
             assert [float(row[c]) for c in ("crop_box_w", "crop_box_h")] == [width, height]
         preview = Image.open(out / f"{stem}.overlay.png")
-        assert preview.format == "PNG" and max(preview.size) <= seg.PREVIEW_SIZE
+        assert preview.format == "PNG" and max(preview.size) <= PREVIEW_SIZE
     log = (out / LOG_NAME).read_text()
     assert all(f"done {name}" in log for name in PHOTOS)
     assert not partials(out)
@@ -209,13 +199,13 @@ def _sigterm() -> None:
 def test_interrupt_leaves_no_partial_files_and_says_so(tmp_path, monkeypatch, interrupt):
     prompts = write_prompts(tmp_path / "p.json", {"astronaut.jpg": [{"foreground": [[222, 125]]}, {"box": [280, 345, 510, 510]}]})
     out = tmp_path / "out"
-    add = seg._Outputs.add
+    add = ImageOutputs.add
 
     def add_then_interrupt(self, record, mask):
         add(self, record, mask)  # the first mask is in the staging folder
         interrupt()
 
-    monkeypatch.setattr(seg._Outputs, "add", add_then_interrupt)
+    monkeypatch.setattr(ImageOutputs, "add", add_then_interrupt)
     assert segment(EXAMPLES / "astronaut.jpg", "--prompts", prompts, "--output", out, "--format", "both", "--overlay") == 130
     summary = summary_of(out)
     assert summary["interrupted"] and summary["counts"]["not_finished"] == 1

@@ -9,16 +9,9 @@ import threading
 from pathlib import Path
 
 from sam_blocked.cli.common import add_model_args, model_from_args
-from sam_blocked.segment import (
-    AMG_SETTINGS,
-    DEFAULT_MAX_PIXELS,
-    LOG_NAME,
-    SUMMARY_NAME,
-    SegmentOptions,
-    collect_images,
-    load_prompts,
-    segment_images,
-)
+from sam_blocked.images import DEFAULT_MAX_PIXELS, collect_images
+from sam_blocked.prompts import load_prompts
+from sam_blocked.segment import AMG_SETTINGS, LOG_NAME, SUMMARY_NAME, SegmentOptions, segment_images
 
 EPILOG = f"""\
 prompt files (--prompts), coordinates in pixels of the original image as displayed:
