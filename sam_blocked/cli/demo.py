@@ -1,0 +1,71 @@
+"""`sam-blocked demo`: the Gradio web demo (click to segment, see the memory saved)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the demo imports gradio: only `sam-blocked demo` pays for it
+    from sam_blocked.demo import DemoSettings
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from sam_blocked.cli.common import add_model_args
+
+    parser = sub.add_parser(
+        "demo",
+        help="web demo: click to segment, and see the memory the patched encoder saves",
+        description="Starts a Gradio app. Without --checkpoint it runs seeded random weights and says so: "
+        "the masks are meaningless, the memory comparison is real.",
+    )
+    add_model_args(parser)
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0 for every interface)")
+    server.add_argument("--port", type=int, default=None, help="port (default: 7860, or the next free one)")
+    server.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    server.add_argument("--examples", default=None, metavar="DIR", help="folder of example images (default: the repository's examples/)")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MiB (default %(default)s)")
+    limits.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image in pixels (default %(default)s = 4096 x 4096)")
+    limits.add_argument(
+        "--stock-limit-mb",
+        type=float,
+        default=4096.0,
+        help="run stock SAM for the memory comparison only when its attention needs less than this many MiB "
+        "(and half the free memory); above it the stock figure is an estimate (default %(default)s)",
+    )
+    parser.set_defaults(main=main)
+
+
+def settings_from_args(args: argparse.Namespace) -> DemoSettings:
+    """The demo's starting `DemoSettings` from the parsed flags."""
+    from sam_blocked.cli.common import device_from_args
+    from sam_blocked.demo import DemoSettings, ModelSettings
+
+    model_type = "vit_h" if args.model_type == "default" else args.model_type
+    if model_type == "auto" and args.checkpoint is None:
+        model_type = "vit_b"  # as model_from_args
+    if args.max_upload_mb <= 0 or args.max_pixels <= 0 or args.stock_limit_mb < 0:
+        raise ValueError("--max-upload-mb and --max-pixels must be > 0, --stock-limit-mb >= 0")
+    device = str(device_from_args(args))  # resolved, so the UI's choice of the same device reuses the model
+    model = ModelSettings(model_type, args.checkpoint, device, args.dtype, args.img_size or 1024, args.seed)
+    return DemoSettings(
+        model,
+        chunks=args.chunks,
+        max_block_mb=args.max_block_mb,
+        stock_limit_mb=args.stock_limit_mb,
+        max_pixels=args.max_pixels,
+        max_upload_mb=args.max_upload_mb,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        from sam_blocked.demo_ui import build_demo, launch_demo
+    except ModuleNotFoundError as error:
+        raise ValueError(f"the demo needs gradio ({error}): pip install 'sam-blocked[demo]'") from None
+
+    settings = settings_from_args(args)
+    blocks = build_demo(settings, args.examples)
+    launch_demo(blocks, settings, host=args.host, port=args.port, share=args.share, examples_dir=args.examples)
+    return 0
