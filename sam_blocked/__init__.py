@@ -4,6 +4,7 @@ from sam_blocked.attention import BlockPlan, blocked_attention, plan_blocks
 from sam_blocked.checkpoints import detect_model_type, download_checkpoint, find_checkpoint, load_sam
 from sam_blocked.models import MODEL_TYPES, build_sam
 from sam_blocked.patch import BlockConfig, is_patched, patch_sam, patched, stock, unpatch_sam
+from sam_blocked.resolution import resample_pos_embed, resized, set_image_size
 from sam_blocked.verify import EquivalenceReport, verify_equivalence
 
 __all__ = [
@@ -21,6 +22,9 @@ __all__ = [
     "patch_sam",
     "patched",
     "plan_blocks",
+    "resample_pos_embed",
+    "resized",
+    "set_image_size",
     "stock",
     "unpatch_sam",
     "verify_equivalence",
