@@ -61,7 +61,7 @@ def run_child(config: dict) -> dict:
         x = torch.randn(1, 3, 1024, 1024)
     model, x = model.to(device).eval(), x.to(device)
     if config["mode"] == "patched":
-        patch_sam(model, chunks=config["chunks"])
+        patch_sam(model, chunks=config["chunks"], backend=config["backend"])
     with torch.no_grad():
         model(x)  # warm-up: allocator caches, thread pools
         reset_peak(device)
@@ -79,8 +79,10 @@ def run_child(config: dict) -> dict:
 def configurations(args) -> list[dict]:
     configs = []
     for target in args.targets:
-        configs.append({"target": target, "mode": "stock", "chunks": ""})
-        configs += [{"target": target, "mode": "patched", "chunks": c} for c in args.chunks]
+        configs.append({"target": target, "mode": "stock", "chunks": "", "backend": ""})
+        configs += [
+            {"target": target, "mode": "patched", "chunks": c, "backend": b} for b in args.backends for c in args.chunks
+        ]
     for c in configs:
         c["device"] = args.device
     return configs
@@ -97,7 +99,7 @@ def plot(rows: list[dict], machine: str, path: Path) -> None:
     titles = {"layer": "one vit_b global attention layer, 64x64 tokens", "encoder": "vit_b image encoder, 1024 px"}
     for col, target in enumerate(targets):
         sel = [r for r in rows if r["target"] == target]
-        labels = ["stock" if r["mode"] == "stock" else f"chunks {r['chunks']}" for r in sel]
+        labels = ["stock" if r["mode"] == "stock" else f"{r['backend']}\n{r['chunks']} chunks" for r in sel]
         colors = ["tab:red" if r["mode"] == "stock" else "tab:blue" for r in sel]
         for row, (key, unit) in enumerate([("extra_peak_mib", "extra peak memory (MiB, log)"), ("time_s", "time (s)")]):
             ax = axes[row][col]
@@ -118,6 +120,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", nargs="+", default=["layer", "encoder"], choices=["layer", "encoder"])
     parser.add_argument("--chunks", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--backends", nargs="+", default=["auto"], help="patch_sam backends to measure (default auto)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -140,10 +143,10 @@ def main(argv=None) -> int:
             result = json.loads(done.stdout.strip().splitlines()[-1])
         row = {**config, **result, "machine": machine}
         rows.append(row)
-        print(f"{config['target']:8} {config['mode']:8} chunks={config['chunks']!s:3} "
+        print(f"{config['target']:8} {config['mode']:8} {config['backend']:9} chunks={config['chunks']!s:3} "
               f"extra peak {row['extra_peak_mib']!s:>8} MiB   time {row['time_s']!s:>7} s", flush=True)
     csv_path = args.out / f"memory_{tag}.csv"
-    fields = ["machine", "device", "target", "mode", "chunks", "extra_peak_mib", "time_s"]
+    fields = ["machine", "device", "target", "mode", "backend", "chunks", "extra_peak_mib", "time_s"]
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()

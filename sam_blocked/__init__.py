@@ -1,6 +1,7 @@
 """sam_blocked: exact blocked attention for Segment Anything's image encoder."""
 
 from sam_blocked.attention import BlockPlan, blocked_attention, plan_blocks
+from sam_blocked.backends import BACKEND_CHOICES, BACKENDS, choose_backend, not_supported_reasons
 from sam_blocked.checkpoints import detect_model_type, download_checkpoint, find_checkpoint, load_sam
 from sam_blocked.models import MODEL_TYPES, build_sam
 from sam_blocked.patch import BlockConfig, is_patched, patch_sam, patched, stock, unpatch_sam
@@ -8,6 +9,8 @@ from sam_blocked.resolution import resample_pos_embed, resized, set_image_size
 from sam_blocked.verify import EquivalenceReport, verify_equivalence
 
 __all__ = [
+    "BACKENDS",
+    "BACKEND_CHOICES",
     "BlockConfig",
     "BlockPlan",
     "EquivalenceReport",
@@ -17,7 +20,9 @@ __all__ = [
     "download_checkpoint",
     "find_checkpoint",
     "load_sam",
+    "not_supported_reasons",
     "build_sam",
+    "choose_backend",
     "is_patched",
     "patch_sam",
     "patched",

@@ -122,6 +122,40 @@ def rel_pos_rows(table: Tensor, size: int, start: int, end: int) -> Tensor:
     return table[q - k + (size - 1)]
 
 
+def check_attention_inputs(
+    q: Tensor, k: Tensor, v: Tensor, grid: Tuple[int, int], rel_pos_h: Optional[Tensor], rel_pos_w: Optional[Tensor]
+) -> None:
+    """Raise a ValueError naming the problem unless q, k, v are (B*heads, H*W, C) on an (H, W) grid."""
+    if q.dim() != 3 or k.shape != q.shape or v.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            f"q, k, v must be (B*heads, H*W, C) with matching shapes, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    H, W = grid
+    if H * W != q.shape[1]:
+        raise ValueError(f"grid {H} x {W} has {H * W} tokens but q has {q.shape[1]}")
+    if (rel_pos_h is None) != (rel_pos_w is None):
+        raise ValueError("give both rel_pos_h and rel_pos_w, or neither")
+
+
+def decomposed_rel_pos(q_rows: Tensor, table_h: Tensor, rel_w_table: Tensor, start: int) -> Tuple[Tensor, Tensor]:
+    """SAM's two rel-pos terms for the queries of token rows [start, start + rows).
+
+    Args:
+        q_rows: (G, rows, W, C) unscaled queries, float32.
+        table_h: (2*H-1, C), already resized (resize_rel_pos).
+        rel_w_table: (W, W, C), rel_pos_rows of the resized width table.
+
+    Returns:
+        rel_h (G, rows, W, H): added to every key in key row kh; rel_w (G, rows, W, W):
+        added to every key in key column kw.
+    """
+    rows = q_rows.shape[1]
+    H = (table_h.shape[0] + 1) // 2
+    rel_h = torch.einsum("grwc,rkc->grwk", q_rows, rel_pos_rows(table_h, H, start, start + rows))  # (G, rows, W, H)
+    rel_w = torch.einsum("grwc,wkc->grwk", q_rows, rel_w_table)  # (G, rows, W, W)
+    return rel_h, rel_w
+
+
 def blocked_attention(
     q: Tensor,
     k: Tensor,
@@ -148,16 +182,9 @@ def blocked_attention(
     Returns:
         (B*heads, H*W, C) in q's dtype.
     """
-    if q.dim() != 3 or k.shape != q.shape or v.shape[:2] != q.shape[:2]:
-        raise ValueError(
-            f"q, k, v must be (B*heads, H*W, C) with matching shapes, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
+    check_attention_inputs(q, k, v, grid, rel_pos_h, rel_pos_w)
     H, W = grid
     BH, N, C = q.shape
-    if H * W != N:
-        raise ValueError(f"grid {H} x {W} has {H * W} tokens but q has {N}")
-    if (rel_pos_h is None) != (rel_pos_w is None):
-        raise ValueError("give both rel_pos_h and rel_pos_w, or neither")
     if scale is None:
         scale = C**-0.5
     if plan is None:
@@ -182,9 +209,7 @@ def blocked_attention(
             q_blk = q[g0:g1, qa * W : qb * W]  # (G, Nq, C)
             rows = qb - qa
             if use_rel:
-                q_rows = q_blk.float().view(g1 - g0, rows, W, C)
-                rel_h = torch.einsum("grwc,rkc->grwk", q_rows, rel_pos_rows(table_h, H, qa, qb))  # (G, rows, W, H)
-                rel_w = torch.einsum("grwc,wkc->grwk", q_rows, rel_w_table)  # (G, rows, W, W)
+                rel_h, rel_w = decomposed_rel_pos(q_blk.float().view(g1 - g0, rows, W, C), table_h, rel_w_table, qa)
             q_blk = (q_blk * scale).to(mm_dtype)
             o_blk = _online_softmax_band(
                 q_blk, k_g, v_g, k_ranges, W,

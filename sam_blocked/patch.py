@@ -1,7 +1,8 @@
 """Model surgery: make segment_anything's image-encoder Attention compute in blocks.
 
 Each stock `Attention` found in the model has its class swapped for `BlockedAttention`, a
-subclass whose only change is `forward`; its settings live in `blocked_config`. Nothing
+subclass whose only change is `forward`; its settings live in `blocked_config`, and the
+attention itself runs on the backend they name (sam_blocked.backends). Nothing
 else is touched: parameters, buffers and state_dict keys stay as they were, so a
 checkpoint loads before or after patching, and unpatching swaps the class back.
 """
@@ -16,15 +17,17 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention
 
-from sam_blocked.attention import DEFAULT_CHUNKS, blocked_attention, chunk_bands, plan_blocks
+from sam_blocked.attention import DEFAULT_CHUNKS, chunk_bands
+from sam_blocked.backends import ATTENTION, check_backend_name, plan_backend, resolve_backend
 
 
 @dataclass(frozen=True)
 class BlockConfig:
-    """Settings of one patched Attention: fixed `chunks`, or a `max_block_mb` budget."""
+    """Settings of one patched Attention: fixed `chunks`, or a `max_block_mb` budget, and the backend."""
 
     chunks: int = DEFAULT_CHUNKS
     max_block_mb: Optional[float] = None
+    backend: str = "auto"
 
 
 class BlockedAttention(Attention):
@@ -37,7 +40,8 @@ class BlockedAttention(Attention):
         heads = self.num_heads
         head_dim = self.qkv.out_features // (3 * heads)
         cfg = self.blocked_config
-        plan = plan_blocks(B * heads, (H, W), cfg.chunks, cfg.max_block_mb)
+        backend = resolve_backend(cfg.backend, x.device, x.dtype, (H, W), head_dim, cfg.max_block_mb)
+        plan = plan_backend(backend, B * heads, (H, W), head_dim, cfg.chunks, cfg.max_block_mb)
         rel_h, rel_w = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
 
         # q, k, v are projected for a few heads at a time, so the full (3, B*heads, N, C)
@@ -60,17 +64,18 @@ class BlockedAttention(Attention):
             # (3, B*g, N, C), as stock's reshape
             qkv = qkv.reshape(B, H * W, 3, g, head_dim).permute(2, 0, 3, 1, 4).reshape(3, B * g, H * W, head_dim)
             q, k, v = qkv.unbind(0)
-            o = blocked_attention(q, k, v, (H, W), rel_h, rel_w, scale=self.scale, plan=plan)  # (B*g, N, C)
+            o = ATTENTION[backend](q, k, v, (H, W), rel_h, rel_w, scale=self.scale, plan=plan)  # (B*g, N, C)
             out[:, :, h0:h1] = o.view(B, g, H * W, head_dim).transpose(1, 2)
             del qkv, q, k, v, o
         return self.proj(out.view(B, H, W, heads * head_dim))
 
 
-def _check_config(chunks: int, max_block_mb: Optional[float]) -> BlockConfig:
+def _check_config(chunks: int, max_block_mb: Optional[float], backend: str) -> BlockConfig:
     chunk_bands(chunks)  # raises on a bad count
     if max_block_mb is not None and not (isinstance(max_block_mb, (int, float)) and max_block_mb > 0):
         raise ValueError(f"max_block_mb must be a number > 0 (MiB), got {max_block_mb!r}")
-    return BlockConfig(chunks, None if max_block_mb is None else float(max_block_mb))
+    check_backend_name(backend)
+    return BlockConfig(chunks, None if max_block_mb is None else float(max_block_mb), backend)
 
 
 def _check_attention(name: str, module: Attention) -> None:
@@ -106,6 +111,7 @@ def patch_sam(
     model: torch.nn.Module,
     chunks: int = DEFAULT_CHUNKS,
     max_block_mb: Optional[float] = None,
+    backend: str = "auto",
 ) -> torch.nn.Module:
     """Make every SAM image-encoder Attention in `model` compute in blocks, in place.
 
@@ -116,11 +122,14 @@ def patch_sam(
         chunks: blocks per (batch*head) score matrix: q_bands x k_bands (16 -> 4 x 4).
         max_block_mb: instead of chunks, a budget in MiB for the largest float32 score
             block; the blocking is then chosen per layer and per input size.
+        backend: "blocked", "sdpa", "flashbias", "flex" (sam_blocked.backends), or "auto":
+            chosen per call from the device, dtype and token grid. A named backend that
+            cannot run a call raises a ValueError from forward saying why.
 
     Returns:
         `model`, patched.
     """
-    config = _check_config(chunks, max_block_mb)
+    config = _check_config(chunks, max_block_mb, backend)
     attentions = sam_attentions(model)
     for name, module in attentions:
         _check_attention(name, module)
@@ -149,10 +158,11 @@ def patched(
     model: torch.nn.Module,
     chunks: int = DEFAULT_CHUNKS,
     max_block_mb: Optional[float] = None,
+    backend: str = "auto",
 ) -> Iterator[torch.nn.Module]:
     """Patch `model` for the `with` body, then put each Attention back as it was, also on an exception."""
     before = _snapshot(model)
-    patch_sam(model, chunks, max_block_mb)
+    patch_sam(model, chunks, max_block_mb, backend)
     try:
         yield model
     finally:

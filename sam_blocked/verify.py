@@ -31,6 +31,7 @@ class EquivalenceReport:
     input_size: int
     chunks: int
     max_block_mb: Optional[float]
+    backend: str
     mask_ious: list[float] = field(default_factory=list)
     passed: bool = False
 
@@ -40,7 +41,7 @@ class EquivalenceReport:
     def __str__(self) -> str:
         blocking = f"max_block_mb={self.max_block_mb:g}" if self.max_block_mb is not None else f"chunks={self.chunks}"
         lines = [
-            f"image encoder, {self.input_size} px, {self.dtype}, {blocking}",
+            f"image encoder, {self.input_size} px, {self.dtype}, {blocking}, backend {self.backend}",
             f"  max abs error   {self.max_abs_error:.3e}",
             f"  max rel error   {self.max_rel_error:.3e}   (tolerance {self.tolerance:.0e})",
         ]
@@ -84,6 +85,7 @@ def verify_equivalence(
     *,
     chunks: int = DEFAULT_CHUNKS,
     max_block_mb: Optional[float] = None,
+    backend: str = "auto",
     points: int = 3,
     seed: int = 0,
 ) -> EquivalenceReport:
@@ -95,7 +97,7 @@ def verify_equivalence(
         model: a Sam (embeddings and masks are compared) or an ImageEncoderViT
             (embeddings only), on its device and in its dtype.
         image: (H, W, 3) uint8 RGB; default a seeded smooth random image at the model's size.
-        chunks, max_block_mb: the blocking to verify, as patch_sam takes them.
+        chunks, max_block_mb, backend: the patch to verify, as patch_sam takes them.
         points: number of seeded single-point prompts whose masks are compared (Sam only).
         seed: seeds the default image and the prompt points.
     """
@@ -111,7 +113,7 @@ def verify_equivalence(
         predictor = SamPredictor(model)
         prompts = _point_prompts(image.shape[0], image.shape[1], points, seed)
         runs = []
-        for context in (stock(model), patched(model, chunks, max_block_mb)):
+        for context in (stock(model), patched(model, chunks, max_block_mb, backend)):
             with context:
                 predictor.set_image(image)
                 masks = [
@@ -127,7 +129,7 @@ def verify_equivalence(
         x = (x - x.mean()) / x.std().clamp_min(1e-6)
         with stock(encoder):
             reference = encoder(x).float()
-        with patched(encoder, chunks, max_block_mb):
+        with patched(encoder, chunks, max_block_mb, backend):
             result = encoder(x).float()
         ious = []
 
@@ -143,6 +145,7 @@ def verify_equivalence(
         input_size=size,
         chunks=chunks,
         max_block_mb=max_block_mb,
+        backend=backend,
         mask_ious=ious,
         passed=passed,
     )

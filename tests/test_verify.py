@@ -39,11 +39,11 @@ def test_encoder_only_has_no_mask_ious(tiny_sam):
 
 
 def test_detects_a_wrong_result(tiny_sam, monkeypatch):
-    # A patched forward that is off by a little must fail the check.
-    from sam_blocked import patch
+    # A patched forward that is off by a little must fail the check, whatever the backend.
+    from sam_blocked import backends
 
-    original = patch.blocked_attention
-    monkeypatch.setattr(patch, "blocked_attention", lambda *a, **kw: original(*a, **kw) * 1.01)
+    for name, attend in list(backends.ATTENTION.items()):
+        monkeypatch.setitem(backends.ATTENTION, name, lambda *a, _attend=attend, **kw: _attend(*a, **kw) * 1.01)
     report = verify_equivalence(tiny_sam, points=1)
     assert not report.passed and report.max_rel_error > 1e-3
     assert "FAIL" in str(report)
@@ -65,7 +65,9 @@ def test_cli_prints_report_and_exit_code(capsys, tmp_path, photo):
     Image.fromarray(photo).save(path)
     assert main(["verify", "--model-type", "tiny", "--image", str(path), "--chunks", "7"]) == 0
     out = capsys.readouterr().out
-    assert "random weights" in out and "PASS" in out and "chunks=7" in out
+    assert "random weights" in out and "PASS" in out and "chunks=7" in out and "backend auto" in out
+    assert main(["verify", "--model-type", "tiny", "--backend", "blocked", "--points", "1"]) == 0
+    assert "backend blocked" in capsys.readouterr().out
     assert main(["verify", "--model-type", "tiny", "--max-block-mb", "1", "--json", "--points", "1"]) == 0
     report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert report["passed"] and report["max_block_mb"] == 1.0

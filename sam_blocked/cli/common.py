@@ -9,6 +9,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from sam_blocked.attention import DEFAULT_CHUNKS
+from sam_blocked.backends import BACKEND_CHOICES
 from sam_blocked.models import ENCODER_CONFIGS, build_sam, cast_image_encoder
 from sam_blocked.patch import patch_sam
 
@@ -50,6 +51,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="memory budget in MiB for the largest attention block; chosen per layer, overrides --chunks",
     )
+    blocks.add_argument(
+        "--backend",
+        default="auto",
+        choices=list(BACKEND_CHOICES),
+        help="attention kernel: auto (default: chosen per device and layer shape, see README), "
+        "blocked (pure PyTorch), sdpa, flashbias, flex (CUDA only)",
+    )
 
 
 def device_from_args(args: argparse.Namespace) -> torch.device:
@@ -87,5 +95,5 @@ def model_from_args(args: argparse.Namespace, *, patch: bool = True) -> LoadedMo
         set_image_size(sam, args.img_size)
     sam = cast_image_encoder(sam.to(device), DTYPES[args.dtype])
     if patch:
-        patch_sam(sam, chunks=args.chunks, max_block_mb=args.max_block_mb)
+        patch_sam(sam, chunks=args.chunks, max_block_mb=args.max_block_mb, backend=args.backend)
     return LoadedModel(sam, model_type, description, random_weights)

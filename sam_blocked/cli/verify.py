@@ -43,7 +43,13 @@ def main(args: argparse.Namespace) -> int:
     loaded = model_from_args(args, patch=False)
     print(f"{'WARNING: ' if loaded.random_weights else ''}model: {loaded.description}")
     report = verify_equivalence(
-        loaded.sam, image, chunks=args.chunks, max_block_mb=args.max_block_mb, points=args.points, seed=args.seed
+        loaded.sam,
+        image,
+        chunks=args.chunks,
+        max_block_mb=args.max_block_mb,
+        backend=args.backend,
+        points=args.points,
+        seed=args.seed,
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0 if report.passed else 1

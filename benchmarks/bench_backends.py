@@ -1,0 +1,447 @@
+"""Time and extra peak memory of SAM's attention: stock, stock with SDPA and the full bias, and each backend.
+
+Scopes: "layer" is one global Attention of the model at the size's token grid (64 x 64
+tokens at 1024 px), x of shape (1, H, W, dim); "window" is one windowed Attention over all
+of the image's 14 x 14 windows at once, as the encoder calls it; "encoder" is the whole
+image encoder on a (1, 3, size, size) image. All with seeded random weights.
+
+Modes: stock (segment_anything as shipped: three live (B*heads, N, N) tensors), stock-sdpa
+(what transformers and timm do: the full (B*heads, N, N) bias materialized, then
+F.scaled_dot_product_attention), and patch_sam with backend blocked, sdpa, flashbias,
+flex or auto. A backend that cannot run a configuration is recorded as "refused" with
+its reason (sam_blocked.backends.not_supported_reasons).
+
+Every configuration runs in a fresh subprocess: build, one warm-up call (its time, which
+includes any compilation, is recorded as first_s), then reset the peak and time
+--repeat calls under inference_mode; the fastest is `seconds` (wall clock; `cpu_s` is the
+process's CPU time of the least costly call, steadier on a shared machine), and `peak_extra_mb` is the
+peak over the memory in use before the timed calls (CPU: the resident high-water mark,
+sam_blocked.memory; CUDA: max_memory_allocated). On the CPU each child's private data is
+capped (RLIMIT_DATA), so an out-of-memory is recorded as "OOM" rather than handing the
+machine to the kernel's OOM killer.
+
+Writes benchmarks/results/backends_<machine>.csv (rows of earlier runs on the same machine
+are kept unless re-measured) and a PNG next to it, titled with the machine.
+
+    python benchmarks/bench_backends.py --quick              # vit_b 1024 px float32, one global layer, every mode
+    python benchmarks/bench_backends.py                      # the full grid: vit_b, vit_h; 1024, 2048 px; float32, bfloat16
+    python benchmarks/bench_backends.py --device cuda --scopes layer encoder --dtypes bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+GIB = 2**30
+MIB = 2**20
+SCOPES = ["layer", "window", "encoder"]
+MODELS = ["vit_b", "vit_h"]
+SIZES = [1024, 2048]
+DTYPES = ["float32", "bfloat16"]
+BACKEND_MODES = ["blocked", "sdpa", "flashbias", "flex", "auto"]
+MODES = ["stock", "stock-sdpa", *BACKEND_MODES]
+RESULTS = Path(__file__).resolve().parent / "results"
+FIELDS = [
+    "machine", "device", "scope", "model", "size", "tokens", "dtype", "mode", "backend_used", "status",
+    "seconds", "cpu_s", "first_s", "peak_extra_mb", "baseline_mb", "cap_mb", "threads", "torch", "note",
+]  # fmt: skip
+_MARKER = "RESULT "
+
+
+# --- the machine -------------------------------------------------------------------------
+
+
+def machine_info(device: str) -> dict[str, str]:
+    """CPU model, usable cores, RAM, torch version, and the GPU when the device is CUDA."""
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    info = {"cpu": cpu, "cores": str(cores), "ram_gb": f"{ram:.0f}", "torch": torch.__version__, "gpu": ""}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def machine_label(info: dict[str, str]) -> str:
+    base = info["gpu"] or f"{info['cpu']}, {info['cores']} cores"
+    return f"{base}, {info['ram_gb']} GB RAM, torch {info['torch']}"
+
+
+def machine_slug(info: dict[str, str]) -> str:
+    name = info["gpu"] or f"{info['cpu']} {info['cores']}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+# --- what is measured ------------------------------------------------------------------------
+
+
+def stock_sdpa_forward(self, x):
+    """segment_anything's Attention.forward as transformers / timm run it: the full
+    (B*heads, N, N) rel-pos bias materialized in the model dtype, then one SDPA call."""
+    import torch
+    import torch.nn.functional as F
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    B, H, W, _ = x.shape
+    qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(3, B * self.num_heads, H * W, -1).unbind(0)  # (B*heads, N, C)
+    bias = None
+    if self.use_rel_pos:
+        Rh, Rw = get_rel_pos(H, H, self.rel_pos_h), get_rel_pos(W, W, self.rel_pos_w)
+        r_q = q.reshape(B * self.num_heads, H, W, -1)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh)
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw)
+        bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(B * self.num_heads, H * W, H * W)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+    out = out.view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+    return self.proj(out)
+
+
+def build_subject(scope: str, model: str, size: int, mode: str, device, dtype):
+    """(module, input) for one configuration, patched as `mode` says, on device in dtype."""
+    import torch
+    from segment_anything.modeling.image_encoder import Attention
+
+    from sam_blocked.models import ENCODER_CONFIGS, PATCH_SIZE, build_sam
+    from sam_blocked.patch import patch_sam
+
+    embed_dim, _, heads, _, window = ENCODER_CONFIGS[model]
+    grid = size // PATCH_SIZE
+    generator = torch.Generator().manual_seed(0)
+    if scope == "encoder":
+        module = build_sam(model, img_size=size).image_encoder
+        x = torch.randn(1, 3, size, size, generator=generator)
+    else:
+        side = grid if scope == "layer" else window
+        windows = 1 if scope == "layer" else math.ceil(grid / window) ** 2
+        torch.manual_seed(0)
+        module = Attention(embed_dim, heads, qkv_bias=True, use_rel_pos=True, input_size=(side, side)).eval()
+        with torch.no_grad():
+            module.rel_pos_h.normal_(0.0, 0.5)
+            module.rel_pos_w.normal_(0.0, 0.5)
+        x = torch.randn(windows, side, side, embed_dim, generator=generator)
+    if mode == "stock-sdpa":
+        for m in module.modules():
+            if isinstance(m, Attention):
+                m.forward = types.MethodType(stock_sdpa_forward, m)
+    elif mode != "stock":
+        patch_sam(module, backend=mode)
+    return module.to(device=device, dtype=dtype), x.to(device=device, dtype=dtype)
+
+
+def backend_used(scope: str, model: str, size: int, mode: str, device, dtype, cpu_flex: bool = False) -> tuple[str, str]:
+    """(backend that runs the attention, per kind of layer for "auto" on the encoder; refusal reason or "")."""
+    from sam_blocked.backends import BACKENDS, choose_backend, not_supported_reasons
+    from sam_blocked.models import ENCODER_CONFIGS, PATCH_SIZE
+
+    if mode not in BACKENDS and mode != "auto":
+        return "", ""
+    embed_dim, _, heads, _, window = ENCODER_CONFIGS[model]
+    side = window if scope == "window" else size // PATCH_SIZE
+    if mode == "flex" and cpu_flex:
+        return "flex (forced on the CPU)", ""
+    if mode == "auto":
+        chosen = choose_backend(device, dtype, (side, side), embed_dim // heads)
+        if scope == "encoder":
+            chosen = f"global {chosen}, windows {choose_backend(device, dtype, (window, window), embed_dim // heads)}"
+        return chosen, ""
+    reasons = not_supported_reasons(mode, device, dtype, (side, side), embed_dim // heads)
+    if not reasons and scope == "encoder":
+        reasons = not_supported_reasons(mode, device, dtype, (window, window), embed_dim // heads)
+    return mode, "; ".join(reasons)
+
+
+# --- one configuration, in the child ---------------------------------------------------------
+
+
+def run_child(args: argparse.Namespace) -> int:
+    """Measure one configuration and print one RESULT line of JSON."""
+    cap = int(args.mem_cap_gb * GIB)
+    if not args.device.startswith("cuda"):
+        # Before anything large exists: a failed allocation is then a RuntimeError in torch.
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+
+    import torch
+
+    from sam_blocked.memory import current_bytes, peak_bytes, reset_peak
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    row = {"status": "error", "seconds": "", "cpu_s": "", "first_s": "", "baseline_mb": "", "peak_extra_mb": "", "note": "",
+           "threads": torch.get_num_threads()}  # fmt: skip
+    try:
+        used, refusal = backend_used(args.scope, args.model, args.size, args.mode, device, dtype, args.cpu_flex)
+        if args.cpu_flex and args.mode == "flex" and device.type == "cpu":
+            import sam_blocked.backends
+
+            sam_blocked.backends._flex_reasons = lambda device: []  # measure what FLEX_CPU_REASON describes
+        row["backend_used"] = used
+        if refusal:
+            row.update(status="refused", note=refusal[:300])
+            print(_MARKER + json.dumps(row), flush=True)
+            return 0
+        module, x = build_subject(args.scope, args.model, args.size, args.mode, device, dtype)
+        try:
+            with torch.inference_mode():
+                start = time.perf_counter()
+                out = module(x)
+                _sync(device)
+                row["first_s"] = round(time.perf_counter() - start, 3)
+                del out
+                reset_peak(device)
+                baseline = current_bytes(device)
+                row["baseline_mb"] = round(baseline / MIB, 1)
+                times, cpu_times = [], []
+                for _ in range(args.repeat):
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    out = module(x)
+                    _sync(device)
+                    times.append(time.perf_counter() - start)
+                    cpu_times.append(time.process_time() - cpu_start)
+                    del out
+            row["seconds"] = round(min(times), 4)
+            row["cpu_s"] = round(min(cpu_times), 4)
+            row["status"] = "ok"
+            row["peak_extra_mb"] = round((peak_bytes(device) - baseline) / MIB, 1)
+        except (RuntimeError, MemoryError) as error:
+            message = str(error)
+            if not isinstance(error, MemoryError) and not re.search(r"can't allocate memory|out of memory", message):
+                raise
+            row["status"] = "OOM"
+            wanted = re.search(r"allocate (\d+) bytes", message)
+            row["note"] = f"failed allocation of {int(wanted.group(1)) / GIB:.1f} GiB" if wanted else message[:120]
+    except Exception as error:  # recorded, not raised: one bad configuration must not end the sweep
+        row["note"] = f"{type(error).__name__}: {str(error)[:200]}"
+    print(_MARKER + json.dumps(row), flush=True)
+    return 0
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- the sweep, in the parent ------------------------------------------------------------
+
+
+def run_one(args: argparse.Namespace, scope: str, model: str, size: int, dtype: str, mode: str) -> dict:
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--child",
+        "--scope", scope, "--model", model, "--size", str(size), "--dtype", dtype, "--mode", mode,
+        "--device", args.device, "--mem-cap-gb", str(args.mem_cap_gb), "--threads", str(args.threads),
+        "--repeat", str(args.repeat), *(["--cpu-flex"] if args.cpu_flex else []),
+    ]  # fmt: skip
+    row = {"status": "error", "note": ""}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "seconds": args.timeout, "note": f"over {args.timeout} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith(_MARKER)]
+    if lines:
+        row = json.loads(lines[-1][len(_MARKER) :])
+    elif done.returncode < 0:
+        row["status"] = "killed"
+        row["note"] = f"signal {-done.returncode} after {time.perf_counter() - start:.0f} s (the kernel's OOM killer?)"
+    else:
+        row["note"] = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    return row
+
+
+def sweep(args: argparse.Namespace) -> Path:
+    info = machine_info(args.device)
+    label = machine_label(info)
+    out_csv = args.out_dir / f"backends_{args.machine or machine_slug(info)}.csv"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    rows = {} if args.fresh else {_key(r): r for r in read_rows(out_csv)}
+    print(f"machine: {label}\nmemory cap (CPU, per child): {args.mem_cap_gb:g} GiB; timeout {args.timeout} s; writing {out_csv}")
+    for scope in args.scopes:
+        for model in args.models:
+            for size in args.sizes:
+                for dtype in args.dtypes:
+                    for mode in args.modes:
+                        result = run_one(args, scope, model, size, dtype, mode)
+                        row = {
+                            "machine": label, "device": args.device, "scope": scope, "model": model, "size": size,
+                            "tokens": (size // 16) ** 2, "dtype": dtype, "mode": mode, "backend_used": "",
+                            "cap_mb": round(args.mem_cap_gb * GIB / MIB) if not args.device.startswith("cuda") else "",
+                            "torch": info["torch"], **result,
+                        }  # fmt: skip
+                        rows[_key(row)] = row
+                        print(
+                            f"{scope:7s} {model:6s} {size:5d} px {dtype:8s} {mode:10s} {row['status']:8s} "
+                            f"{_fmt(row.get('seconds'), 's'):>10s} cpu {_fmt(row.get('cpu_s'), 's'):>10s} extra peak {_fmt(row.get('peak_extra_mb'), 'MiB'):>12s} "
+                            f"{row.get('backend_used') or ''} {row.get('note', '')}",
+                            flush=True,
+                        )
+                        write_rows(out_csv, rows.values())  # after each one: a long sweep keeps what it measured
+    plot(list(rows.values()), out_csv.with_suffix(".png"), label)
+    print(f"wrote {out_csv} and {out_csv.with_suffix('.png')}")
+    return out_csv
+
+
+def _key(row: dict) -> tuple:
+    return (row["device"], row["scope"], row["model"], int(row["size"]), row["dtype"], row["mode"])
+
+
+def _fmt(value, unit: str) -> str:
+    return "" if value in (None, "") else f"{float(value):.3g} {unit}"
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: Path, rows) -> None:
+    ordered = sorted(rows, key=_order)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(ordered)
+
+
+def _order(row: dict) -> tuple:
+    return (row["device"], SCOPES.index(row["scope"]), row["model"], int(row["size"]), row["dtype"], MODES.index(row["mode"]))
+
+
+# --- the plot ----------------------------------------------------------------------------
+
+
+def plot(rows: list[dict], path: Path, label: str) -> None:
+    """Per configuration (scope, model, size, dtype): a bar per mode, time above, extra peak memory below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"stock": "tab:red", "stock-sdpa": "tab:orange", "blocked": "tab:blue", "sdpa": "tab:green",
+              "flashbias": "tab:purple", "flex": "tab:brown", "auto": "black"}  # fmt: skip
+    configs = sorted({(r["scope"], r["model"], int(r["size"]), r["dtype"]) for r in rows},
+                     key=lambda c: (SCOPES.index(c[0]), c[1], c[2], c[3]))  # fmt: skip
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    by_key = {(r["scope"], r["model"], int(r["size"]), r["dtype"], r["mode"]): r for r in rows}
+    fig, (ax_time, ax_mem) = plt.subplots(2, 1, figsize=(max(8, 1.2 * len(configs) * len(modes) / 3), 8.5), sharex=True)
+    width = 0.8 / max(1, len(modes))
+    for i, mode in enumerate(modes):
+        for j, config in enumerate(configs):
+            row = by_key.get((*config, mode))
+            if row is None:
+                continue
+            x = j + (i - (len(modes) - 1) / 2) * width
+            if row["status"] == "ok":
+                hatch = "//" if "forced" in (row.get("backend_used") or "") else None  # --cpu-flex
+                ax_time.bar(x, float(row["seconds"]), width, color=colors[mode], hatch=hatch)
+                ax_mem.bar(x, max(float(row["peak_extra_mb"]), 0.1), width, color=colors[mode], hatch=hatch)
+            else:
+                for ax in (ax_time, ax_mem):
+                    ax.annotate(row["status"], (x, 0), xycoords=("data", "axes fraction"), xytext=(0, 3),
+                                textcoords="offset points", rotation=90, fontsize=7, ha="center", color=colors[mode])  # fmt: skip
+    for mode in modes:
+        ax_time.bar(0, 0, 0, color=colors[mode], label=mode)
+    ax_time.set(yscale="log", ylabel="time per call (s, wall clock, best of repeats)",
+                title="Time (hatched: flex forced onto the CPU with --cpu-flex)" if any(
+                    "forced" in (r.get("backend_used") or "") for r in rows) else "Time")  # fmt: skip
+    ax_mem.set(yscale="log", ylabel="extra peak memory (MiB)", title="Memory: peak over what was in use before the call")
+    ax_mem.set_xticks(range(len(configs)), [f"{s} {m}\n{z} px {d}" for s, m, z, d in configs], fontsize=8)
+    for ax in (ax_time, ax_mem):
+        ax.grid(True, axis="y", which="major", alpha=0.3)
+    ax_time.legend(fontsize=8, ncol=len(modes))
+    threads = ", ".join(sorted({str(r.get("threads")) for r in rows if r.get("threads")}))
+    fig.suptitle(f"SAM attention backends: stock, stock + SDPA with the full bias, sam_blocked backends\n{label}; "
+                 f"torch threads: {threads or '?'}", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- command line ------------------------------------------------------------------------
+
+
+def default_cap_gb() -> float:
+    """20 GiB, or 85% of this machine's RAM if that is less."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    return round(min(20.0, 0.85 * ram), 1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scopes", nargs="+", default=None, choices=SCOPES, help=f"default {SCOPES}")
+    parser.add_argument("--models", nargs="+", default=None, choices=["vit_b", "vit_l", "vit_h"], help=f"default {MODELS}")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help=f"input sizes in px, multiples of 16 (default {SIZES})")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16", "float16"], help=f"default {DTYPES}")
+    parser.add_argument("--modes", nargs="+", default=None, choices=MODES, help=f"default {MODES}")
+    parser.add_argument("--quick", action="store_true", help="smoke run: one vit_b global layer at 1024 px in float32, every mode")
+    parser.add_argument("--repeat", type=int, default=None, help="timed calls after the warm-up; the fastest is recorded (default 3, --quick 2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--mem-cap-gb", type=float, default=None, help="private-memory cap per child on the CPU (default: 20, or 85%% of RAM)")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per configuration (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice, one per core)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the CSV and PNG go (default benchmarks/results)")
+    parser.add_argument("--machine", default=None, help="name in the file names (default: from the CPU or GPU model)")
+    parser.add_argument("--fresh", action="store_true", help="drop earlier rows of the same CSV instead of keeping them")
+    parser.add_argument("--cpu-flex", action="store_true",
+                        help="run mode flex on the CPU although the backend refuses it there (re-checks its reason; "
+                             "compiles for a minute per shape)")  # fmt: skip
+    # One configuration, as the sweep runs it in a subprocess.
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    for name in ("--scope", "--model", "--dtype", "--mode"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.mem_cap_gb is None:
+        args.mem_cap_gb = default_cap_gb()
+    if args.child:
+        return run_child(args)
+    args.scopes = args.scopes or (["layer"] if args.quick else SCOPES)
+    args.models = args.models or (["vit_b"] if args.quick else MODELS)
+    args.sizes = args.sizes or ([1024] if args.quick else SIZES)
+    args.dtypes = args.dtypes or (["float32"] if args.quick else DTYPES)
+    args.modes = args.modes or MODES
+    args.repeat = args.repeat or (2 if args.quick else 3)
+    bad = [s for s in args.sizes if s <= 0 or s % 16]
+    if bad:
+        parser.error(f"--sizes {' '.join(map(str, bad))}: sizes must be positive multiples of 16")
+    if args.mem_cap_gb <= 0 or args.timeout <= 0 or args.repeat < 1:
+        parser.error("--mem-cap-gb and --timeout must be > 0, --repeat >= 1")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    sweep(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
