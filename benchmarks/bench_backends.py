@@ -31,64 +31,36 @@ are kept unless re-measured) and a PNG next to it, titled with the machine.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
-import os
-import platform
-import re
-import resource
-import subprocess
 import sys
 import time
 import types
 from pathlib import Path
 
-GIB = 2**30
-MIB = 2**20
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, also when imported from elsewhere
+from common import (  # noqa: E402
+    MIB,
+    RESULTS,
+    SweepCSV,
+    cap_child_memory,
+    cap_mb,
+    check_sweep_args,
+    default_cap_gb,
+    oom_note,
+    print_result,
+    run_in_child,
+)
+
 SCOPES = ["layer", "window", "encoder"]
 MODELS = ["vit_b", "vit_h"]
 SIZES = [1024, 2048]
 DTYPES = ["float32", "bfloat16"]
 BACKEND_MODES = ["blocked", "sdpa", "flashbias", "flex", "auto"]
 MODES = ["stock", "stock-sdpa", *BACKEND_MODES]
-RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = [
     "machine", "device", "scope", "model", "size", "tokens", "dtype", "mode", "backend_used", "status",
     "seconds", "cpu_s", "first_s", "peak_extra_mb", "baseline_mb", "cap_mb", "threads", "torch", "note",
 ]  # fmt: skip
-_MARKER = "RESULT "
-
-
-# --- the machine -------------------------------------------------------------------------
-
-
-def machine_info(device: str) -> dict[str, str]:
-    """CPU model, usable cores, RAM, torch version, and the GPU when the device is CUDA."""
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    info = {"cpu": cpu, "cores": str(cores), "ram_gb": f"{ram:.0f}", "torch": torch.__version__, "gpu": ""}
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
-
-
-def machine_label(info: dict[str, str]) -> str:
-    base = info["gpu"] or f"{info['cpu']}, {info['cores']} cores"
-    return f"{base}, {info['ram_gb']} GB RAM, torch {info['torch']}"
-
-
-def machine_slug(info: dict[str, str]) -> str:
-    name = info["gpu"] or f"{info['cpu']} {info['cores']}c"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 # --- what is measured ------------------------------------------------------------------------
@@ -175,10 +147,7 @@ def backend_used(scope: str, model: str, size: int, mode: str, device, dtype, cp
 
 def run_child(args: argparse.Namespace) -> int:
     """Measure one configuration and print one RESULT line of JSON."""
-    cap = int(args.mem_cap_gb * GIB)
-    if not args.device.startswith("cuda"):
-        # Before anything large exists: a failed allocation is then a RuntimeError in torch.
-        resource.setrlimit(resource.RLIMIT_DATA, (cap, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+    cap_child_memory(args.mem_cap_gb, args.device)  # before anything large exists
 
     import torch
 
@@ -199,7 +168,7 @@ def run_child(args: argparse.Namespace) -> int:
         row["backend_used"] = used
         if refusal:
             row.update(status="refused", note=refusal[:300])
-            print(_MARKER + json.dumps(row), flush=True)
+            print_result(row)
             return 0
         module, x = build_subject(args.scope, args.model, args.size, args.mode, device, dtype)
         try:
@@ -225,15 +194,10 @@ def run_child(args: argparse.Namespace) -> int:
             row["status"] = "ok"
             row["peak_extra_mb"] = round((peak_bytes(device) - baseline) / MIB, 1)
         except (RuntimeError, MemoryError) as error:
-            message = str(error)
-            if not isinstance(error, MemoryError) and not re.search(r"can't allocate memory|out of memory", message):
-                raise
-            row["status"] = "OOM"
-            wanted = re.search(r"allocate (\d+) bytes", message)
-            row["note"] = f"failed allocation of {int(wanted.group(1)) / GIB:.1f} GiB" if wanted else message[:120]
+            row.update(note=oom_note(error), status="OOM")
     except Exception as error:  # recorded, not raised: one bad configuration must not end the sweep
         row["note"] = f"{type(error).__name__}: {str(error)[:200]}"
-    print(_MARKER + json.dumps(row), flush=True)
+    print_result(row)
     return 0
 
 
@@ -249,35 +213,15 @@ def _sync(device) -> None:
 
 def run_one(args: argparse.Namespace, scope: str, model: str, size: int, dtype: str, mode: str) -> dict:
     command = [
-        sys.executable, str(Path(__file__).resolve()), "--child",
         "--scope", scope, "--model", model, "--size", str(size), "--dtype", dtype, "--mode", mode,
         "--device", args.device, "--mem-cap-gb", str(args.mem_cap_gb), "--threads", str(args.threads),
         "--repeat", str(args.repeat), *(["--cpu-flex"] if args.cpu_flex else []),
     ]  # fmt: skip
-    row = {"status": "error", "note": ""}
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "seconds": args.timeout, "note": f"over {args.timeout} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith(_MARKER)]
-    if lines:
-        row = json.loads(lines[-1][len(_MARKER) :])
-    elif done.returncode < 0:
-        row["status"] = "killed"
-        row["note"] = f"signal {-done.returncode} after {time.perf_counter() - start:.0f} s (the kernel's OOM killer?)"
-    else:
-        row["note"] = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-    return row
+    return run_in_child(__file__, command, args.timeout)
 
 
 def sweep(args: argparse.Namespace) -> Path:
-    info = machine_info(args.device)
-    label = machine_label(info)
-    out_csv = args.out_dir / f"backends_{args.machine or machine_slug(info)}.csv"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    rows = {} if args.fresh else {_key(r): r for r in read_rows(out_csv)}
-    print(f"machine: {label}\nmemory cap (CPU, per child): {args.mem_cap_gb:g} GiB; timeout {args.timeout} s; writing {out_csv}")
+    out = SweepCSV.open(args, "backends", _key, FIELDS, _order)
     for scope in args.scopes:
         for model in args.models:
             for size in args.sizes:
@@ -285,22 +229,19 @@ def sweep(args: argparse.Namespace) -> Path:
                     for mode in args.modes:
                         result = run_one(args, scope, model, size, dtype, mode)
                         row = {
-                            "machine": label, "device": args.device, "scope": scope, "model": model, "size": size,
+                            "machine": out.label, "device": args.device, "scope": scope, "model": model, "size": size,
                             "tokens": (size // 16) ** 2, "dtype": dtype, "mode": mode, "backend_used": "",
-                            "cap_mb": round(args.mem_cap_gb * GIB / MIB) if not args.device.startswith("cuda") else "",
-                            "torch": info["torch"], **result,
+                            "cap_mb": cap_mb(args.mem_cap_gb, args.device),
+                            "torch": out.info["torch"], **result,
                         }  # fmt: skip
-                        rows[_key(row)] = row
                         print(
                             f"{scope:7s} {model:6s} {size:5d} px {dtype:8s} {mode:10s} {row['status']:8s} "
                             f"{_fmt(row.get('seconds'), 's'):>10s} cpu {_fmt(row.get('cpu_s'), 's'):>10s} extra peak {_fmt(row.get('peak_extra_mb'), 'MiB'):>12s} "
                             f"{row.get('backend_used') or ''} {row.get('note', '')}",
                             flush=True,
                         )
-                        write_rows(out_csv, rows.values())  # after each one: a long sweep keeps what it measured
-    plot(list(rows.values()), out_csv.with_suffix(".png"), label)
-    print(f"wrote {out_csv} and {out_csv.with_suffix('.png')}")
-    return out_csv
+                        out.add(row)
+    return out.finish(plot)
 
 
 def _key(row: dict) -> tuple:
@@ -309,21 +250,6 @@ def _key(row: dict) -> tuple:
 
 def _fmt(value, unit: str) -> str:
     return "" if value in (None, "") else f"{float(value):.3g} {unit}"
-
-
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_rows(path: Path, rows) -> None:
-    ordered = sorted(rows, key=_order)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(ordered)
 
 
 def _order(row: dict) -> tuple:
@@ -383,12 +309,6 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
 # --- command line ------------------------------------------------------------------------
 
 
-def default_cap_gb() -> float:
-    """20 GiB, or 85% of this machine's RAM if that is less."""
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    return round(min(20.0, 0.85 * ram), 1)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scopes", nargs="+", default=None, choices=SCOPES, help=f"default {SCOPES}")
@@ -429,16 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     args.dtypes = args.dtypes or (["float32"] if args.quick else DTYPES)
     args.modes = args.modes or MODES
     args.repeat = args.repeat or (2 if args.quick else 3)
-    bad = [s for s in args.sizes if s <= 0 or s % 16]
-    if bad:
-        parser.error(f"--sizes {' '.join(map(str, bad))}: sizes must be positive multiples of 16")
+    check_sweep_args(parser, args.sizes, args.device)
     if args.mem_cap_gb <= 0 or args.timeout <= 0 or args.repeat < 1:
         parser.error("--mem-cap-gb and --timeout must be > 0, --repeat >= 1")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     sweep(args)
     return 0
 

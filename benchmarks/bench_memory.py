@@ -13,10 +13,8 @@ after the measured run; CUDA: max_memory_allocated after reset_peak_memory_stats
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -24,31 +22,28 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
-MIB = 2**20
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, also when imported from elsewhere
+from common import MIB, RESULTS, cpu_model, write_rows  # noqa: E402
 
 
 def machine_name(device: str) -> str:
     """CPU model and cores, or the GPU name, with the torch version."""
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    model = platform.processor() or "CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def run_child(config: dict) -> dict:
-    """Build the target, warm up once, then measure one run's extra peak memory and time."""
+    """Build the target and warm up once; then the first measured run gives the extra peak
+    memory, and the fastest of `repeat` runs the wall and CPU (process) seconds."""
     from segment_anything.modeling.image_encoder import Attention
 
     from sam_blocked import build_sam, patch_sam
     from sam_blocked.memory import current_bytes, peak_bytes, reset_peak
 
     device = torch.device(config["device"])
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
     if config["target"] == "layer":
         model = Attention(768, num_heads=12, use_rel_pos=True, input_size=(64, 64))
@@ -62,18 +57,28 @@ def run_child(config: dict) -> dict:
     model, x = model.to(device).eval(), x.to(device)
     if config["mode"] == "patched":
         patch_sam(model, chunks=config["chunks"], backend=config["backend"])
+    wall, cpu = [], []
     with torch.no_grad():
         model(x)  # warm-up: allocator caches, thread pools
         reset_peak(device)
         base = current_bytes(device)
-        start = time.perf_counter()
-        out = model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        peak = peak_bytes(device)
-    del out
-    return {"extra_peak_mib": round((peak - base) / MIB, 1), "time_s": round(seconds, 3)}
+        for i in range(config["repeat"]):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            out = model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+            if i == 0:
+                peak = peak_bytes(device)
+            del out
+    return {
+        "extra_peak_mib": round((peak - base) / MIB, 1),
+        "time_s": round(min(wall), 3),
+        "cpu_s": round(min(cpu), 3),
+        "threads": torch.get_num_threads(),
+        "load_avg": round(os.getloadavg()[0], 2),
+    }
 
 
 def configurations(args) -> list[dict]:
@@ -84,7 +89,7 @@ def configurations(args) -> list[dict]:
             {"target": target, "mode": "patched", "chunks": c, "backend": b} for b in args.backends for c in args.chunks
         ]
     for c in configs:
-        c["device"] = args.device
+        c.update(device=args.device, threads=args.threads, repeat=args.repeat)
     return configs
 
 
@@ -122,6 +127,8 @@ def main(argv=None) -> int:
     parser.add_argument("--chunks", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--backends", nargs="+", default=["auto"], help="patch_sam backends to measure (default auto)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per configuration; the fastest counts")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -139,18 +146,17 @@ def main(argv=None) -> int:
         )
         if done.returncode != 0:
             result = {"extra_peak_mib": "", "time_s": "", "error": done.stderr.strip().splitlines()[-1:]}
+            print(f"{config}: failed: {result['error']}", file=sys.stderr)
         else:
             result = json.loads(done.stdout.strip().splitlines()[-1])
         row = {**config, **result, "machine": machine}
         rows.append(row)
         print(f"{config['target']:8} {config['mode']:8} {config['backend']:9} chunks={config['chunks']!s:3} "
-              f"extra peak {row['extra_peak_mib']!s:>8} MiB   time {row['time_s']!s:>7} s", flush=True)
+              f"extra peak {row['extra_peak_mib']!s:>8} MiB   time {row['time_s']!s:>7} s   cpu {row.get('cpu_s', '')!s:>7} s",
+              flush=True)
     csv_path = args.out / f"memory_{tag}.csv"
-    fields = ["machine", "device", "target", "mode", "backend", "chunks", "extra_peak_mib", "time_s"]
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    fields = ["machine", "device", "target", "mode", "backend", "chunks", "extra_peak_mib", "time_s", "cpu_s", "threads", "load_avg"]
+    write_rows(csv_path, rows, fields)
     plot([r for r in rows if r["time_s"] != ""], machine, args.out / f"memory_{tag}.png")
     print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}")
     return 0

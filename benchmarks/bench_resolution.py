@@ -24,59 +24,31 @@ tokens and time against size, log-log, titled with the machine.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
-import platform
-import re
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-GIB = 2**30
-MIB = 2**20
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, also when imported from elsewhere
+from common import (  # noqa: E402
+    MIB,
+    RESULTS,
+    SweepCSV,
+    cap_child_memory,
+    cap_mb,
+    check_sweep_args,
+    default_cap_gb,
+    oom_note,
+    print_result,
+    run_in_child,
+)
+
 SIZES = [1024, 1536, 2048, 3072, 4096]
 MODELS = ["vit_b", "vit_h"]
 MODES = ["stock", "chunks", "budget"]
-RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = [
     "machine", "device", "model", "size", "tokens", "mode", "chunks", "max_block_mb", "status", "seconds",
     "baseline_mb", "peak_extra_mb", "est_attention_mb", "cap_mb", "threads", "torch", "note",
 ]  # fmt: skip
-_MARKER = "RESULT "
-
-
-# --- the machine -------------------------------------------------------------------------
-
-
-def machine_info(device: str) -> dict[str, str]:
-    """CPU model, usable cores, RAM, torch version, and the GPU when the device is CUDA."""
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    info = {"cpu": cpu, "cores": str(cores), "ram_gb": f"{ram:.0f}", "torch": torch.__version__, "gpu": ""}
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
-
-
-def machine_label(info: dict[str, str]) -> str:
-    base = info["gpu"] or f"{info['cpu']}, {info['cores']} cores"
-    return f"{base}, {info['ram_gb']} GB RAM, torch {info['torch']}"
-
-
-def machine_slug(info: dict[str, str]) -> str:
-    name = info["gpu"] or f"{info['cpu']} {info['cores']}c"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 # --- one configuration, in the child ---------------------------------------------------------
@@ -84,10 +56,7 @@ def machine_slug(info: dict[str, str]) -> str:
 
 def run_child(args: argparse.Namespace) -> int:
     """Measure one configuration and print one RESULT line of JSON."""
-    cap = int(args.mem_cap_gb * GIB)
-    if not args.device.startswith("cuda"):
-        # Before anything large exists: a failed allocation is then a RuntimeError in torch.
-        resource.setrlimit(resource.RLIMIT_DATA, (cap, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+    cap_child_memory(args.mem_cap_gb, args.device)  # before anything large exists
 
     import torch
 
@@ -134,16 +103,11 @@ def run_child(args: argparse.Namespace) -> int:
             row["seconds"] = round(min(times), 2)
             row["status"] = "ok"
         except (RuntimeError, MemoryError) as error:
-            message = str(error)
-            if not isinstance(error, MemoryError) and not re.search(r"can't allocate memory|out of memory", message):
-                raise
-            row["status"] = "OOM"
-            wanted = re.search(r"allocate (\d+) bytes", message)
-            row["note"] = f"failed allocation of {int(wanted.group(1)) / GIB:.1f} GiB" if wanted else message[:120]
+            row.update(note=oom_note(error), status="OOM")
         row["peak_extra_mb"] = round((peak_bytes(device) - baseline) / MIB, 1)
     except Exception as error:  # recorded, not raised: one bad configuration must not end the sweep
         row["note"] = f"{type(error).__name__}: {str(error)[:160]}"
-    print(_MARKER + json.dumps(row), flush=True)
+    print_result(row)
     return 0
 
 
@@ -152,79 +116,45 @@ def run_child(args: argparse.Namespace) -> int:
 
 def run_one(args: argparse.Namespace, model: str, size: int, mode: str) -> dict:
     command = [
-        sys.executable, str(Path(__file__).resolve()), "--child",
         "--model", model, "--size", str(size), "--mode", mode, "--device", args.device,
         "--chunks", str(args.chunks), "--max-block-mb", str(args.max_block_mb),
         "--mem-cap-gb", str(args.mem_cap_gb), "--threads", str(args.threads), "--repeat", str(args.repeat),
     ]  # fmt: skip
-    row = {"status": "error", "note": ""}
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "seconds": args.timeout, "note": f"over {args.timeout} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith(_MARKER)]
-    if lines:
-        row = json.loads(lines[-1][len(_MARKER):])
-    elif done.returncode < 0:
-        row["status"] = "killed"
-        row["note"] = f"signal {-done.returncode} after {time.perf_counter() - start:.0f} s (the kernel's OOM killer?)"
-    else:
-        row["note"] = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-    return row
+    return run_in_child(__file__, command, args.timeout)
 
 
 def sweep(args: argparse.Namespace) -> Path:
-    info = machine_info(args.device)
-    label = machine_label(info)
-    out_csv = args.out_dir / f"resolution_{args.machine or machine_slug(info)}.csv"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    rows = {} if args.fresh else {_key(r): r for r in read_rows(out_csv)}
-    print(f"machine: {label}\nmemory cap (CPU, per child): {args.mem_cap_gb:g} GiB; timeout {args.timeout} s; writing {out_csv}")
+    out = SweepCSV.open(args, "resolution", _key, FIELDS, _order)
     for model in args.models:
         for size in args.sizes:
             for mode in args.modes:
                 result = run_one(args, model, size, mode)
                 row = {
-                    "machine": label, "device": args.device, "model": model, "size": size, "tokens": (size // 16) ** 2,
+                    "machine": out.label, "device": args.device, "model": model, "size": size, "tokens": (size // 16) ** 2,
                     "mode": mode, "chunks": args.chunks if mode == "chunks" else "",
                     "max_block_mb": args.max_block_mb if mode == "budget" else "",
-                    "cap_mb": round(args.mem_cap_gb * GIB / MIB) if not args.device.startswith("cuda") else "",
-                    "torch": info["torch"], **result,
+                    "cap_mb": cap_mb(args.mem_cap_gb, args.device),
+                    "torch": out.info["torch"], **result,
                 }  # fmt: skip
-                rows[_key(row)] = row
                 print(
                     f"{model:6s} {size:5d} px {mode:7s} {row['status']:8s} {_fmt(row.get('seconds'), 's'):>10s} "
                     f"extra peak {_fmt(row.get('peak_extra_mb'), 'MiB'):>12s}  {row.get('note', '')}",
                     flush=True,
                 )
-                write_rows(out_csv, rows.values())  # after each one: a long sweep keeps what it measured
-    plot(list(rows.values()), out_csv.with_suffix(".png"), label)
-    print(f"wrote {out_csv} and {out_csv.with_suffix('.png')}")
-    return out_csv
+                out.add(row)
+    return out.finish(plot)
 
 
 def _key(row: dict) -> tuple:
     return (row["device"], row["model"], int(row["size"]), row["mode"])
 
 
+def _order(row: dict) -> tuple:
+    return (row["device"], row["model"], int(row["size"]), MODES.index(row["mode"]))
+
+
 def _fmt(value, unit: str) -> str:
     return "" if value in (None, "") else f"{float(value):.1f} {unit}"
-
-
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_rows(path: Path, rows) -> None:
-    ordered = sorted(rows, key=lambda r: (r["device"], r["model"], int(r["size"]), MODES.index(r["mode"])))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(ordered)
 
 
 # --- the plot ----------------------------------------------------------------------------
@@ -322,12 +252,6 @@ def _series_name(model: str, mode: str, row: dict) -> str:
 # --- command line ------------------------------------------------------------------------
 
 
-def default_cap_gb() -> float:
-    """20 GiB, or 85% of this machine's RAM if that is less."""
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    return round(min(20.0, 0.85 * ram), 1)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help=f"input sizes in px (default {SIZES})")
@@ -363,16 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     args.models = args.models or (["vit_b"] if args.quick else MODELS)
     args.modes = args.modes or MODES
     args.timeout = args.timeout or (600 if args.quick else 10800)
-    bad = [s for s in args.sizes if s <= 0 or s % 16]
-    if bad:
-        parser.error(f"--sizes {' '.join(map(str, bad))}: sizes must be positive multiples of 16")
+    check_sweep_args(parser, args.sizes, args.device)
     if args.mem_cap_gb <= 0 or args.max_block_mb <= 0 or args.timeout <= 0 or args.chunks < 1 or args.repeat < 1:
         parser.error("--mem-cap-gb, --max-block-mb and --timeout must be > 0; --chunks and --repeat >= 1")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     sweep(args)
     return 0
 

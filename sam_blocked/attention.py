@@ -137,6 +137,31 @@ def check_attention_inputs(
         raise ValueError("give both rel_pos_h and rel_pos_w, or neither")
 
 
+def rel_pos_tables(
+    rel_pos_h: Optional[Tensor], rel_pos_w: Optional[Tensor], grid: Tuple[int, int]
+) -> Optional[Tuple[Tensor, Tensor]]:
+    """SAM's tables made ready for decomposed_rel_pos, or None when there are none.
+
+    Args:
+        rel_pos_h, rel_pos_w: (Lh, C) and (Lw, C), or both None.
+        grid: (H, W) token grid.
+
+    Returns:
+        table_h (2*H-1, C) and rel_w_table (W, W, C), float32.
+    """
+    if rel_pos_h is None:
+        return None
+    H, W = grid
+    table_h = resize_rel_pos(rel_pos_h, H).float()  # (2*H-1, C)
+    rel_w_table = rel_pos_rows(resize_rel_pos(rel_pos_w, W).float(), W, 0, W)  # (W, W, C)
+    return table_h, rel_w_table
+
+
+def row_groups(batch_heads: int, group: int) -> list[Tuple[int, int]]:
+    """[start, end) ranges of `group` batch*head rows at a time (the last may be shorter)."""
+    return [(g0, min(batch_heads, g0 + group)) for g0 in range(0, batch_heads, group)]
+
+
 def decomposed_rel_pos(q_rows: Tensor, table_h: Tensor, rel_w_table: Tensor, start: int) -> Tuple[Tensor, Tensor]:
     """SAM's two rel-pos terms for the queries of token rows [start, start + rows).
 
@@ -193,28 +218,22 @@ def blocked_attention(
     # Matmuls run in the input dtype on accelerators and in float32 on the CPU, where
     # half-precision matmul is slow; softmax statistics and accumulators are float32.
     mm_dtype = torch.float32 if q.device.type == "cpu" else q.dtype
-    use_rel = rel_pos_h is not None
-    if use_rel:
-        table_h = resize_rel_pos(rel_pos_h, H).float()
-        rel_w_table = rel_pos_rows(resize_rel_pos(rel_pos_w, W).float(), W, 0, W)  # (W, W, C)
+    tables = rel_pos_tables(rel_pos_h, rel_pos_w, grid)
 
     out = q.new_empty(BH, N, v.shape[-1])  # (B*heads, N, Cv)
     q_ranges = band_rows(H, plan.q_bands)
     k_ranges = band_rows(H, plan.k_bands)
-    for g0 in range(0, BH, plan.group):
-        g1 = min(BH, g0 + plan.group)
+    for g0, g1 in row_groups(BH, plan.group):
         k_g = k[g0:g1].to(mm_dtype)  # (G, N, C)
         v_g = v[g0:g1].to(mm_dtype)  # (G, N, Cv)
         for qa, qb in q_ranges:
             q_blk = q[g0:g1, qa * W : qb * W]  # (G, Nq, C)
             rows = qb - qa
-            if use_rel:
-                rel_h, rel_w = decomposed_rel_pos(q_blk.float().view(g1 - g0, rows, W, C), table_h, rel_w_table, qa)
+            rel = None
+            if tables is not None:
+                rel = decomposed_rel_pos(q_blk.float().view(g1 - g0, rows, W, C), *tables, qa)
             q_blk = (q_blk * scale).to(mm_dtype)
-            o_blk = _online_softmax_band(
-                q_blk, k_g, v_g, k_ranges, W,
-                (rel_h, rel_w) if use_rel else None,
-            )
+            o_blk = _online_softmax_band(q_blk, k_g, v_g, k_ranges, W, rel)
             out[g0:g1, qa * W : qb * W] = o_blk.to(q.dtype)
     return out
 

@@ -47,8 +47,8 @@ from sam_blocked.attention import (
     chunk_bands,
     decomposed_rel_pos,
     plan_blocks,
-    rel_pos_rows,
-    resize_rel_pos,
+    rel_pos_tables,
+    row_groups,
 )
 
 Tensor = torch.Tensor
@@ -336,24 +336,20 @@ def sdpa_attention(
     BH, N, C = q.shape
     scale = C**-0.5 if scale is None else scale
     plan = plan or plan_backend("sdpa", BH, grid, C, chunks, max_block_mb)
-    use_rel = rel_pos_h is not None
-    if use_rel:
-        table_h = resize_rel_pos(rel_pos_h, H).float()
-        rel_w_table = rel_pos_rows(resize_rel_pos(rel_pos_w, W).float(), W, 0, W)  # (W, W, C)
+    tables = rel_pos_tables(rel_pos_h, rel_pos_w, grid)
 
     # CUDA's memory-efficient kernel wants bias rows 16-element aligned (else SDPA pads a copy)
     n_pad = N + (-N % 16 if q.device.type == "cuda" else 0)
 
     out = q.new_empty(BH, N, v.shape[-1])  # (B*heads, N, Cv)
-    for g0 in range(0, BH, plan.group):
-        g1 = min(BH, g0 + plan.group)
+    for g0, g1 in row_groups(BH, plan.group):
         G = g1 - g0
         for qa, qb in band_rows(H, plan.q_bands):
             rows = qb - qa
             q_blk = q[g0:g1, qa * W : qb * W]  # (G, Nq, C)
             mask = None
-            if use_rel:
-                rel_h, rel_w = decomposed_rel_pos(q_blk.float().view(G, rows, W, C), table_h, rel_w_table, qa)
+            if tables is not None:
+                rel_h, rel_w = decomposed_rel_pos(q_blk.float().view(G, rows, W, C), *tables, qa)
                 mask = q.new_empty(1, G, rows * W, n_pad)[..., :N]  # (1, G, Nq, N): this band's bias only
                 # (G, rows, W, H, 1) + (G, rows, W, 1, W) -> (G, rows, W, H, W), written in place
                 torch.add(rel_h.to(q.dtype)[..., :, None], rel_w.to(q.dtype)[..., None, :], out=mask.view(G, rows, W, H, W))
@@ -405,24 +401,20 @@ def flashbias_attention(
     if reasons:
         raise ValueError(f"flashbias: {'; '.join(reasons)}")
     plan = plan or plan_backend("flashbias", BH, grid, C, chunks, max_block_mb)
-    use_rel = rel_pos_h is not None
-    dim = max(augmented_head_dim(grid, C) if use_rel else C, Cv)
+    tables = rel_pos_tables(rel_pos_h, rel_pos_w, grid)
+    dim = max(augmented_head_dim(grid, C) if tables is not None else C, Cv)
     dim = -(-dim // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
-    if use_rel:
-        table_h = resize_rel_pos(rel_pos_h, H).float()
-        rel_w_table = rel_pos_rows(resize_rel_pos(rel_pos_w, W).float(), W, 0, W)  # (W, W, C)
-        token = torch.arange(N, device=q.device)
+    token = torch.arange(N, device=q.device)
 
     out = q.new_empty(BH, N, Cv)  # (B*heads, N, Cv)
-    for g0 in range(0, BH, plan.group):
-        g1 = min(BH, g0 + plan.group)
+    for g0, g1 in row_groups(BH, plan.group):
         G = g1 - g0
         q_aug = q.new_zeros(G, N, dim)  # (G, N, D): [q * scale, rel_h, rel_w, 0...]
         k_aug = k.new_zeros(G, N, dim)  # (G, N, D): [k, onehot(row), onehot(col), 0...]
         q_aug[..., :C] = q[g0:g1] * scale
         k_aug[..., :C] = k[g0:g1]
-        if use_rel:
-            rel_h, rel_w = decomposed_rel_pos(q[g0:g1].float().view(G, H, W, C), table_h, rel_w_table, 0)
+        if tables is not None:
+            rel_h, rel_w = decomposed_rel_pos(q[g0:g1].float().view(G, H, W, C), *tables, 0)
             q_grid = q_aug.view(G, H, W, dim)
             q_grid[..., C : C + H] = rel_h
             q_grid[..., C + H : C + H + W] = rel_w
@@ -475,19 +467,15 @@ def flex_attention(
     BH, N, C = q.shape
     scale = C**-0.5 if scale is None else scale
     plan = plan or plan_backend("flex", BH, grid, C, chunks, max_block_mb)
-    use_rel = rel_pos_h is not None
-    if use_rel:
-        table_h = resize_rel_pos(rel_pos_h, H).float()
-        rel_w_table = rel_pos_rows(resize_rel_pos(rel_pos_w, W).float(), W, 0, W)  # (W, W, C)
+    tables = rel_pos_tables(rel_pos_h, rel_pos_w, grid)
     run = _compiled_flex() if compiled else _flex_call
 
     out = q.new_empty(BH, N, v.shape[-1])  # (B*heads, N, Cv)
-    for g0 in range(0, BH, plan.group):
-        g1 = min(BH, g0 + plan.group)
+    for g0, g1 in row_groups(BH, plan.group):
         G = g1 - g0
         rel_h = rel_w = None
-        if use_rel:
-            rel_h, rel_w = decomposed_rel_pos(q[g0:g1].float().view(G, H, W, C), table_h, rel_w_table, 0)
+        if tables is not None:
+            rel_h, rel_w = decomposed_rel_pos(q[g0:g1].float().view(G, H, W, C), *tables, 0)
             rel_h, rel_w = rel_h.reshape(G, N, H), rel_w.reshape(G, N, W)  # float32: score_mod adds in float32
         o = run(q[None, g0:g1], k[None, g0:g1], v[None, g0:g1], rel_h, rel_w, W, scale)  # (1, G, N, Cv)
         out[g0:g1] = o[0]
