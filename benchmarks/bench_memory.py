@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, also when imported from elsewhere
-from common import MIB, RESULTS, cpu_model, write_rows  # noqa: E402
+from common import MIB, RESULTS, cpu_model, read_rows, write_rows  # noqa: E402
 
 
 def machine_name(device: str) -> str:
@@ -104,7 +104,7 @@ def plot(rows: list[dict], machine: str, path: Path) -> None:
     titles = {"layer": "one vit_b global attention layer, 64x64 tokens", "encoder": "vit_b image encoder, 1024 px"}
     for col, target in enumerate(targets):
         sel = [r for r in rows if r["target"] == target]
-        labels = ["stock" if r["mode"] == "stock" else f"{r['backend']}\n{r['chunks']} chunks" for r in sel]
+        labels = ["stock" if r["mode"] == "stock" else f"{r['backend']} {r['chunks']}" for r in sel]
         colors = ["tab:red" if r["mode"] == "stock" else "tab:blue" for r in sel]
         for row, (key, unit) in enumerate([("extra_peak_mib", "extra peak memory (MiB, log)"), ("time_s", "time (s)")]):
             ax = axes[row][col]
@@ -113,10 +113,11 @@ def plot(rows: list[dict], machine: str, path: Path) -> None:
             for i, value in enumerate(values):
                 ax.text(i, value, f"{value:g}", ha="center", va="bottom", fontsize=8)
             ax.set_ylabel(unit)
+            ax.tick_params(axis="x", labelrotation=45, labelsize=8)
             if key == "extra_peak_mib":
                 ax.set_yscale("log")
                 ax.set_title(titles[target], fontsize=10)
-    fig.suptitle(f"sam_blocked vs stock SAM attention\n{machine}", fontsize=10)
+    fig.suptitle(f"sam_blocked (backend, chunks) vs stock SAM attention\n{machine}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -130,10 +131,16 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per configuration; the fastest counts")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the CSV in --out")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))))
+        return 0
+    if args.replot:
+        tag = "cuda" if args.device.startswith("cuda") else "cpu"
+        rows = [r for r in read_rows(args.out / f"memory_{tag}.csv") if r["time_s"] != ""]
+        plot(rows, rows[0]["machine"], args.out / f"memory_{tag}.png")
         return 0
 
     machine = machine_name(args.device)
