@@ -78,7 +78,7 @@ def test_cli_bad_image_is_a_message_not_a_traceback(tmp_path, capsys):
     bad.write_text("not an image")
     assert main(["verify", "--model-type", "tiny", "--image", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "notes.png: not a readable image" in err and "Traceback" not in err
+    assert "notes.png: not an image PIL can read" in err and "Traceback" not in err
     assert main(["verify", "--model-type", "tiny", "--image", str(tmp_path / "missing.jpg")]) == 2
     assert "missing.jpg: no such file" in capsys.readouterr().err
     assert main(["verify", "--model-type", "tiny", "--chunks", "0"]) == 2

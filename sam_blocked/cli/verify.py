@@ -25,15 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _read_image(path: str) -> np.ndarray:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from sam_blocked.images import InputError, read_image
 
     try:
-        with Image.open(path) as image:
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--image {path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"--image {path}: not a readable image ({error})") from None
+        return read_image(path)[0]
+    except InputError as error:
+        raise ValueError(f"--image {path}: {error}") from None
 
 
 def main(args: argparse.Namespace) -> int:
