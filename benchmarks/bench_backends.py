@@ -58,7 +58,7 @@ DTYPES = ["float32", "bfloat16"]
 BACKEND_MODES = ["blocked", "sdpa", "flashbias", "flex", "auto"]
 MODES = ["stock", "stock-sdpa", *BACKEND_MODES]
 FIELDS = [
-    "machine", "device", "scope", "model", "size", "tokens", "dtype", "mode", "backend_used", "status",
+    "machine", "device", "scope", "model", "size", "tokens", "batch", "dtype", "mode", "backend_used", "status",
     "seconds", "cpu_s", "first_s", "peak_extra_mb", "baseline_mb", "cap_mb", "threads", "torch", "note",
 ]  # fmt: skip
 
@@ -88,8 +88,9 @@ def stock_sdpa_forward(self, x):
     return self.proj(out)
 
 
-def build_subject(scope: str, model: str, size: int, mode: str, device, dtype):
-    """(module, input) for one configuration, patched as `mode` says, on device in dtype."""
+def build_subject(scope: str, model: str, size: int, mode: str, device, dtype, batch: int = 1):
+    """(module, input) for one configuration, patched as `mode` says, on device in dtype; `batch`
+    images (encoder) or copies of the layer's input (layer, window)."""
     import torch
     from segment_anything.modeling.image_encoder import Attention
 
@@ -101,7 +102,7 @@ def build_subject(scope: str, model: str, size: int, mode: str, device, dtype):
     generator = torch.Generator().manual_seed(0)
     if scope == "encoder":
         module = build_sam(model, img_size=size).image_encoder
-        x = torch.randn(1, 3, size, size, generator=generator)
+        x = torch.randn(batch, 3, size, size, generator=generator)
     else:
         side = grid if scope == "layer" else window
         windows = 1 if scope == "layer" else math.ceil(grid / window) ** 2
@@ -110,7 +111,7 @@ def build_subject(scope: str, model: str, size: int, mode: str, device, dtype):
         with torch.no_grad():
             module.rel_pos_h.normal_(0.0, 0.5)
             module.rel_pos_w.normal_(0.0, 0.5)
-        x = torch.randn(windows, side, side, embed_dim, generator=generator)
+        x = torch.randn(batch * windows, side, side, embed_dim, generator=generator)
     if mode == "stock-sdpa":
         for m in module.modules():
             if isinstance(m, Attention):
@@ -170,7 +171,7 @@ def run_child(args: argparse.Namespace) -> int:
             row.update(status="refused", note=refusal[:300])
             print_result(row)
             return 0
-        module, x = build_subject(args.scope, args.model, args.size, args.mode, device, dtype)
+        module, x = build_subject(args.scope, args.model, args.size, args.mode, device, dtype, args.batch)
         try:
             with torch.inference_mode():
                 start = time.perf_counter()
@@ -215,7 +216,7 @@ def run_one(args: argparse.Namespace, scope: str, model: str, size: int, dtype: 
     command = [
         "--scope", scope, "--model", model, "--size", str(size), "--dtype", dtype, "--mode", mode,
         "--device", args.device, "--mem-cap-gb", str(args.mem_cap_gb), "--threads", str(args.threads),
-        "--repeat", str(args.repeat), *(["--cpu-flex"] if args.cpu_flex else []),
+        "--repeat", str(args.repeat), "--batch", str(args.batch), *(["--cpu-flex"] if args.cpu_flex else []),
     ]  # fmt: skip
     return run_in_child(__file__, command, args.timeout)
 
@@ -230,12 +231,12 @@ def sweep(args: argparse.Namespace) -> Path:
                         result = run_one(args, scope, model, size, dtype, mode)
                         row = {
                             "machine": out.label, "device": args.device, "scope": scope, "model": model, "size": size,
-                            "tokens": (size // 16) ** 2, "dtype": dtype, "mode": mode, "backend_used": "",
+                            "tokens": (size // 16) ** 2, "batch": args.batch, "dtype": dtype, "mode": mode, "backend_used": "",
                             "cap_mb": cap_mb(args.mem_cap_gb, args.device),
                             "torch": out.info["torch"], **result,
                         }  # fmt: skip
                         print(
-                            f"{scope:7s} {model:6s} {size:5d} px {dtype:8s} {mode:10s} {row['status']:8s} "
+                            f"{scope:7s} {model:6s} {size:5d} px x{args.batch} {dtype:8s} {mode:10s} {row['status']:8s} "
                             f"{_fmt(row.get('seconds'), 's'):>10s} cpu {_fmt(row.get('cpu_s'), 's'):>10s} extra peak {_fmt(row.get('peak_extra_mb'), 'MiB'):>12s} "
                             f"{row.get('backend_used') or ''} {row.get('note', '')}",
                             flush=True,
@@ -245,7 +246,11 @@ def sweep(args: argparse.Namespace) -> Path:
 
 
 def _key(row: dict) -> tuple:
-    return (row["device"], row["scope"], row["model"], int(row["size"]), row["dtype"], row["mode"])
+    return (row["device"], row["scope"], row["model"], int(row["size"]), _batch(row), row["dtype"], row["mode"])
+
+
+def _batch(row: dict) -> int:
+    return int(row.get("batch") or 1)  # rows written before the column existed had batch 1
 
 
 def _fmt(value, unit: str) -> str:
@@ -253,7 +258,7 @@ def _fmt(value, unit: str) -> str:
 
 
 def _order(row: dict) -> tuple:
-    return (row["device"], SCOPES.index(row["scope"]), row["model"], int(row["size"]), row["dtype"], MODES.index(row["mode"]))
+    return (row["device"], SCOPES.index(row["scope"]), row["model"], int(row["size"]), _batch(row), row["dtype"], MODES.index(row["mode"]))
 
 
 # --- the plot ----------------------------------------------------------------------------
@@ -268,10 +273,10 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
 
     colors = {"stock": "tab:red", "stock-sdpa": "tab:orange", "blocked": "tab:blue", "sdpa": "tab:green",
               "flashbias": "tab:purple", "flex": "tab:brown", "auto": "black"}  # fmt: skip
-    configs = sorted({(r["scope"], r["model"], int(r["size"]), r["dtype"]) for r in rows},
-                     key=lambda c: (SCOPES.index(c[0]), c[1], c[2], c[3]))  # fmt: skip
+    configs = sorted({(r["scope"], r["model"], int(r["size"]), _batch(r), r["dtype"]) for r in rows},
+                     key=lambda c: (SCOPES.index(c[0]), *c[1:]))  # fmt: skip
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    by_key = {(r["scope"], r["model"], int(r["size"]), r["dtype"], r["mode"]): r for r in rows}
+    by_key = {(r["scope"], r["model"], int(r["size"]), _batch(r), r["dtype"], r["mode"]): r for r in rows}
     fig, (ax_time, ax_mem) = plt.subplots(2, 1, figsize=(max(8, 1.2 * len(configs) * len(modes) / 3), 8.5), sharex=True)
     width = 0.8 / max(1, len(modes))
     for i, mode in enumerate(modes):
@@ -294,7 +299,8 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
                 title="Time (hatched: flex forced onto the CPU with --cpu-flex)" if any(
                     "forced" in (r.get("backend_used") or "") for r in rows) else "Time")  # fmt: skip
     ax_mem.set(yscale="log", ylabel="extra peak memory (MiB)", title="Memory: peak over what was in use before the call")
-    ax_mem.set_xticks(range(len(configs)), [f"{s} {m}\n{z} px {d}" for s, m, z, d in configs], fontsize=8)
+    ax_mem.set_xticks(range(len(configs)), [f"{s} {m}\n{z} px {d}" + (f"\nbatch {b}" if b > 1 else "") for s, m, z, b, d in configs],
+                      fontsize=8)  # fmt: skip
     for ax in (ax_time, ax_mem):
         ax.grid(True, axis="y", which="major", alpha=0.3)
     ax_time.legend(fontsize=8, ncol=len(modes))
@@ -317,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16", "float16"], help=f"default {DTYPES}")
     parser.add_argument("--modes", nargs="+", default=None, choices=MODES, help=f"default {MODES}")
     parser.add_argument("--quick", action="store_true", help="smoke run: one vit_b global layer at 1024 px in float32, every mode")
+    parser.add_argument("--batch", type=int, default=1, help="images per encoder call, inputs per layer call (default 1)")
     parser.add_argument("--repeat", type=int, default=None, help="timed calls after the warm-up; the fastest is recorded (default 3, --quick 2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     parser.add_argument("--mem-cap-gb", type=float, default=None, help="private-memory cap per child on the CPU (default: 20, or 85%% of RAM)")
@@ -350,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     args.modes = args.modes or MODES
     args.repeat = args.repeat or (2 if args.quick else 3)
     check_sweep_args(parser, args.sizes, args.device)
-    if args.mem_cap_gb <= 0 or args.timeout <= 0 or args.repeat < 1:
-        parser.error("--mem-cap-gb and --timeout must be > 0, --repeat >= 1")
+    if args.mem_cap_gb <= 0 or args.timeout <= 0 or args.repeat < 1 or args.batch < 1:
+        parser.error("--mem-cap-gb and --timeout must be > 0, --repeat and --batch >= 1")
     sweep(args)
     return 0
 

@@ -1,0 +1,64 @@
+"""The benchmark scripts run end to end on tiny shapes and write their CSV and PNG.
+
+They measure nothing here: each configuration runs in a child process, as in a real
+sweep, and the test checks the rows' statuses and that the files exist.
+"""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{name} {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_bench_backends_writes_rows_and_plot(tmp_path):
+    # vit_b layer at 128 px: an 8 x 8 token grid, batch 2; flex is refused on the CPU with its reason
+    args = ["--scopes", "layer", "--models", "vit_b", "--sizes", "128", "--dtypes", "float32", "--batch", "2",
+            "--repeat", "1", "--threads", "1", "--out-dir", str(tmp_path), "--machine", "test"]  # fmt: skip
+    run_script("bench_backends.py", *args, "--modes", "stock", "stock-sdpa", "auto", "flex")
+
+    rows = {r["mode"]: r for r in read_csv(tmp_path / "backends_test.csv")}
+    assert set(rows) == {"stock", "stock-sdpa", "auto", "flex"}
+    for mode in ("stock", "stock-sdpa", "auto"):
+        assert rows[mode]["status"] == "ok", rows[mode]
+        assert float(rows[mode]["seconds"]) > 0
+        assert rows[mode]["batch"] == "2" and rows[mode]["tokens"] == "64"
+    assert rows["auto"]["backend_used"] in ("flashbias", "sdpa")
+    assert rows["flex"]["status"] == "refused" and "flex on the CPU" in rows["flex"]["note"]
+    assert (tmp_path / "backends_test.png").stat().st_size > 0
+
+    # a second sweep keeps the first one's rows and adds its own
+    run_script("bench_backends.py", *args, "--modes", "blocked")
+    assert {r["mode"] for r in read_csv(tmp_path / "backends_test.csv")} == {"stock", "stock-sdpa", "auto", "flex", "blocked"}
+
+
+@pytest.mark.slow
+def test_bench_resolution_writes_rows_and_plot(tmp_path):
+    run_script("bench_resolution.py", "--models", "tiny", "--sizes", "64", "128", "--modes", "stock", "budget",
+               "--threads", "1", "--out-dir", str(tmp_path), "--machine", "test")  # fmt: skip
+
+    rows = read_csv(tmp_path / "resolution_test.csv")
+    assert {(r["size"], r["mode"]) for r in rows} == {("64", "stock"), ("64", "budget"), ("128", "stock"), ("128", "budget")}
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert (tmp_path / "resolution_test.png").stat().st_size > 0
+
+
+def test_bench_backends_refuses_bad_arguments():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_backends.py"), "--sizes", "100"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "multiples of 16" in done.stderr
