@@ -165,7 +165,7 @@ def run_child(args: argparse.Namespace) -> int:
         if args.cpu_flex and args.mode == "flex" and device.type == "cpu":
             import sam_blocked.backends
 
-            sam_blocked.backends._flex_reasons = lambda device: []  # measure what FLEX_CPU_REASON describes
+            sam_blocked.backends.flex_reasons = lambda device: []  # measure what FLEX_CPU_REASON describes
         row["backend_used"] = used
         if refusal:
             row.update(status="refused", note=refusal[:300])

@@ -2,7 +2,7 @@
 
 The equivalence tests run each backend of sam_blocked.backends: "blocked" (the reference
 pure-PyTorch blocks), "sdpa", "flashbias" and "flex". Compiled flex is refused on the CPU
-(backends.FLEX_CPU_REASON), so on the CPU flex runs eagerly here: that checks its
+(fused.FLEX_CPU_REASON), so on the CPU flex runs eagerly here: that checks its
 score_mod and layout exactly, though not the fused kernel; CUDA runs the compiled one.
 """
 
@@ -16,7 +16,8 @@ from segment_anything.modeling.image_encoder import add_decomposed_rel_pos, get_
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sam_blocked.attention import band_rows, blocked_attention, chunk_bands, plan_blocks, resize_rel_pos
-from sam_blocked.backends import ATTENTION, BACKENDS, flex_attention, not_supported_reasons, plan_backend
+from sam_blocked.backends import ATTENTION, BACKENDS, not_supported_reasons, plan_backend
+from sam_blocked.fused import flex_attention
 
 # Largest error allowed in float32, relative to max |stock output|.
 FP32_RTOL = 1e-5

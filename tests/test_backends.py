@@ -1,4 +1,4 @@
-"""Backend selection, refusals, plans, and the patched model on each backend (sam_blocked.backends).
+"""Backend selection, refusals, plans, and the patched model on each backend (sam_blocked.backends, .fused).
 
 The math of every backend against stock is in test_attention.py; this file checks what
 picks and runs them.
@@ -16,8 +16,6 @@ from sam_blocked.backends import (
     auto_order,
     BACKEND_CHOICES,
     BACKENDS,
-    FLEX_CPU_REASON,
-    augmented_head_dim,
     backend_attention,
     check_backend_name,
     choose_backend,
@@ -25,6 +23,7 @@ from sam_blocked.backends import (
     plan_backend,
     resolve_backend,
 )
+from sam_blocked.fused import FLEX_CPU_REASON, augmented_head_dim
 from sam_blocked.models import cast_image_encoder
 from sam_blocked.patch import BlockConfig
 
@@ -178,7 +177,7 @@ def test_flex_score_mod_traces_as_one_graph():
     from test_attention import make_inputs, stock_attention
 
     from sam_blocked.attention import decomposed_rel_pos, rel_pos_rows
-    from sam_blocked.backends import _flex_call
+    from sam_blocked.fused import _flex_call
 
     grid = (5, 7)
     q, k, v, rh, rw = make_inputs(grid, batch_heads=2)

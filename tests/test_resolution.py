@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from sam_blocked.models import build_sam
-from sam_blocked.patch import is_patched, patch_sam, stock
+from sam_blocked.patch import is_patched, patch_sam
 from sam_blocked.resolution import resample_pos_embed, resized, set_image_size
 
 # Largest encoder-output error allowed for patched vs stock in float32, relative to max |stock|.
