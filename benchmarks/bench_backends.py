@@ -46,8 +46,11 @@ from common import (  # noqa: E402
     cap_mb,
     check_sweep_args,
     default_cap_gb,
+    machine_info,
+    machine_slug,
     oom_note,
     print_result,
+    read_rows,
     run_in_child,
 )
 
@@ -312,6 +315,33 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
     plt.close(fig)
 
 
+# --- the README table ------------------------------------------------------------------------
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A Markdown table, a row per configuration and a column per mode: CPU seconds of the
+    least costly call / extra peak MiB, "OOM" or "refused"; auto's cell names its choice."""
+    configs = sorted({(r["device"], r["scope"], r["model"], int(r["size"]), _batch(r), r["dtype"]) for r in rows},
+                     key=lambda c: (c[0], SCOPES.index(c[1]), *c[2:]))  # fmt: skip
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    by_key = {(r["device"], r["scope"], r["model"], int(r["size"]), _batch(r), r["dtype"], r["mode"]): r for r in rows}
+    lines = ["| scope | model | size | batch | dtype | " + " | ".join(modes) + " |", "|---" * (5 + len(modes)) + "|"]
+    for config in configs:
+        cells = []
+        for mode in modes:
+            row = by_key.get((*config, mode))
+            if row is None:
+                cells.append("")
+            elif row["status"] != "ok":
+                cells.append(row["status"])
+            else:
+                cell = f"{float(row['cpu_s'] or row['seconds']):.2f} / {float(row['peak_extra_mb']):.0f}"
+                cells.append(cell + (f" ({row['backend_used']})" if mode == "auto" else ""))
+        _, scope, model, size, batch, dtype = config
+        lines.append(f"| {scope} | {model} | {size} | {batch} | {dtype} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # --- command line ------------------------------------------------------------------------
 
 
@@ -332,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the CSV and PNG go (default benchmarks/results)")
     parser.add_argument("--machine", default=None, help="name in the file names (default: from the CPU or GPU model)")
     parser.add_argument("--fresh", action="store_true", help="drop earlier rows of the same CSV instead of keeping them")
+    parser.add_argument("--table", action="store_true", help="print the CSV of --machine (or this machine) as a Markdown table and exit")
     parser.add_argument("--cpu-flex", action="store_true",
                         help="run mode flex on the CPU although the backend refuses it there (re-checks its reason; "
                              "compiles for a minute per shape)")  # fmt: skip
@@ -350,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         args.mem_cap_gb = default_cap_gb()
     if args.child:
         return run_child(args)
+    if args.table:
+        path = args.out_dir / f"backends_{args.machine or machine_slug(machine_info(args.device))}.csv"
+        if not path.exists():
+            parser.error(f"--table: no results at {path}; run the sweep first, or name the machine with --machine")
+        print(markdown_table(read_rows(path)))
+        return 0
     args.scopes = args.scopes or (["layer"] if args.quick else SCOPES)
     args.models = args.models or (["vit_b"] if args.quick else MODELS)
     args.sizes = args.sizes or ([1024] if args.quick else SIZES)

@@ -41,6 +41,9 @@ def test_bench_backends_writes_rows_and_plot(tmp_path):
     assert rows["auto"]["backend_used"] in ("flashbias", "sdpa")
     assert rows["flex"]["status"] == "refused" and "flex on the CPU" in rows["flex"]["note"]
     assert (tmp_path / "backends_test.png").stat().st_size > 0
+    table = run_script("bench_backends.py", "--table", "--out-dir", str(tmp_path), "--machine", "test")
+    assert table.startswith("| scope | model | size | batch | dtype | stock | stock-sdpa | flex | auto |")
+    assert "| layer | vit_b | 128 | 2 | float32 | " in table and "| refused |" in table
 
     # a second sweep keeps the first one's rows and adds its own
     run_script("bench_backends.py", *args, "--modes", "blocked")
