@@ -268,7 +268,8 @@ def _order(row: dict) -> tuple:
 
 
 def plot(rows: list[dict], path: Path, label: str) -> None:
-    """Per configuration (scope, model, size, dtype): a bar per mode, time above, extra peak memory below."""
+    """Per scope, two panels (time, extra peak memory); in each, per configuration (model, size,
+    batch, dtype) a bar per mode, and a status label where a mode did not run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,42 +277,47 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
 
     colors = {"stock": "tab:red", "stock-sdpa": "tab:orange", "blocked": "tab:blue", "sdpa": "tab:green",
               "flashbias": "tab:purple", "flex": "tab:brown", "auto": "black"}  # fmt: skip
-    configs = sorted({(r["scope"], r["model"], int(r["size"]), _batch(r), r["dtype"]) for r in rows},
-                     key=lambda c: (SCOPES.index(c[0]), *c[1:]))  # fmt: skip
+    scopes = [s for s in SCOPES if any(r["scope"] == s for r in rows)]
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     by_key = {(r["scope"], r["model"], int(r["size"]), _batch(r), r["dtype"], r["mode"]): r for r in rows}
-    fig, (ax_time, ax_mem) = plt.subplots(2, 1, figsize=(max(8, 1.2 * len(configs) * len(modes) / 3), 8.5), sharex=True)
+    configs = {s: sorted({(r["model"], int(r["size"]), _batch(r), r["dtype"]) for r in rows if r["scope"] == s}) for s in scopes}
+    widest = max(len(c) for c in configs.values())
+    fig, axes = plt.subplots(2 * len(scopes), 1, figsize=(max(8, 0.22 * widest * len(modes) + 2), 4.2 * len(scopes)), squeeze=False)
     width = 0.8 / max(1, len(modes))
-    for i, mode in enumerate(modes):
-        for j, config in enumerate(configs):
-            row = by_key.get((*config, mode))
-            if row is None:
-                continue
-            x = j + (i - (len(modes) - 1) / 2) * width
-            if row["status"] == "ok":
-                hatch = "//" if "forced" in (row.get("backend_used") or "") else None  # --cpu-flex
-                ax_time.bar(x, float(row["seconds"]), width, color=colors[mode], hatch=hatch)
-                ax_mem.bar(x, max(float(row["peak_extra_mb"]), 0.1), width, color=colors[mode], hatch=hatch)
-            else:
-                for ax in (ax_time, ax_mem):
-                    ax.annotate(row["status"], (x, 0), xycoords=("data", "axes fraction"), xytext=(0, 3),
-                                textcoords="offset points", rotation=90, fontsize=7, ha="center", color=colors[mode])  # fmt: skip
+    forced = any("forced" in (r.get("backend_used") or "") for r in rows)  # --cpu-flex
+    for k, scope in enumerate(scopes):
+        ax_time, ax_mem = axes[2 * k, 0], axes[2 * k + 1, 0]
+        for i, mode in enumerate(modes):
+            for j, config in enumerate(configs[scope]):
+                row = by_key.get((scope, *config, mode))
+                if row is None:
+                    continue
+                x = j + (i - (len(modes) - 1) / 2) * width
+                if row["status"] == "ok":
+                    hatch = "//" if "forced" in (row.get("backend_used") or "") else None
+                    ax_time.bar(x, float(row["seconds"]), width, color=colors[mode], hatch=hatch)
+                    ax_mem.bar(x, max(float(row["peak_extra_mb"]), 0.1), width, color=colors[mode], hatch=hatch)
+                else:
+                    for ax in (ax_time, ax_mem):
+                        ax.annotate(row["status"], (x, 0), xycoords=("data", "axes fraction"), xytext=(0, 3),
+                                    textcoords="offset points", rotation=90, fontsize=7, ha="center", color=colors[mode])  # fmt: skip
+        ticks = [f"{m} {z} px\n{d}" + (f", batch {b}" if b > 1 else "") for m, z, b, d in configs[scope]]
+        for ax in (ax_time, ax_mem):
+            ax.set_xlim(-0.5, widest - 0.5)
+            ax.set_xticks(range(len(ticks)), ticks, fontsize=8)
+            ax.grid(True, axis="y", which="major", alpha=0.3)
+        ax_time.set(yscale="log", ylabel="s per call", title=f"{scope}: time (wall clock, best of repeats)"
+                    + (", hatched: flex forced onto the CPU with --cpu-flex" if forced else ""))  # fmt: skip
+        ax_mem.set(yscale="log", ylabel="extra peak MiB", title=f"{scope}: memory, peak over what was in use before the call")
     for mode in modes:
-        ax_time.bar(0, 0, 0, color=colors[mode], label=mode)
-    ax_time.set(yscale="log", ylabel="time per call (s, wall clock, best of repeats)",
-                title="Time (hatched: flex forced onto the CPU with --cpu-flex)" if any(
-                    "forced" in (r.get("backend_used") or "") for r in rows) else "Time")  # fmt: skip
-    ax_mem.set(yscale="log", ylabel="extra peak memory (MiB)", title="Memory: peak over what was in use before the call")
-    ax_mem.set_xticks(range(len(configs)), [f"{s} {m}\n{z} px {d}" + (f"\nbatch {b}" if b > 1 else "") for s, m, z, b, d in configs],
-                      fontsize=8)  # fmt: skip
-    for ax in (ax_time, ax_mem):
-        ax.grid(True, axis="y", which="major", alpha=0.3)
-    ax_time.legend(fontsize=8, ncol=len(modes))
+        axes[0, 0].bar(0, 0, 0, color=colors[mode], label=mode)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=9, ncol=len(modes), loc="upper center", bbox_to_anchor=(0.5, 0.952))
     threads = ", ".join(sorted({str(r.get("threads")) for r in rows if r.get("threads")}))
     fig.suptitle(f"SAM attention backends: stock, stock + SDPA with the full bias, sam_blocked backends\n{label}; "
-                 f"torch threads: {threads or '?'}", fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+                 f"torch threads: {threads or '?'}; layer: one global Attention, window: one windowed Attention over "
+                 "all windows, encoder: the whole image encoder", fontsize=10)  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
