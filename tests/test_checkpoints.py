@@ -70,8 +70,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.cut_after is not None:
             body, type(self).cut_after = body[: self.cut_after], None
             self.close_connection = True
+        entry["sent"] = len(body)  # before the write: the client may have it all before write() returns here
         self.wfile.write(body)
-        entry["sent"] = len(body)
 
     def log_message(self, *args):
         pass
