@@ -326,7 +326,8 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
 
 def markdown_table(rows: list[dict]) -> str:
     """A Markdown table, a row per configuration and a column per mode: CPU seconds of the
-    least costly call / extra peak MiB, "OOM" or "refused"; auto's cell names its choice."""
+    least costly call / extra peak MiB, "OOM" or "refused", empty where not measured; auto's
+    cell names its choice, and flex run with --cpu-flex says so."""
     configs = sorted({(r["device"], r["scope"], r["model"], int(r["size"]), _batch(r), r["dtype"]) for r in rows},
                      key=lambda c: (c[0], SCOPES.index(c[1]), *c[2:]))  # fmt: skip
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
@@ -342,7 +343,11 @@ def markdown_table(rows: list[dict]) -> str:
                 cells.append(row["status"])
             else:
                 cell = f"{float(row['cpu_s'] or row['seconds']):.2f} / {float(row['peak_extra_mb']):.0f}"
-                cells.append(cell + (f" ({row['backend_used']})" if mode == "auto" else ""))
+                if mode == "auto":
+                    cell += f" ({row['backend_used']})"
+                elif "forced" in (row.get("backend_used") or ""):
+                    cell += " (forced, --cpu-flex)"
+                cells.append(cell)
         _, scope, model, size, batch, dtype = config
         lines.append(f"| {scope} | {model} | {size} | {batch} | {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
