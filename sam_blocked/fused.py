@@ -238,8 +238,7 @@ def sdpa_attention(
     plan = plan or plan_sdpa(BH, grid, chunks, max_block_mb)
     tables = rel_pos_tables(rel_pos_h, rel_pos_w, grid)
 
-    # CUDA's memory-efficient kernel wants bias rows 16-element aligned (else SDPA pads a copy)
-    n_pad = N + (-N % 16 if q.device.type == "cuda" else 0)
+    n_pad = N + -N % _bias_row_alignment(q.device)
 
     out = q.new_empty(BH, N, v.shape[-1])  # (B*heads, N, Cv)
     for g0, g1 in row_groups(BH, plan.group):
@@ -259,6 +258,11 @@ def sdpa_attention(
             out[g0:g1, qa * W : qb * W] = o[0]
             del mask, o
     return out
+
+
+def _bias_row_alignment(device: torch.device) -> int:
+    # CUDA's memory-efficient kernel wants bias rows 16-element aligned (else SDPA pads a copy)
+    return 16 if device.type == "cuda" else 1
 
 
 def flashbias_attention(

@@ -186,3 +186,20 @@ def test_flex_score_mod_traces_as_one_graph():
     out = traced(q[None], k[None], v[None], rel_h.reshape(2, 35, 5), rel_w.reshape(2, 35, 7), 7, 0.25)[0]
     ref = stock_attention(q, k, v, grid, rh, rw, 0.25)
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_sdpa_with_cuda_row_padding_matches_stock(monkeypatch):
+    # On CUDA each band's bias rows are padded to 16 elements and SDPA gets a strided view;
+    # the same layout, forced on the CPU, must give stock's result (37 x 53 = 1961 tokens, not a multiple of 16).
+    from test_attention import make_inputs, stock_attention
+
+    from sam_blocked import fused
+
+    grid = (37, 53)
+    q, k, v, rh, rw = make_inputs(grid, batch_heads=3, peak=2.0)  # scores up to about |80|
+    unpadded = fused.sdpa_attention(q, k, v, grid, rh, rw, scale=0.25, chunks=5)
+    monkeypatch.setattr(fused, "_bias_row_alignment", lambda device: 16)
+    out = fused.sdpa_attention(q, k, v, grid, rh, rw, scale=0.25, chunks=5)
+    ref = stock_attention(q, k, v, grid, rh, rw, 0.25)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    assert torch.equal(out, unpadded)
