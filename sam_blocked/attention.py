@@ -50,6 +50,15 @@ def chunk_bands(chunks: int) -> Tuple[int, int]:
     return chunks // k_bands, k_bands
 
 
+def check_plan_args(grid: Tuple[int, int], max_block_mb: Optional[float]) -> None:
+    """ValueError unless the (H, W) grid is at least 1 x 1 and max_block_mb, if given, is > 0."""
+    H, W = grid
+    if H < 1 or W < 1:
+        raise ValueError(f"token grid must be at least 1 x 1, got {H} x {W}")
+    if max_block_mb is not None and not max_block_mb > 0:
+        raise ValueError(f"max_block_mb must be > 0, got {max_block_mb!r}")
+
+
 def plan_blocks(
     batch_heads: int,
     grid: Tuple[int, int],
@@ -64,9 +73,8 @@ def plan_blocks(
         chunks: blocks per (batch*head) row when no budget is given (see module doc).
         max_block_mb: budget in MiB for the largest float32 score block; overrides chunks.
     """
+    check_plan_args(grid, max_block_mb)
     H, W = grid
-    if H < 1 or W < 1:
-        raise ValueError(f"token grid must be at least 1 x 1, got {H} x {W}")
 
     def row_block_bytes(q_bands: int, k_bands: int) -> int:
         return math.ceil(H / q_bands) * W * math.ceil(H / k_bands) * W * _FP32_BYTES
@@ -75,8 +83,6 @@ def plan_blocks(
         q_bands, k_bands = (min(b, H) for b in chunk_bands(chunks))
         budget = max(DEFAULT_GROUP_BYTES, row_block_bytes(q_bands, k_bands))
     else:
-        if not max_block_mb > 0:
-            raise ValueError(f"max_block_mb must be > 0, got {max_block_mb!r}")
         budget = int(max_block_mb * 2**20)
         smallest = row_block_bytes(H, H)
         if smallest > budget:

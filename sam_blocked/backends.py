@@ -162,12 +162,7 @@ def plan_backend(
         head_dim: C.
         chunks, max_block_mb: as patch_sam takes them.
     """
-    H, W = grid
-    if H < 1 or W < 1:
-        raise ValueError(f"token grid must be at least 1 x 1, got {H} x {W}")
-    check_backend_name(backend)
-    if max_block_mb is not None and not max_block_mb > 0:
-        raise ValueError(f"max_block_mb must be > 0, got {max_block_mb!r}")
+    check_backend_name(backend)  # each plan_* checks the grid and max_block_mb
     if backend == "blocked":
         return plan_blocks(batch_heads, grid, chunks, max_block_mb)
     if backend == "sdpa":

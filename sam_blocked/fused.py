@@ -33,6 +33,7 @@ from sam_blocked.attention import (
     BlockPlan,
     band_rows,
     check_attention_inputs,
+    check_plan_args,
     chunk_bands,
     decomposed_rel_pos,
     rel_pos_tables,
@@ -157,6 +158,7 @@ def plan_sdpa(
         grid: (H, W) token grid.
         chunks, max_block_mb: as patch_sam takes them.
     """
+    check_plan_args(grid, max_block_mb)
     H, W = grid
     n = H * W
     row_bytes = W * n * _FP32_BYTES  # one token row of queries against every key
@@ -192,6 +194,7 @@ def plan_fused(
         head_dim: C.
         max_block_mb: the patch's block budget, if any.
     """
+    check_plan_args(grid, max_block_mb)
     H, W = grid
     n = H * W
     if backend == "flashbias":

@@ -13,6 +13,7 @@ from segment_anything.modeling.image_encoder import Attention
 import sam_blocked
 from sam_blocked.attention import plan_blocks
 from sam_blocked.backends import (
+    ATTENTION,
     auto_order,
     BACKEND_CHOICES,
     BACKENDS,
@@ -203,3 +204,15 @@ def test_sdpa_with_cuda_row_padding_matches_stock(monkeypatch):
     ref = stock_attention(q, k, v, grid, rh, rw, 0.25)
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
     assert torch.equal(out, unpadded)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_plan_refuses_a_bad_budget_or_grid(backend):
+    # plan_backend and the plan each kernel makes for itself when called directly check alike
+    q = torch.zeros(1, 16, 16)
+    with pytest.raises(ValueError, match="max_block_mb must be > 0"):
+        plan_backend(backend, 1, (4, 4), 16, max_block_mb=0)
+    with pytest.raises(ValueError, match="token grid must be at least 1 x 1, got 0 x 4"):
+        plan_backend(backend, 1, (0, 4), 16)
+    with pytest.raises(ValueError, match="max_block_mb must be > 0"):
+        ATTENTION[backend](q, q, q, (4, 4), max_block_mb=-1.0)
