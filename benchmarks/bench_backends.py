@@ -46,12 +46,11 @@ from common import (  # noqa: E402
     cap_mb,
     check_sweep_args,
     default_cap_gb,
-    machine_info,
-    machine_slug,
     oom_note,
     print_result,
     read_rows,
     run_in_child,
+    sweep_csv_path,
 )
 
 SCOPES = ["layer", "window", "encoder"]
@@ -279,8 +278,8 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
               "flashbias": "tab:purple", "flex": "tab:brown", "auto": "black"}  # fmt: skip
     scopes = [s for s in SCOPES if any(r["scope"] == s for r in rows)]
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    by_key = {(r["scope"], r["model"], int(r["size"]), _batch(r), r["dtype"], r["mode"]): r for r in rows}
-    configs = {s: sorted({(r["model"], int(r["size"]), _batch(r), r["dtype"]) for r in rows if r["scope"] == s}) for s in scopes}
+    by_key = {_key(r): r for r in rows}
+    configs = {s: sorted({_key(r)[:-1] for r in rows if r["scope"] == s}) for s in scopes}  # _key less the mode
     widest = max(len(c) for c in configs.values())
     fig, axes = plt.subplots(2 * len(scopes), 1, figsize=(max(8, 0.22 * widest * len(modes) + 2), 4.2 * len(scopes)), squeeze=False)
     width = 0.8 / max(1, len(modes))
@@ -289,7 +288,7 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
         ax_time, ax_mem = axes[2 * k, 0], axes[2 * k + 1, 0]
         for i, mode in enumerate(modes):
             for j, config in enumerate(configs[scope]):
-                row = by_key.get((scope, *config, mode))
+                row = by_key.get((*config, mode))
                 if row is None:
                     continue
                 x = j + (i - (len(modes) - 1) / 2) * width
@@ -301,7 +300,7 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
                     for ax in (ax_time, ax_mem):
                         ax.annotate(row["status"], (x, 0), xycoords=("data", "axes fraction"), xytext=(0, 3),
                                     textcoords="offset points", rotation=90, fontsize=7, ha="center", color=colors[mode])  # fmt: skip
-        ticks = [f"{m} {z} px\n{d}" + (f", batch {b}" if b > 1 else "") for m, z, b, d in configs[scope]]
+        ticks = [f"{m} {z} px\n{d}" + (f", batch {b}" if b > 1 else "") for _, _, m, z, b, d in configs[scope]]
         for ax in (ax_time, ax_mem):
             ax.set_xlim(-0.5, widest - 0.5)
             ax.set_xticks(range(len(ticks)), ticks, fontsize=8)
@@ -328,10 +327,9 @@ def markdown_table(rows: list[dict]) -> str:
     """A Markdown table, a row per configuration and a column per mode: CPU seconds of the
     least costly call / extra peak MiB, "OOM" or "refused", empty where not measured; auto's
     cell names its choice, and flex run with --cpu-flex says so."""
-    configs = sorted({(r["device"], r["scope"], r["model"], int(r["size"]), _batch(r), r["dtype"]) for r in rows},
-                     key=lambda c: (c[0], SCOPES.index(c[1]), *c[2:]))  # fmt: skip
+    configs = sorted({_key(r)[:-1] for r in rows}, key=lambda c: (c[0], SCOPES.index(c[1]), *c[2:]))  # _key less the mode
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    by_key = {(r["device"], r["scope"], r["model"], int(r["size"]), _batch(r), r["dtype"], r["mode"]): r for r in rows}
+    by_key = {_key(r): r for r in rows}
     lines = ["| scope | model | size | batch | dtype | " + " | ".join(modes) + " |", "|---" * (5 + len(modes)) + "|"]
     for config in configs:
         cells = []
@@ -393,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return run_child(args)
     if args.table:
-        path = args.out_dir / f"backends_{args.machine or machine_slug(machine_info(args.device))}.csv"
+        path = sweep_csv_path(args, "backends")
         if not path.exists():
             parser.error(f"--table: no results at {path}; run the sweep first, or name the machine with --machine")
         print(markdown_table(read_rows(path)))

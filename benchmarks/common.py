@@ -160,6 +160,11 @@ def write_rows(path: Path, rows: Iterable[dict], fields: list[str], order: Optio
         writer.writerows(rows)
 
 
+def sweep_csv_path(args, prefix: str, info: Optional[dict[str, str]] = None) -> Path:
+    """<args.out_dir>/<prefix>_<args.machine, or the slug of this machine's `info`>.csv"""
+    return args.out_dir / f"{prefix}_{args.machine or machine_slug(info or machine_info(args.device))}.csv"
+
+
 @dataclass
 class SweepCSV:
     """A sweep's CSV, benchmarks/results/<prefix>_<machine>.csv: rows keyed by `key`, written after each one.
@@ -180,7 +185,7 @@ class SweepCSV:
         """Name the machine, pick the file (args.out_dir, args.machine), print what the sweep does."""
         info = machine_info(args.device)
         label = machine_label(info)
-        path = args.out_dir / f"{prefix}_{args.machine or machine_slug(info)}.csv"
+        path = sweep_csv_path(args, prefix, info)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         rows = {} if args.fresh else {key(r): r for r in read_rows(path)}
         print(f"machine: {label}\nmemory cap (CPU, per child): {args.mem_cap_gb:g} GiB; timeout {args.timeout} s; writing {path}")
