@@ -340,7 +340,9 @@ def markdown_table(rows: list[dict]) -> str:
             elif row["status"] != "ok":
                 cells.append(row["status"])
             else:
-                cell = f"{float(row['cpu_s'] or row['seconds']):.2f} / {float(row['peak_extra_mb']):.0f}"
+                seconds = float(row["cpu_s"] or row["seconds"])
+                cell = f"{seconds:.2f}" if seconds >= 0.1 else f"{seconds:.3g}"  # 3 digits below 0.1 s too
+                cell += f" / {float(row['peak_extra_mb']):.0f}"
                 if mode == "auto":
                     cell += f" ({row['backend_used']})"
                 elif "forced" in (row.get("backend_used") or ""):

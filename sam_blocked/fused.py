@@ -48,7 +48,7 @@ DEFAULT_FUSED_BYTES = 16 * 2**20
 HEAD_DIM_MULTIPLE = 8
 FLEX_CPU_REASON = (
     "flex on the CPU: inductor compiles flex_attention once per input shape (15-60 s each; dynamic "
-    "shapes fail with a C++ compile error in torch 2.14) and the compiled kernel ran 2.6x slower than "
+    "shapes fail with a C++ compile error in torch 2.14) and the compiled kernel ran 2.5-2.8x slower than "
     "'sdpa' on one vit_b global layer (64 x 64 tokens, benchmarks/bench_backends.py --cpu-flex); "
     "use 'sdpa' on the CPU and 'flex' on CUDA"
 )
