@@ -6,7 +6,7 @@ by calling the handlers directly. Two kinds of state, kept apart:
 - per session: a `DemoSession` in gr.State. It holds the image, its embedding (from
   SamPredictor, computed once per image and settings: clicks only run the mask decoder),
   the prompts, the last masks and scores, and the memory report of the last encode;
-- shared: models, built once per `ModelSettings` (frozen) by `load_model`, an lru_cache.
+- shared: models, built once per `ModelSettings` (sam_blocked.loading, frozen) by `load_model`, an lru_cache.
   A cached model is always stock; an encode patches it for its own duration
   (`patched`). The UI runs every event that encodes in one concurrency group of one, so
   two sessions never encode on the same model at once and the memory peaks are their own.
@@ -16,7 +16,6 @@ Every handler returns `(session, *view)`: see `VIEW` for the order of the output
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
@@ -31,7 +30,8 @@ from PIL import Image
 from segment_anything import SamPredictor
 
 from sam_blocked.attention import DEFAULT_CHUNKS, chunk_bands
-from sam_blocked.cli.common import DTYPES, LoadedModel, model_from_args
+from sam_blocked.loading import DTYPES, LoadedModel, ModelSettings
+from sam_blocked.loading import load_model as load_settings
 from sam_blocked.interactive import (
     MAX_PIXELS,
     MAX_UPLOAD_MB,
@@ -65,22 +65,10 @@ VIEW = ("session", "canvas", "choice", "mask", "status", "memory")  # outputs of
 
 
 @dataclass(frozen=True)
-class ModelSettings:
-    """Which model the demo runs; the key of `load_model`'s cache (cli/common.py's flags)."""
-
-    model_type: str = "vit_b"  # "auto" needs a checkpoint; without one it means vit_b
-    checkpoint: Optional[str] = None  # None: seeded random weights
-    device: Optional[str] = None  # None: cuda when available
-    dtype: str = "float32"
-    img_size: int = 1024
-    seed: int = 0
-
-
-@dataclass(frozen=True)
 class DemoSettings:
     """Everything an encode depends on: the model, its blocking, the stock comparison, the caps."""
 
-    model: ModelSettings = ModelSettings()
+    model: ModelSettings = ModelSettings("vit_b", img_size=1024)  # the demo always names its input size
     chunks: int = DEFAULT_CHUNKS
     max_block_mb: Optional[float] = None
     measure_stock: bool = True  # run stock too when its attention estimate is below the limit
@@ -129,8 +117,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     It encodes a blank image once, patched, so that one-time allocations (thread pools,
     allocator caches) are not counted in the first measured peak.
     """
-    args = argparse.Namespace(**dataclasses.asdict(settings), chunks=DEFAULT_CHUNKS, max_block_mb=None)
-    loaded = model_from_args(args, patch=False)
+    loaded = load_settings(settings, blocking=None)
     with patched(loaded.sam):
         SamPredictor(loaded.sam).set_image(np.zeros((PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8))
     return loaded

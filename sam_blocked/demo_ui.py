@@ -15,7 +15,7 @@ import torch
 
 from sam_blocked import demo
 from sam_blocked.checkpoints import resolve_weights_dir
-from sam_blocked.cli.common import DTYPES
+from sam_blocked.loading import DTYPES
 from sam_blocked.models import ENCODER_CONFIGS
 
 ENCODER_GROUP = "encoder"  # events that run the image encoder: one at a time, app-wide

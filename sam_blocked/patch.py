@@ -1,8 +1,8 @@
 """Model surgery: make segment_anything's image-encoder Attention compute in blocks.
 
 Each stock `Attention` found in the model has its class swapped for `BlockedAttention`, a
-subclass whose only change is `forward`; its settings live in `blocked_config`, and the
-attention itself runs on the backend they name (sam_blocked.backends). Nothing
+subclass whose only change is `forward` (sam_blocked.layer.attention_layer); its settings
+live in `blocked_config`, and the attention itself runs on the backend they name. Nothing
 else is touched: parameters, buffers and state_dict keys stay as they were, so a
 checkpoint loads before or after patching, and unpatching swaps the class back.
 """
@@ -10,24 +10,13 @@ checkpoint loads before or after patching, and unpatching swaps the class back.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention
 
-from sam_blocked.attention import DEFAULT_CHUNKS, chunk_bands
-from sam_blocked.backends import ATTENTION, check_backend_name, plan_backend, resolve_backend
-
-
-@dataclass(frozen=True)
-class BlockConfig:
-    """Settings of one patched Attention: fixed `chunks`, or a `max_block_mb` budget, and the backend."""
-
-    chunks: int = DEFAULT_CHUNKS
-    max_block_mb: Optional[float] = None
-    backend: str = "auto"
+from sam_blocked.attention import DEFAULT_CHUNKS
+from sam_blocked.layer import BlockConfig, attention_layer, check_config
 
 
 class BlockedAttention(Attention):
@@ -36,46 +25,8 @@ class BlockedAttention(Attention):
     blocked_config: BlockConfig
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, dim = x.shape
-        heads = self.num_heads
-        head_dim = self.qkv.out_features // (3 * heads)
-        cfg = self.blocked_config
-        backend = resolve_backend(cfg.backend, x.device, x.dtype, (H, W), head_dim, cfg.max_block_mb)
-        plan = plan_backend(backend, B * heads, (H, W), head_dim, cfg.chunks, cfg.max_block_mb)
         rel_h, rel_w = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
-
-        # q, k, v are projected for a few heads at a time, so the full (3, B*heads, N, C)
-        # projection never exists either: only `heads_per_step` of it at once.
-        heads_per_step = max(1, min(heads, plan.group // B))
-        out = x.new_empty(B, H * W, heads, head_dim)  # (B, N, heads, C)
-        weight = self.qkv.weight.view(3, heads, head_dim, dim)
-        bias = None if self.qkv.bias is None else self.qkv.bias.view(3, heads, head_dim)
-        for h0 in range(0, heads, heads_per_step):
-            h1 = min(heads, h0 + heads_per_step)
-            g = h1 - h0
-            if g == heads:
-                qkv = self.qkv(x)
-            else:
-                qkv = F.linear(
-                    x,
-                    weight[:, h0:h1].reshape(3 * g * head_dim, dim),
-                    None if bias is None else bias[:, h0:h1].reshape(-1),
-                )  # (B, H, W, 3*g*C)
-            # (3, B*g, N, C), as stock's reshape
-            qkv = qkv.reshape(B, H * W, 3, g, head_dim).permute(2, 0, 3, 1, 4).reshape(3, B * g, H * W, head_dim)
-            q, k, v = qkv.unbind(0)
-            o = ATTENTION[backend](q, k, v, (H, W), rel_h, rel_w, scale=self.scale, plan=plan)  # (B*g, N, C)
-            out[:, :, h0:h1] = o.view(B, g, H * W, head_dim).transpose(1, 2)
-            del qkv, q, k, v, o
-        return self.proj(out.view(B, H, W, heads * head_dim))
-
-
-def _check_config(chunks: int, max_block_mb: Optional[float], backend: str) -> BlockConfig:
-    chunk_bands(chunks)  # raises on a bad count
-    if max_block_mb is not None and not (isinstance(max_block_mb, (int, float)) and max_block_mb > 0):
-        raise ValueError(f"max_block_mb must be a number > 0 (MiB), got {max_block_mb!r}")
-    check_backend_name(backend)
-    return BlockConfig(chunks, None if max_block_mb is None else float(max_block_mb), backend)
+        return attention_layer(x, self.qkv, self.proj, self.num_heads, self.scale, rel_h, rel_w, self.blocked_config)
 
 
 def _check_attention(name: str, module: Attention) -> None:
@@ -129,7 +80,7 @@ def patch_sam(
     Returns:
         `model`, patched.
     """
-    config = _check_config(chunks, max_block_mb, backend)
+    config = check_config(chunks, max_block_mb, backend)
     attentions = sam_attentions(model)
     for name, module in attentions:
         _check_attention(name, module)

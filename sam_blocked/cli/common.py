@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
-
-import torch
-from segment_anything.modeling import Sam
 
 from sam_blocked.attention import DEFAULT_CHUNKS
 from sam_blocked.backends import BACKEND_CHOICES
-from sam_blocked.models import ENCODER_CONFIGS, build_sam, cast_image_encoder
-from sam_blocked.patch import patch_sam
+from sam_blocked.layer import check_config
+from sam_blocked.loading import DTYPES, MODEL_TYPE_CHOICES, LoadedModel, ModelSettings, load_model, resolve_device
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class LoadedModel:
-    sam: Sam
-    model_type: str
-    description: str  # one line for logs and banners
-    random_weights: bool
+__all__ = ["DTYPES", "LoadedModel", "add_model_args", "blocking_from_args", "device_from_args", "model_from_args", "settings_from_args"]
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +17,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--model-type",
         default="auto",
-        choices=["auto", "default", *ENCODER_CONFIGS],
+        choices=list(MODEL_TYPE_CHOICES),
         help="SAM architecture; 'auto' detects it from the checkpoint (vit_b without one). "
         "'tiny' is a 2-block test architecture with random weights.",
     )
@@ -60,40 +48,20 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def device_from_args(args: argparse.Namespace) -> torch.device:
-    if args.device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
-    return device
+def device_from_args(args: argparse.Namespace):
+    return resolve_device(args.device)
+
+
+def settings_from_args(args: argparse.Namespace) -> ModelSettings:
+    """The model the flags name (sam_blocked.loading.ModelSettings)."""
+    return ModelSettings(args.model_type, args.checkpoint, args.device, args.dtype, args.img_size, args.seed)
+
+
+def blocking_from_args(args: argparse.Namespace):
+    """The patch the flags name (sam_blocked.layer.BlockConfig), checked."""
+    return check_config(args.chunks, args.max_block_mb, args.backend)
 
 
 def model_from_args(args: argparse.Namespace, *, patch: bool = True) -> LoadedModel:
     """Build or load the model the flags describe, resized, moved, cast and (by default) patched."""
-    device = device_from_args(args)
-    model_type = "vit_h" if args.model_type == "default" else args.model_type
-    from sam_blocked.checkpoints import find_checkpoint, load_sam
-
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        checkpoint = find_checkpoint(model_type)  # None for "tiny" or when nothing is on disk
-    if checkpoint is None:
-        model_type = "vit_b" if model_type == "auto" else model_type
-        sam = build_sam(model_type, seed=args.seed)
-        hint = "'tiny' has no checkpoint" if model_type == "tiny" else f"get weights with `sam-blocked weights download {model_type}`"
-        description = f"{model_type} with seeded random weights (seed {args.seed}): masks are meaningless; {hint}"
-        random_weights = True
-    else:
-        sam = load_sam(model_type, checkpoint)
-        model_type = sam.model_type
-        description = f"{model_type} from {checkpoint}"
-        random_weights = False
-    if args.img_size is not None and args.img_size != sam.image_encoder.img_size:
-        from sam_blocked.resolution import set_image_size
-
-        set_image_size(sam, args.img_size)
-    sam = cast_image_encoder(sam.to(device), DTYPES[args.dtype])
-    if patch:
-        patch_sam(sam, chunks=args.chunks, max_block_mb=args.max_block_mb, backend=args.backend)
-    return LoadedModel(sam, model_type, description, random_weights)
+    return load_model(settings_from_args(args), blocking_from_args(args) if patch else None)

@@ -40,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     """The demo's starting `DemoSettings` from the parsed flags."""
     from sam_blocked.cli.common import device_from_args
-    from sam_blocked.demo import DemoSettings, ModelSettings
+    from sam_blocked.demo import DemoSettings
+    from sam_blocked.loading import ModelSettings
 
     model_type = "vit_h" if args.model_type == "default" else args.model_type
     if model_type == "auto" and args.checkpoint is None:
