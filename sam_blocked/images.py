@@ -185,8 +185,7 @@ def _to_rgb(img: Image.Image, notes: list[str]) -> np.ndarray:
         values = np.asarray(img).astype(np.float32)  # (H, W)
         finite = values[np.isfinite(values)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-        scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        gray = np.clip(np.nan_to_num((values - lo) * scale), 0, 255).round().astype(np.uint8)
+        gray = stretch_to_uint8(values, lo, hi)
         notes.append(f"{img.mode} image stretched from [{lo:g}, {hi:g}] to [0, 255] and copied to RGB")
         return np.repeat(gray[:, :, None], 3, axis=2)  # (H, W, 3)
     if img.mode != "RGB":
@@ -194,3 +193,14 @@ def _to_rgb(img: Image.Image, notes: list[str]) -> np.ndarray:
         notes.append(f"converted from mode {img.mode} to RGB{dropped}")
         img = img.convert("RGB")
     return np.asarray(img)  # (H, W, 3) uint8
+
+
+def stretch_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map lo..hi linearly onto 0..255, clipping outside and NaN to 0: how 16-bit, 32-bit
+    and float images become 8-bit (lo, hi: the image's finite minimum and maximum).
+
+    Args:
+        values: any shape, any real dtype.
+    """
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return np.clip(np.nan_to_num((values.astype(np.float32) - lo) * scale), 0, 255).round().astype(np.uint8)
