@@ -61,6 +61,8 @@ def test_windows_equal_the_same_windows_of_the_whole_array(tmp_path, picture, la
             window = source.read((x0, y0, x1, y1))
             assert window.dtype == np.uint8 and window.flags.c_contiguous
             np.testing.assert_array_equal(window, whole[y0:y1, x0:x1], err_msg=f"{layout} window {(x0, y0, x1, y1)}")
+            window[:] = 0  # a new array: writing to it changes nothing kept
+        np.testing.assert_array_equal(source.read((0, 0, 1700, 1100)), whole)
 
 
 @pytest.mark.parametrize("make", ["gray8", "gray16", "float32", "rgba", "palette", "bilevel", "cmyk", "gray+alpha"])

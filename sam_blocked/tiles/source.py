@@ -32,7 +32,8 @@ Box = tuple[int, int, int, int]
 
 
 class ImageSource:
-    """An RGB image read by windows. Use as a context manager, or call close().
+    """An RGB image read by windows. Use as a context manager, or call close(). One reader per
+    thread or process: open the path again there (a source keeps file handles and a cache).
 
     Attributes:
         height, width: the image size in pixels (full resolution).

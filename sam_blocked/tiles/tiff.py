@@ -132,12 +132,12 @@ class TiffSource(ImageSource):
         self._invert = photometric == PHOTOMETRIC.MINISWHITE
         self._used = 4 if self._cmyk else 3 if n >= 3 else 1
         self._stretch = self._lut is None and dtype not in (np.uint8, np.bool_)
-        color = "CMYK" if self._cmyk else "RGB" if n >= 3 else "grayscale"
         if self._cmyk:
             self.notes.append("converted from CMYK to RGB")
         elif n > self._used:
-            extra = "alpha" if page.extrasamples and page.extrasamples[0] in (1, 2) else f"{n - self._used} extra sample(s)"
-            self.notes.append(f"{n} samples per pixel: using {color}, {extra} dropped")
+            used = "samples 1-3 as RGB" if self._used == 3 else "sample 1 as grayscale"
+            extra = "alpha" if page.extrasamples and page.extrasamples[0] in (1, 2) else f"{n - self._used} more"
+            self.notes.append(f"{n} samples (bands) per pixel: using {used}, {extra} dropped")
         elif n == 1 and self._lut is None and not self._stretch:  # the stretch note says it
             self.notes.append(f"{'1-bit' if dtype == np.bool_ else 'grayscale'} image copied to RGB")
         if self._invert:
@@ -234,7 +234,7 @@ class TiffSource(ImageSource):
             return rgb.astype(np.uint8)
         if self._used == 1:
             return np.repeat(values, 3, axis=2)  # (h, w, 3)
-        return np.ascontiguousarray(values)
+        return values.copy(order="C")  # never a view of the kept rows
 
     def close(self) -> None:
         self._band = self._whole = None
