@@ -4,6 +4,7 @@ from sam_blocked.attention import BlockPlan, blocked_attention, plan_blocks
 from sam_blocked.backends import BACKEND_CHOICES, BACKENDS, choose_backend, not_supported_reasons
 from sam_blocked.checkpoints import detect_model_type, download_checkpoint, find_checkpoint, load_sam
 from sam_blocked.models import MODEL_TYPES, build_sam
+from sam_blocked.planner import MemoryPlan, largest_input_size, plan_memory
 from sam_blocked.patch import BlockConfig, is_patched, patch_sam, patched, stock, unpatch_sam
 from sam_blocked.resolution import resample_pos_embed, resized, set_image_size
 from sam_blocked.verify import EquivalenceReport, verify_equivalence
@@ -15,6 +16,7 @@ __all__ = [
     "BlockPlan",
     "EquivalenceReport",
     "MODEL_TYPES",
+    "MemoryPlan",
     "blocked_attention",
     "detect_model_type",
     "download_checkpoint",
@@ -24,8 +26,10 @@ __all__ = [
     "build_sam",
     "choose_backend",
     "is_patched",
+    "largest_input_size",
     "patch_sam",
     "patched",
+    "plan_memory",
     "plan_blocks",
     "resample_pos_embed",
     "resized",

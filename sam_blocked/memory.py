@@ -69,3 +69,10 @@ def blocked_attention_bytes(
     out = batch * n * heads * head_dim * itemsize
     qkv = 2 * 3 * batch * heads_per_step * n * head_dim * itemsize
     return 2 * out + qkv + 2 * plan.block_bytes
+
+
+def format_bytes(n: float) -> str:
+    """Bytes as MiB or GiB, e.g. "381.0 MiB"."""
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    return f"{sign}{n / 2**30:.2f} GiB" if n >= 2**30 else f"{sign}{n / MIB:.1f} MiB"

@@ -1,0 +1,307 @@
+"""What a SAM run needs in memory, before any weights are downloaded: a count, not a measurement.
+
+plan_memory(model_type, img_size, ...) adds up, from the architecture (models.ENCODER_CONFIGS)
+and the blocking rules the patched code itself uses (backends.plan_backend, tokenwise.token_chunk):
+
+- weights: every parameter and buffer, the image encoder in `dtype`, the rest float32;
+- input: the (batch, 3, S, S) float32 image tensor the encoder reads;
+- encoder extra peak, stock and patched: the largest of its phases (patch embedding, a
+  global attention block, a windowed one, the MLP, the neck), each a sum of the tensors
+  alive at once in units of one token activation a = batch x tokens x dim x itemsize,
+  plus the attention kernel's workspace from its BlockPlan;
+- mask decoder: one batch of `points_per_batch` point prompts, three masks each, upsampled
+  to the input size, as SamAutomaticMaskGenerator decodes a batch (measured on the CPU:
+  7.1-7.8 x prompts x 256 x tokens x 4 bytes), plus the kept image embedding;
+- total: weights + the larger of (input + encoder) and (embedding + decoder).
+
+The counts are what the tensors hold (the allocator's view, as CUDA's max_memory_allocated
+reports it); on the CPU the process's resident high-water mark also holds what glibc keeps
+after a free, so CPU figures are scaled by a factor measured on this project's benchmark
+(CPU_RESIDENT_FACTOR, for the patched encoder, whose blocks are small enough for glibc
+to keep; stock's and the decoder's large tensors are returned at once; README, "Memory
+planner", has the comparison). On CUDA the driver's
+context (a few hundred MiB) comes on top and is not counted.
+
+largest_input_size(...) is the largest input side (a multiple of 16) whose total fits a budget:
+the tile size `--tile auto` uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+from sam_blocked.attention import DEFAULT_CHUNKS, chunk_bands
+from sam_blocked.backends import choose_backend, plan_backend
+from sam_blocked.fused import augmented_head_dim
+from sam_blocked.models import ENCODER_CONFIGS, PATCH_SIZE, PROMPT_EMBED_DIM
+from sam_blocked.tokenwise import token_chunk, windows_per_step
+
+MIB = 2**20
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CHECKPOINT_SIZE = 1024  # the official checkpoints' input size: global rel-pos tables have 2 * 64 - 1 rows
+MLP_RATIO = 4
+PROMPT_DECODER_PARAMS = 6476 + 4058340 + 6  # prompt encoder, mask decoder, pixel mean/std (same for every model type)
+DECODER_ACTIVATIONS = 7.5  # a decoder batch peaks at about this many (prompts, 256, tokens) float32 tensors
+# Measured resident peak / counted peak of the patched encoder on the CPU (glibc keeps freed
+# blocks): provisional, see README "Memory planner".
+CPU_RESIDENT_FACTOR = 1.3
+MAX_INPUT_SIZE = 16384
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Predicted memory of one SAM run, in bytes (the *_mib properties in MiB)."""
+
+    model_type: str
+    img_size: int
+    dtype: str
+    device: str
+    batch: int
+    chunks: int
+    max_block_mb: Optional[float]
+    points_per_batch: int
+    tokens: int  # per image: (img_size / 16) ** 2
+    weights_bytes: int
+    input_bytes: int
+    encoder_stock_bytes: int  # extra peak of stock segment_anything's encoder, over weights and input
+    encoder_patched_bytes: int  # the same, patched
+    encoder_peak_phase: str  # where the patched peak is
+    embedding_bytes: int  # the image embedding a predictor keeps
+    decoder_bytes: int  # extra peak of one decoder batch of points_per_batch prompts
+
+    @property
+    def total_bytes(self) -> int:
+        """Weights plus the larger of (input + patched encoder) and (embedding + decoder)."""
+        return self.weights_bytes + max(self.input_bytes + self.encoder_patched_bytes, self.embedding_bytes + self.decoder_bytes)
+
+    @property
+    def stock_total_bytes(self) -> int:
+        """total_bytes with stock segment_anything's encoder."""
+        return self.weights_bytes + max(self.input_bytes + self.encoder_stock_bytes, self.embedding_bytes + self.decoder_bytes)
+
+    def as_dict(self) -> dict:
+        """Settings, bytes and the same figures in MiB (weights_mib, encoder_extra_mib, ...)."""
+        out = asdict(self)
+        out.update(total_bytes=self.total_bytes, stock_total_bytes=self.stock_total_bytes)
+        for key in ("weights", "input", "encoder_stock", "encoder_patched", "embedding", "decoder", "total", "stock_total"):
+            out[f"{key}_mib"] = round(out[f"{key}_bytes"] / MIB, 1)
+        out["encoder_extra_mib"] = out["encoder_patched_mib"]
+        out["encoder_stock_extra_mib"] = out["encoder_stock_mib"]
+        return out
+
+
+def plan_memory(
+    model_type: str,
+    img_size: int,
+    dtype: str = "float32",
+    device: str = "cpu",
+    batch: int = 1,
+    chunks: int = DEFAULT_CHUNKS,
+    max_block_mb: Optional[float] = None,
+    points_per_batch: int = 64,
+) -> MemoryPlan:
+    """Predict the memory of encoding `batch` images at img_size px and decoding a prompt batch.
+
+    Args:
+        model_type: "vit_b", "vit_l", "vit_h" (or "tiny").
+        img_size: square input side in pixels, a positive multiple of 16.
+        dtype: the image encoder's dtype: "float32", "bfloat16" or "float16".
+        device: "cpu" or "cuda[:N]": the CPU figures include allocator slack (module doc).
+        batch: images per encoder call.
+        chunks, max_block_mb: the patch's blocking, as patch_sam takes it.
+        points_per_batch: prompts per mask-decoder batch (amg.py's flag; 1 for one prompt
+            set at a time).
+    """
+    _check(model_type, img_size, dtype, device, batch, chunks, max_block_mb, points_per_batch)
+    dim, depth, heads, global_idx, window = ENCODER_CONFIGS[model_type]
+    e = DTYPE_BYTES[dtype]
+    grid = img_size // PATCH_SIZE
+    tokens = grid * grid
+    scale = CPU_RESIDENT_FACTOR if torch.device(device).type == "cpu" else 1.0
+    shape = _Shape(dim, heads, dim * MLP_RATIO, window, grid, batch, e)
+    patched_phases = _patched_phases(shape, bool(global_idx), depth > len(global_idx), dtype, device, chunks, max_block_mb)
+    stock_phases = _stock_phases(shape, bool(global_idx), depth > len(global_idx))
+    phase = max(patched_phases, key=patched_phases.get)
+    embedding = batch * PROMPT_EMBED_DIM * tokens * 4
+    decoder = DECODER_ACTIVATIONS * points_per_batch * PROMPT_EMBED_DIM * tokens * 4
+    return MemoryPlan(
+        model_type=model_type,
+        img_size=img_size,
+        dtype=dtype,
+        device=str(device),
+        batch=batch,
+        chunks=chunks,
+        max_block_mb=max_block_mb,
+        points_per_batch=points_per_batch,
+        tokens=tokens,
+        weights_bytes=weight_bytes(model_type, img_size, dtype),
+        input_bytes=batch * 3 * img_size * img_size * 4,
+        encoder_stock_bytes=int(max(stock_phases.values())),
+        encoder_patched_bytes=int(scale * patched_phases[phase]),
+        encoder_peak_phase=phase,
+        embedding_bytes=embedding,
+        decoder_bytes=int(decoder),
+    )
+
+
+def largest_input_size(
+    model_type: str,
+    max_memory_mb: float,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    chunks: int = DEFAULT_CHUNKS,
+    max_block_mb: Optional[float] = None,
+    points_per_batch: int = 64,
+    multiple: int = 16,
+) -> Optional[int]:
+    """The largest square input side (a multiple of `multiple`) whose patched total fits max_memory_mb.
+
+    Args:
+        model_type, dtype, device, chunks, max_block_mb, points_per_batch: as plan_memory
+            (one image per encoder call).
+        max_memory_mb: the memory to fit in, MiB (everything: weights, encoder, decoder).
+        multiple: sizes tried are multiples of this (a multiple of 16), up to MAX_INPUT_SIZE.
+
+    Returns:
+        The size in pixels, or None when even `multiple` px does not fit.
+    """
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < PATCH_SIZE or multiple % PATCH_SIZE:
+        raise ValueError(f"multiple must be a positive multiple of {PATCH_SIZE}, got {multiple!r}")
+    if not max_memory_mb > 0:
+        raise ValueError(f"max_memory_mb must be > 0, got {max_memory_mb!r}")
+    budget = max_memory_mb * MIB
+
+    def fits(size: int) -> bool:
+        plan = plan_memory(model_type, size, dtype, device, 1, chunks, max_block_mb, points_per_batch)
+        return plan.total_bytes <= budget
+
+    # Totals grow with the size: bisect over the multiples, keeping one that fits.
+    low, high = 0, MAX_INPUT_SIZE // multiple
+    if not fits(multiple):
+        return None
+    low = 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(mid * multiple):
+            low = mid
+        else:
+            high = mid - 1
+    return low * multiple
+
+
+def weight_bytes(model_type: str, img_size: int, dtype: str = "float32") -> int:
+    """Bytes of a SAM's parameters and buffers: the image encoder in `dtype` (its position
+    embedding resized to img_size), the prompt encoder and mask decoder in float32."""
+    dim, depth, heads, global_idx, window = ENCODER_CONFIGS[model_type]
+    head_dim = dim // heads
+    grid, grid0 = img_size // PATCH_SIZE, CHECKPOINT_SIZE // PATCH_SIZE
+    mlp = dim * MLP_RATIO
+    block = 2 * dim + 3 * dim * dim + 3 * dim + dim * dim + dim + 2 * dim + dim * mlp + mlp + mlp * dim + dim
+    rel_pos = sum(2 * (2 * (grid0 if i in global_idx else window) - 1) * head_dim for i in range(depth))
+    neck = PROMPT_EMBED_DIM * dim + 2 * PROMPT_EMBED_DIM + PROMPT_EMBED_DIM * PROMPT_EMBED_DIM * 9 + 2 * PROMPT_EMBED_DIM
+    embed = 3 * PATCH_SIZE * PATCH_SIZE * dim + dim + grid * grid * dim
+    encoder = embed + depth * block + rel_pos + neck
+    return encoder * DTYPE_BYTES[dtype] + PROMPT_DECODER_PARAMS * 4
+
+
+# --- the phases ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Shape:
+    dim: int
+    heads: int
+    mlp_dim: int
+    window: int
+    grid: int
+    batch: int
+    itemsize: int
+
+    @property
+    def activation(self) -> int:  # one (batch, tokens, dim) tensor
+        return self.batch * self.grid * self.grid * self.dim * self.itemsize
+
+
+def _patched_phases(s: _Shape, has_global: bool, has_windows: bool, dtype: str, device: str, chunks: int, max_block_mb) -> dict[str, int]:
+    a, e, head_dim = s.activation, s.itemsize, s.dim // s.heads
+    chunk = token_chunk(max(s.mlp_dim, s.dim), max_block_mb)
+    phases = {
+        "patch embedding": 2 * a + (s.batch * 3 * (s.grid * PATCH_SIZE) ** 2 * e if e != 4 else 0),
+        "MLP": 2 * a + min(chunk, s.batch * s.grid**2) * (2 * s.dim + 2 * s.mlp_dim) * e,
+        "neck": a + 4 * s.batch * s.grid**2 * PROMPT_EMBED_DIM * max(e, 4),
+    }
+    if has_global:
+        grid = (s.grid, s.grid)
+        work, heads_per_step = _attention_workspace(s.batch, s.heads, grid, head_dim, e, dtype, device, chunks, max_block_mb)
+        qkv = 3 * s.batch * heads_per_step * s.grid**2 * head_dim * e * (2 if s.batch > 1 else 1)
+        phases["global attention"] = 3 * a + qkv + work
+    if has_windows:
+        ws = s.window
+        k = windows_per_step(s.batch, ws, chunk)
+        k = min(k, math.ceil(s.grid / ws))
+        step_tokens = s.batch * k * ws * ws
+        work, heads_per_step = _attention_workspace(s.batch * k, s.heads, (ws, ws), head_dim, e, dtype, device, chunks, max_block_mb)
+        qkv = 2 * 3 * s.batch * k * heads_per_step * ws * ws * head_dim * e  # projection and its (3, B*g, N, C) copy
+        phases["windowed attention"] = 2 * a + 4 * step_tokens * s.dim * e + qkv + work
+    return phases
+
+
+def _attention_workspace(batch, heads, grid, head_dim, e, dtype, device, chunks, max_block_mb) -> tuple[int, int]:
+    """Bytes a backend's kernel holds beyond q, k, v and the output, and the heads projected per step."""
+    torch_dtype = getattr(torch, dtype)
+    backend = choose_backend(device, torch_dtype, grid, head_dim, max_block_mb)
+    plan = plan_backend(backend, batch * heads, grid, head_dim, chunks, max_block_mb)
+    H, W = grid
+    n = H * W
+    rows = math.ceil(H / plan.q_bands)
+    rel = plan.group * rows * W * (H + W) * 4  # rel_h, rel_w in float32
+    if backend == "sdpa":
+        work = plan.block_bytes // 4 * e + rel  # the band's bias, in the input dtype
+    elif backend == "flashbias":
+        dim = augmented_head_dim(grid, head_dim)
+        work = 4 * plan.group * n * dim * e + 2 * rel  # q', k', v' and the output; rel-pos terms
+    else:  # blocked: the score block and its exp, float32 k/v copies off float32
+        work = 2 * plan.block_bytes + rel + (2 * plan.group * n * head_dim * 4 if e != 4 else 0)
+    return work, max(1, min(heads, plan.group // batch))
+
+
+def _stock_phases(s: _Shape, has_global: bool, has_windows: bool) -> dict[str, int]:
+    a, e = s.activation, s.itemsize
+    n = s.grid * s.grid
+    phases = {"patch embedding": 2 * a, "MLP": 3 * a + 2 * s.batch * n * s.mlp_dim * e, "neck": a + 4 * s.batch * n * PROMPT_EMBED_DIM * max(e, 4)}
+    if has_global:
+        scores = s.batch * s.heads * n * n * e
+        phases["global attention"] = 8 * a + 3 * scores
+    if has_windows:
+        ws = s.window
+        windows = math.ceil(s.grid / ws) ** 2
+        padded = a * windows * ws * ws // n
+        scores = s.batch * windows * s.heads * (ws * ws) ** 2 * e
+        phases["windowed attention"] = a + 7 * padded + 3 * scores
+    return phases
+
+
+def _check(model_type, img_size, dtype, device, batch, chunks, max_block_mb, points_per_batch) -> None:
+    if model_type not in ENCODER_CONFIGS:
+        raise ValueError(f"unknown model type {model_type!r}: choose one of {', '.join(ENCODER_CONFIGS)}")
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0 or img_size % PATCH_SIZE:
+        raise ValueError(f"img_size={img_size!r} must be a positive multiple of the patch size {PATCH_SIZE}")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r} is unknown: choose one of {', '.join(DTYPE_BYTES)}")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: the planner knows cpu and cuda")
+    for name, value in (("batch", batch), ("points_per_batch", points_per_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    chunk_bands(chunks)
+    if max_block_mb is not None and not (isinstance(max_block_mb, (int, float)) and not isinstance(max_block_mb, bool) and max_block_mb > 0):
+        raise ValueError(f"max_block_mb must be a number > 0 (MiB), got {max_block_mb!r}")

@@ -1,0 +1,135 @@
+"""The token-wise half of a ViT block, a chunk of tokens at a time, in place where exact.
+
+LayerNorm, the MLP and the output projection act on each token alone, so running them on
+`chunk` tokens at a time gives stock's result while only a chunk's hidden layer (tokens x
+mlp_dim) exists at once, instead of the whole image's (4 x dim per token, and GELU's
+copy). The residual adds then go straight into a buffer the block owns:
+
+- mlp_residual_:    x <- x + mlp(norm(x)), chunk by chunk, in x's storage;
+- linear_residual_: o <- x + proj(o), chunk by chunk, in o's storage (o is the attention's
+  output, whose chunk is read before it is overwritten);
+- window geometry: which token rectangles hold a step's windows (window_steps), and the
+  strided views that move them between the (B, H, W, D) grid and (B * k, ws, ws, D)
+  windows without padded copies (window_parts, grid_parts).
+
+`token_chunk` sizes the chunks from the same budget as the attention blocks: a float32
+(chunk, width) block within max_block_mb, or DEFAULT_TOKEN_BYTES under `chunks`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, NamedTuple, Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+DEFAULT_TOKEN_BYTES = 16 * 2**20
+_FP32_BYTES = 4
+
+
+def token_chunk(width: int, max_block_mb: Optional[float] = None) -> int:
+    """Tokens per chunk: as many as keep a float32 (tokens, width) block within the budget, at least 1.
+
+    Args:
+        width: the widest per-token tensor of the step (the MLP's hidden dim).
+        max_block_mb: the patch's budget in MiB; None (under `chunks`) uses DEFAULT_TOKEN_BYTES.
+    """
+    budget = DEFAULT_TOKEN_BYTES if max_block_mb is None else max_block_mb * 2**20
+    return max(1, int(budget // (width * _FP32_BYTES)))
+
+
+def token_rows(x: Tensor) -> Tensor:
+    """x (..., D) as (tokens, D), a view: token-wise math needs x contiguous."""
+    if not x.is_contiguous():
+        raise ValueError("token-wise steps write in place and need a contiguous tensor")
+    return x.view(-1, x.shape[-1])  # (T, D)
+
+
+def mlp_residual_(x: Tensor, norm: Callable[[Tensor], Tensor], mlp: Callable[[Tensor], Tensor], chunk: int) -> Tensor:
+    """x + mlp(norm(x)), written into x, `chunk` tokens at a time; returns x.
+
+    Args:
+        x: (..., D), contiguous; overwritten.
+        norm, mlp: token-wise modules (LayerNorm; SAM's MLPBlock), D -> D.
+        chunk: tokens per step (token_chunk).
+    """
+    flat = token_rows(x)  # (T, D)
+    for t0 in range(0, flat.shape[0], chunk):
+        rows = flat[t0 : t0 + chunk]  # (c, D)
+        rows.add_(mlp(norm(rows)))  # stock: x + mlp(norm2(x)), the same add
+    return x
+
+
+def linear_residual_(x: Tensor, o: Tensor, proj: Callable[[Tensor], Tensor], chunk: int) -> Tensor:
+    """x + proj(o), written into o, `chunk` tokens at a time; returns o.
+
+    Args:
+        x: (..., D), the residual; read only.
+        o: (..., Din), contiguous, the attention's heads; overwritten (Din == D).
+        proj: token-wise Linear Din -> D.
+        chunk: tokens per step.
+    """
+    if o.shape[-1] != x.shape[-1]:
+        raise ValueError(f"the projection's input width {o.shape[-1]} differs from the residual's {x.shape[-1]}")
+    rows_o, rows_x = token_rows(o), x.reshape(-1, x.shape[-1])  # (T, D)
+    for t0 in range(0, rows_o.shape[0], chunk):
+        out = rows_o[t0 : t0 + chunk]
+        torch.add(rows_x[t0 : t0 + chunk], proj(out), out=out)  # stock: shortcut + proj(o); proj read this chunk first
+    return o
+
+
+# --- windows -------------------------------------------------------------------------------
+
+
+class WindowStep(NamedTuple):
+    """k windows of one window row: token rows [r0, r1) and columns [c0, c1) of the grid
+    (r1 - r0 <= ws and c1 - c0 <= k * ws; the rest of the k windows is padding)."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    k: int
+
+
+def window_steps(grid: tuple[int, int], ws: int, windows_per_step: int) -> Iterator[WindowStep]:
+    """Steps over the ceil(H / ws) x ceil(W / ws) windows of an (H, W) grid, row by row,
+    at most `windows_per_step` windows of one window row each."""
+    H, W = grid
+    nw = math.ceil(W / ws)
+    per = max(1, min(nw, windows_per_step))
+    for r0 in range(0, H, ws):
+        for j in range(0, nw, per):
+            k = min(per, nw - j)
+            yield WindowStep(r0, min(H, r0 + ws), j * ws, min(W, (j + k) * ws), k)
+
+
+def window_parts(windows: Tensor, step: WindowStep, ws: int) -> list[Tensor]:
+    """The step's (B * k, ws, ws, D) windows as they lie on the grid: (B, rows, k_i, w_i, D)
+    views, the whole windows first, then the last one cropped to the grid (as grid_parts)."""
+    B = windows.shape[0] // step.k
+    on_grid = windows.view(B, step.k, ws, ws, windows.shape[-1]).permute(0, 2, 1, 3, 4)  # (B, ws, k, ws, D)
+    rows, full, last = _step_shape(step, ws)
+    parts = [on_grid[:, :rows, :full]] if full else []
+    return parts + ([on_grid[:, :rows, full:, :last]] if last else [])
+
+
+def grid_parts(region: Tensor, step: WindowStep, ws: int) -> list[Tensor]:
+    """The step's (B, rows, cols, D) region of the grid cut as window_parts cuts its windows:
+    (B, rows, k_i, w_i, D) views. Copying between the two moves windows without a padded copy."""
+    _, full, last = _step_shape(step, ws)
+    parts = [region[:, :, : full * ws].unflatten(2, (full, ws))] if full else []
+    return parts + ([region[:, :, full * ws :].unsqueeze(2)] if last else [])  # (B, rows, 1, last, D)
+
+
+def _step_shape(step: WindowStep, ws: int) -> tuple[int, int, int]:
+    cols = step.c1 - step.c0
+    full = cols // ws  # whole windows in the step
+    return step.r1 - step.r0, full, cols - full * ws
+
+
+def windows_per_step(batch: int, ws: int, chunk: int) -> int:
+    """Windows per step: as many as hold about `chunk` tokens over the batch, at least 1."""
+    return max(1, chunk // (batch * ws * ws))
