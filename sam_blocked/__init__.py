@@ -6,6 +6,7 @@ from sam_blocked.checkpoints import detect_model_type, download_checkpoint, find
 from sam_blocked.models import MODEL_TYPES, build_sam
 from sam_blocked.planner import MemoryPlan, largest_input_size, plan_memory
 from sam_blocked.patch import BlockConfig, is_patched, patch_sam, patched, stock, unpatch_sam
+from sam_blocked.switch import disable, enable, enabled, is_enabled
 from sam_blocked.resolution import resample_pos_embed, resized, set_image_size
 from sam_blocked.verify import EquivalenceReport, verify_equivalence
 
@@ -19,12 +20,16 @@ __all__ = [
     "MemoryPlan",
     "blocked_attention",
     "detect_model_type",
+    "disable",
     "download_checkpoint",
+    "enable",
+    "enabled",
     "find_checkpoint",
     "load_sam",
     "not_supported_reasons",
     "build_sam",
     "choose_backend",
+    "is_enabled",
     "is_patched",
     "largest_input_size",
     "patch_sam",

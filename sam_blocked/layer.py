@@ -8,7 +8,7 @@ patched class calls with its own module's weights. Its settings are a `BlockConf
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,8 @@ def attention_layer(
     rel_pos_h: Optional[Tensor],
     rel_pos_w: Optional[Tensor],
     config: BlockConfig,
+    q_norm: Optional[Callable[[Tensor], Tensor]] = None,
+    k_norm: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
     """proj(softmax(q k^T * scale + rel_h + rel_w) v) with q, k, v = qkv(x) split in heads, exactly.
 
@@ -58,6 +60,8 @@ def attention_layer(
         rel_pos_h, rel_pos_w: the decomposed rel-pos tables (Lh, head_dim), (Lw, head_dim),
             resized at run time by get_rel_pos's rule, or both None.
         config: chunks or max_block_mb, and the backend.
+        q_norm, k_norm: applied to each head's q and k, (B*heads, N, C), before attention and
+            before the rel-pos terms (timm's qk_norm); None for none, as in SAM.
 
     Returns:
         (B, H, W, dim) in x's dtype.
@@ -88,6 +92,10 @@ def attention_layer(
         # (3, B*g, N, C), as stock's reshape
         qkv_g = qkv_g.reshape(B, H * W, 3, g, head_dim).permute(2, 0, 3, 1, 4).reshape(3, B * g, H * W, head_dim)
         q, k, v = qkv_g.unbind(0)
+        if q_norm is not None:
+            q = q_norm(q)
+        if k_norm is not None:
+            k = k_norm(k)
         o = ATTENTION[backend](q, k, v, (H, W), rel_pos_h, rel_pos_w, scale=scale, plan=plan)  # (B*g, N, C)
         out[:, :, h0:h1] = o.view(B, g, H * W, head_dim).transpose(1, 2)
         del qkv_g, q, k, v, o

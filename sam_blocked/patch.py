@@ -1,10 +1,12 @@
-"""Model surgery: make segment_anything's image-encoder Attention compute in blocks.
+"""Model surgery: make the SAM image-encoder attention inside one model compute in blocks.
 
-Each stock `Attention` found in the model has its class swapped for `BlockedAttention`, a
-subclass whose only change is `forward` (sam_blocked.layer.attention_layer); its settings
-live in `blocked_config`, and the attention itself runs on the backend they name. Nothing
-else is touched: parameters, buffers and state_dict keys stay as they were, so a
-checkpoint loads before or after patching, and unpatching swaps the class back.
+Each supported layer found in the model (sam_blocked.adapters: segment_anything,
+segment_anything_hq, transformers, timm) has its class swapped for the adapter's patched
+subclass, whose only change is `forward`; its settings live in `blocked_config`, and the
+attention runs on the backend they name. Nothing else is touched: parameters, buffers
+and state_dict keys stay as they were, so a checkpoint loads before or after patching,
+and unpatching swaps the class back. For every model of the process at once, without the
+model object, see sam_blocked.switch (enable / disable).
 """
 
 from __future__ import annotations
@@ -12,50 +14,23 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Optional
 
+import segment_anything.modeling.image_encoder as _sam_image_encoder
 import torch
-from segment_anything.modeling.image_encoder import Attention
 
+from sam_blocked import adapters, switch
+from sam_blocked.adapters.base import ATTENTION, STOCK_FLAG, ClassPatch
 from sam_blocked.attention import DEFAULT_CHUNKS
-from sam_blocked.layer import BlockConfig, attention_layer, check_config
+from sam_blocked.layer import BlockConfig, check_config
+
+__all__ = ["BlockConfig", "BlockedAttention", "is_patched", "patch_sam", "patched", "sam_attentions", "stock", "unpatch_sam"]
+
+# segment_anything's patched Attention (the adapters' registry knows every library's).
+BlockedAttention = adapters.patches_of(_sam_image_encoder)[0].patched
 
 
-class BlockedAttention(Attention):
-    """segment_anything's Attention with the same parameters and a blocked forward."""
-
-    blocked_config: BlockConfig
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rel_h, rel_w = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
-        return attention_layer(x, self.qkv, self.proj, self.num_heads, self.scale, rel_h, rel_w, self.blocked_config)
-
-
-def _check_attention(name: str, module: Attention) -> None:
-    if type(module) not in (Attention, BlockedAttention):
-        raise ValueError(
-            f"{name or 'model'} is {type(module).__qualname__}, a subclass of segment_anything's Attention "
-            "with a forward of its own: sam_blocked only patches the stock class"
-        )
-    missing = [a for a in ("qkv", "proj", "num_heads", "scale", "use_rel_pos") if not hasattr(module, a)]
-    if module.use_rel_pos if hasattr(module, "use_rel_pos") else False:
-        missing += [a for a in ("rel_pos_h", "rel_pos_w") if not hasattr(module, a)]
-    if missing:
-        raise ValueError(
-            f"{name or 'model'} lacks {', '.join(missing)}: this segment_anything version's Attention "
-            "is not the one sam_blocked was written against"
-        )
-    if module.qkv.out_features % (3 * module.num_heads):
-        raise ValueError(f"{name}: qkv has {module.qkv.out_features} outputs, not 3 x heads x head_dim")
-
-
-def sam_attentions(model: torch.nn.Module) -> list[tuple[str, Attention]]:
-    """Every segment_anything image-encoder Attention inside `model` (or `model` itself)."""
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, Attention)]
-    if not found:
-        raise ValueError(
-            f"no segment_anything image-encoder Attention found in {type(model).__qualname__}: "
-            "pass a Sam, its image_encoder, or a module containing them"
-        )
-    return found
+def sam_attentions(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Every supported SAM image-encoder attention inside `model` (or `model` itself), of any library."""
+    return [(name, module) for name, module, _ in adapters.attention_layers(model)]
 
 
 def patch_sam(
@@ -64,12 +39,15 @@ def patch_sam(
     max_block_mb: Optional[float] = None,
     backend: str = "auto",
 ) -> torch.nn.Module:
-    """Make every SAM image-encoder Attention in `model` compute in blocks, in place.
+    """Make every SAM image-encoder attention in `model` compute in blocks, in place.
 
     Global and windowed blocks alike. Patching a patched model only updates the settings.
 
     Args:
-        model: a Sam, an ImageEncoderViT, an Attention, or any module containing them.
+        model: a SAM model or its image encoder, one attention layer, or any module
+            containing them, of segment_anything (Sam), segment_anything_hq (Sam),
+            transformers (SamModel, SamVisionModel, SamHQModel, SamHQVisionModel) or timm
+            (VisionTransformerSAM).
         chunks: blocks per (batch*head) score matrix: q_bands x k_bands (16 -> 4 x 4).
         max_block_mb: instead of chunks, a budget in MiB for the largest float32 score
             block; the blocking is then chosen per layer and per input size.
@@ -81,27 +59,35 @@ def patch_sam(
         `model`, patched.
     """
     config = check_config(chunks, max_block_mb, backend)
-    attentions = sam_attentions(model)
-    for name, module in attentions:
-        _check_attention(name, module)
-    for _, module in attentions:
-        module.__class__ = BlockedAttention
+    layers = _layers(model)
+    problems = [f"{name or 'model'} ({patch.name}): {'; '.join(why)}" for name, module, patch in layers if (why := patch.reasons(module))]
+    if problems:
+        raise ValueError("cannot patch " + "; ".join(problems))
+    for _, module, patch in layers:
+        module.__class__ = patch.patched
         module.blocked_config = config
     return model
 
 
 def unpatch_sam(model: torch.nn.Module) -> torch.nn.Module:
-    """Restore stock segment_anything attention everywhere in `model`; returns `model`."""
-    for _, module in sam_attentions(model):
-        if isinstance(module, BlockedAttention):
-            module.__class__ = Attention
-            del module.blocked_config
+    """Remove what patch_sam did everywhere in `model`; returns `model`.
+
+    The layers are then stock, unless sam_blocked.enable() is on: then they follow it
+    (use `stock(model)` to run stock attention whatever the switch says).
+    """
+    for _, module, patch in _layers(model):
+        if type(module) is patch.patched:
+            module.__class__ = patch.stock
+            module.__dict__.pop("blocked_config", None)
     return model
 
 
 def is_patched(model: torch.nn.Module) -> bool:
-    """True when every SAM Attention in `model` is patched."""
-    return all(isinstance(m, BlockedAttention) for _, m in sam_attentions(model))
+    """True when every SAM attention in `model` runs blocked: patched by patch_sam, or by enable()."""
+    return all(
+        type(module) is patch.patched or switch.runs_blocked(module, patch)
+        for _, module, patch in adapters.attention_layers(model)
+    )
 
 
 @contextlib.contextmanager
@@ -111,7 +97,7 @@ def patched(
     max_block_mb: Optional[float] = None,
     backend: str = "auto",
 ) -> Iterator[torch.nn.Module]:
-    """Patch `model` for the `with` body, then put each Attention back as it was, also on an exception."""
+    """Patch `model` for the `with` body, then put each layer back as it was, also on an exception."""
     before = _snapshot(model)
     patch_sam(model, chunks, max_block_mb, backend)
     try:
@@ -122,24 +108,38 @@ def patched(
 
 @contextlib.contextmanager
 def stock(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Run `model` with stock attention for the `with` body, then restore its patches."""
+    """Run `model` with stock attention for the `with` body (also while enable() is on), then restore it."""
     before = _snapshot(model)
     unpatch_sam(model)
+    for _, module, _ in _layers(model):
+        module.__dict__[STOCK_FLAG] = True
     try:
         yield model
     finally:
         _restore(before)
 
 
-def _snapshot(model: torch.nn.Module) -> list[tuple[Attention, Optional[BlockConfig]]]:
-    return [(m, getattr(m, "blocked_config", None)) for _, m in sam_attentions(model)]
+def _layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, ClassPatch]]:
+    """Every supported layer in `model`; a ValueError for a subclass of one, or when there is no attention."""
+    layers, refused = adapters.find(model)
+    if refused:
+        raise ValueError("; ".join(refused))
+    if not any(patch.kind == ATTENTION for _, _, patch in layers):
+        raise adapters.no_attention_error(model)
+    return layers
 
 
-def _restore(before: list[tuple[Attention, Optional[BlockConfig]]]) -> None:
-    for module, config in before:
-        if config is None:
-            module.__class__ = Attention
-            module.__dict__.pop("blocked_config", None)
-        else:
-            module.__class__ = BlockedAttention
-            module.blocked_config = config
+_Snapshot = list[tuple[torch.nn.Module, type, dict]]
+_STATE = ("blocked_config", STOCK_FLAG)
+
+
+def _snapshot(model: torch.nn.Module) -> _Snapshot:
+    return [(m, type(m), {k: m.__dict__[k] for k in _STATE if k in m.__dict__}) for _, m, _ in _layers(model)]
+
+
+def _restore(before: _Snapshot) -> None:
+    for module, cls, state in before:
+        module.__class__ = cls
+        for key in _STATE:
+            module.__dict__.pop(key, None)
+        module.__dict__.update(state)

@@ -1,4 +1,10 @@
-"""Prove on the user's own model that the patched encoder matches stock segment_anything."""
+"""Prove on the user's own model that the patched encoder matches its library's stock encoder.
+
+Any model the adapters know (sam_blocked.adapters): segment_anything and
+segment_anything_hq Sams through their own SamPredictor (embeddings and masks), their
+ImageEncoderViTs, transformers' SamModel / SamVisionModel and SamHQ counterparts, and
+timm's VisionTransformerSAM (every tensor the library's encoder call returns).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-from segment_anything import SamPredictor
-from segment_anything.modeling import ImageEncoderViT, Sam
 
+from sam_blocked import adapters
+from sam_blocked.adapters.base import EncoderCall
 from sam_blocked.attention import DEFAULT_CHUNKS
 from sam_blocked.patch import patched, stock
 
@@ -52,12 +58,21 @@ class EquivalenceReport:
         return "\n".join(lines)
 
 
-def _encoder(model: torch.nn.Module) -> ImageEncoderViT:
-    if isinstance(model, Sam):
-        return model.image_encoder
-    if isinstance(model, ImageEncoderViT):
-        return model
-    raise ValueError(f"verify_equivalence takes a Sam or an ImageEncoderViT, got {type(model).__qualname__}")
+def _encoder_call(model: torch.nn.Module) -> EncoderCall:
+    call = adapters.encoder_call(model)
+    if call is None:
+        raise ValueError(
+            f"verify_equivalence takes a SAM model or image encoder of segment_anything, segment_anything_hq, "
+            f"transformers or timm, got {type(model).__qualname__}"
+        )
+    return call
+
+
+def _flat(output) -> torch.Tensor:
+    """Every tensor of an encoder's output (a tensor, or tuples / lists of them) as one float32 vector."""
+    if isinstance(output, torch.Tensor):
+        return output.float().flatten()
+    return torch.cat([_flat(o) for o in output])
 
 
 def _seeded_image(size: int, seed: int) -> np.ndarray:
@@ -94,23 +109,27 @@ def verify_equivalence(
     The model is left patched or not exactly as it came in.
 
     Args:
-        model: a Sam (embeddings and masks are compared) or an ImageEncoderViT
-            (embeddings only), on its device and in its dtype.
+        model: a segment_anything or segment_anything_hq Sam (embeddings and masks are
+            compared, through that library's SamPredictor), or their ImageEncoderViT,
+            transformers' SamModel, SamVisionModel, SamHQModel, SamHQVisionModel, or timm's
+            VisionTransformerSAM (every tensor the encoder returns is compared); on its
+            device and in its dtype.
         image: (H, W, 3) uint8 RGB; default a seeded smooth random image at the model's size.
         chunks, max_block_mb, backend: the patch to verify, as patch_sam takes them.
-        points: number of seeded single-point prompts whose masks are compared (Sam only).
+        points: number of seeded single-point prompts whose masks are compared (Sams only).
         seed: seeds the default image and the prompt points.
     """
-    encoder = _encoder(model)
-    size = encoder.img_size
-    dtype = next(encoder.parameters()).dtype
+    call = _encoder_call(model)
+    size = call.size
+    parameter = next(model.parameters())
+    dtype = parameter.dtype
     if image is None:
         image = _seeded_image(size, seed)
     if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
         raise ValueError("image must be an (H, W, 3) uint8 RGB array")
 
-    if isinstance(model, Sam):
-        predictor = SamPredictor(model)
+    if call.predictor is not None:
+        predictor = call.predictor(model)
         prompts = _point_prompts(image.shape[0], image.shape[1], points, seed)
         runs = []
         for context in (stock(model), patched(model, chunks, max_block_mb, backend)):
@@ -120,17 +139,18 @@ def verify_equivalence(
                     predictor.predict(point_coords=p[None], point_labels=np.array([1]), multimask_output=False)[0][0]
                     for p in prompts
                 ]
-                runs.append((predictor.features.float(), masks))
+                features = [predictor.features, *getattr(predictor, "interm_features", [])]  # SAM-HQ: also its early layers
+                runs.append((_flat(features), masks))
         (reference, ref_masks), (result, masks) = runs
         ious = [_mask_iou(a, b) for a, b in zip(ref_masks, masks)]
     else:
-        x = torch.as_tensor(image, device=next(encoder.parameters()).device).permute(2, 0, 1)[None].to(dtype)
+        x = torch.as_tensor(image, device=parameter.device).permute(2, 0, 1)[None].float()
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        x = (x - x.mean()) / x.std().clamp_min(1e-6)
-        with stock(encoder):
-            reference = encoder(x).float()
-        with patched(encoder, chunks, max_block_mb, backend):
-            result = encoder(x).float()
+        x = ((x - x.mean()) / x.std().clamp_min(1e-6)).to(dtype)
+        with stock(model):
+            reference = _flat(call.run(x))
+        with patched(model, chunks, max_block_mb, backend):
+            result = _flat(call.run(x))
         ious = []
 
     max_abs = (result - reference).abs().max().item()

@@ -135,7 +135,7 @@ def test_patched_model_deepcopies_and_pickles(tiny_sam):
 
 
 def test_model_without_sam_attention_refused():
-    with pytest.raises(ValueError, match="no segment_anything image-encoder Attention found in Linear"):
+    with pytest.raises(ValueError, match="no SAM image-encoder attention found in Linear"):
         sam_blocked.patch_sam(torch.nn.Linear(3, 3))
 
 

@@ -1,0 +1,128 @@
+"""The adapters: one file per library whose SAM image encoder sam_blocked patches, and their registry.
+
+Each adapter reads the classes of one library module that it is given, already imported,
+and returns a ClassPatch per class it changes (`class_patches(module)`): the stock class,
+its patched subclass and the blocked forward, a few lines over sam_blocked.layer. ADAPTERS
+maps each library module to its adapter; an adapter is imported only once its library
+module is, so sam_blocked never imports transformers, timm or segment_anything_hq itself.
+
+| library | module | classes |
+|---|---|---|
+| segment_anything | segment_anything.modeling.image_encoder | Attention |
+| segment_anything_hq | segment_anything_hq.modeling.image_encoder | Attention |
+| transformers | transformers.models.sam.modeling_sam | SamVisionAttention, SamVisionSdpaAttention |
+| transformers | transformers.models.sam_hq.modeling_sam_hq | SamHQVisionAttention, SamHQVisionSdpaAttention |
+| timm | timm.models.vision_transformer_sam | Attention |
+
+`find(model)` walks a model of any of them and returns each supported layer with its
+ClassPatch. To support another class, return one more ClassPatch from the adapter's
+`class_patches`; another library: one more file and one more ADAPTERS entry.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from sam_blocked.adapters.base import ATTENTION, ClassPatch, EncoderCall
+
+# library module that defines the classes -> the adapter module that patches them
+ADAPTERS: dict[str, str] = {
+    "segment_anything.modeling.image_encoder": "sam_blocked.adapters.segment_anything",
+    "segment_anything_hq.modeling.image_encoder": "sam_blocked.adapters.sam_hq",
+    "transformers.models.sam.modeling_sam": "sam_blocked.adapters.transformers",
+    "transformers.models.sam_hq.modeling_sam_hq": "sam_blocked.adapters.transformers",
+    "timm.models.vision_transformer_sam": "sam_blocked.adapters.timm",
+}
+
+_loaded: dict[str, tuple[ModuleType, list[ClassPatch]]] = {}  # library module name -> (module, its patches)
+_by_class: dict[type, ClassPatch] = {}  # stock and patched classes of every module read so far -> their patch
+
+
+def patches_of(module: ModuleType) -> list[ClassPatch]:
+    """The ClassPatches for a loaded library module (one of ADAPTERS), read once per version of its classes.
+
+    A reloaded module (importlib.reload) defines new classes: they get new patches, and the
+    old classes keep theirs, so models built before the reload stay recognised.
+    """
+    name = module.__name__
+    cached = _loaded.get(name)
+    if cached is not None and cached[0] is module and all(module.__dict__.get(p.stock.__name__) is p.stock for p in cached[1]):
+        return cached[1]
+    adapter = importlib.import_module(ADAPTERS[name])
+    patches = adapter.class_patches(module)
+    _loaded[name] = (module, patches)
+    for patch in patches:
+        _by_class[patch.stock] = _by_class[patch.patched] = patch
+    return patches
+
+
+def imported_patches() -> list[ClassPatch]:
+    """The ClassPatches of every supported library module imported so far (none is imported here)."""
+    patches = []
+    for name in ADAPTERS:
+        module = sys.modules.get(name)
+        if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
+            patches += patches_of(module)
+    return patches
+
+
+def patch_of(module: torch.nn.Module) -> Optional[ClassPatch]:
+    """The ClassPatch whose stock or patched class `module` is an instance of exactly, or None."""
+    return _by_class.get(type(module))
+
+
+def find(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Module, ClassPatch]], list[str]]:
+    """Every supported layer in `model` (or `model` itself), and what was refused.
+
+    Returns:
+        found: (qualified name, module, its ClassPatch) per layer, in named_modules order.
+        refused: one line per module that subclasses a supported class: a subclass may
+            compute something else, so only the library's own classes are patched.
+    """
+    stocks = imported_patches()
+    found, refused = [], []
+    for name, module in model.named_modules():
+        patch = patch_of(module)
+        if patch is not None:
+            found.append((name, module, patch))
+            continue
+        base = next((p for p in stocks if isinstance(module, p.stock)), None)
+        if base is not None:
+            refused.append(
+                f"{name or 'model'} is {type(module).__qualname__}, a subclass of {base.name}: "
+                "sam_blocked only patches the stock class"
+            )
+    return found, refused
+
+
+def attention_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, ClassPatch]]:
+    """find(model)'s attention layers; a ValueError naming the model when there are none."""
+    layers = [entry for entry in find(model)[0] if entry[2].kind == ATTENTION]
+    if not layers:
+        raise no_attention_error(model)
+    return layers
+
+
+def no_attention_error(model: torch.nn.Module) -> ValueError:
+    """The error for a model with no supported attention in it: what to pass, and which libraries were looked at."""
+    loaded = sorted({p.library for p in imported_patches()})
+    return ValueError(
+        f"no SAM image-encoder attention found in {type(model).__qualname__}: pass a SAM model of "
+        "segment_anything, segment_anything_hq, transformers (SamModel, SamVisionModel, SamHQModel) or timm "
+        f"(VisionTransformerSAM), its image encoder, or a module containing them (libraries loaded: {', '.join(loaded)})"
+    )
+
+
+def encoder_call(model: torch.nn.Module) -> Optional[EncoderCall]:
+    """How the model's own library runs its image encoder (adapters' encoder_call), or None if no adapter knows it."""
+    for name, adapter_name in ADAPTERS.items():
+        if name in sys.modules:
+            call = importlib.import_module(adapter_name).encoder_call(model)
+            if call is not None:
+                return call
+    return None

@@ -1,0 +1,134 @@
+"""Hugging Face transformers: SamVisionAttention and SamVisionSdpaAttention, and the SamHQ copies.
+
+transformers picks the class from `config._attn_implementation` ("eager" or "sdpa", the
+default) when the model is built. Both stock forwards build the (B*heads, N, N) rel-pos
+bias; eager also the N x N weights, soft-maxed in float32. Their math is segment_anything's
+but for two rules, which the blocked forward meets:
+- rel-pos tables are always passed through F.interpolate, even to their own length; linear
+  interpolation to the same length is the identity (weights 1 and 0), so the tables are used
+  as they are, and a table of another length is resized by the same call as
+  segment_anything's get_rel_pos (attention.resize_rel_pos);
+- eager's softmax runs in float32: blocked attention's running max, sum and accumulator are
+  float32 in every dtype.
+
+Both return `(output, weights)`. The blocked forward returns `(output, None)`: no N x N
+tensor. When weights are asked for (output_attentions=True, passed or recorded through the
+model's output capture) the eager class runs its stock forward for that call and warns
+once; the SDPA class returns None as its stock forward does. Eager's attention dropout
+has no blocked counterpart: training with dropout > 0 is refused.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+from typing import Any, Callable, Optional
+
+import torch
+
+from sam_blocked.adapters.base import ClassPatch, EncoderCall, class_patch, patched_class_named, dropout_reasons, missing_attributes, qkv_reasons, stock_forward_of, warn_once
+from sam_blocked.layer import BlockConfig, attention_layer
+
+LIBRARY = "transformers"
+MODULES = ("transformers.models.sam.modeling_sam", "transformers.models.sam_hq.modeling_sam_hq")
+
+_ATTRIBUTES = ("qkv", "proj", "num_attention_heads", "scale", "use_rel_pos", "dropout", "training")
+
+
+def _layer(module: torch.nn.Module, config: BlockConfig, hidden_states: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, dim) -> (B, H, W, dim), blocked."""
+    rel_h, rel_w = (module.rel_pos_h, module.rel_pos_w) if module.use_rel_pos else (None, None)
+    return attention_layer(
+        hidden_states, module.qkv, module.proj, module.num_attention_heads, module.scale, rel_h, rel_w, config
+    )
+
+
+def _weights_asked(output_attentions: Optional[bool]) -> bool:
+    """True when this call's attention weights are wanted: passed in, or being recorded by
+    transformers' output capture (capture_outputs hooks SamVisionAttention's output[1])."""
+    if output_attentions:
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # transformers < 5 passes output_attentions down to the layer
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and "attentions" in collected
+
+
+def _sdpa_reasons(module: torch.nn.Module) -> list[str]:
+    why = missing_attributes(module, _ATTRIBUTES)
+    if not why and module.use_rel_pos:
+        why = missing_attributes(module, ("rel_pos_h", "rel_pos_w"))
+    return why or qkv_reasons(module, "num_attention_heads")
+
+
+def _eager_reasons(module: torch.nn.Module) -> list[str]:
+    return _sdpa_reasons(module) or dropout_reasons(module, module.dropout)
+
+
+def _eager_forward(stock_forward: Callable[..., Any]) -> Callable[..., Any]:
+    def forward(module: torch.nn.Module, config: BlockConfig, hidden_states: torch.Tensor, output_attentions=None):
+        if _weights_asked(output_attentions):
+            warn_once(
+                f"transformers-weights-{type(module).__qualname__}",
+                f"{type(module).__qualname__}: attention weights were asked for (output_attentions=True): "
+                "these calls run the stock eager attention, which builds the N x N weights; "
+                "blocked attention returns no weights",
+            )
+            return stock_forward(module, hidden_states, output_attentions)
+        return _layer(module, config, hidden_states), None
+
+    return forward
+
+
+def _sdpa_forward(module: torch.nn.Module, config: BlockConfig, hidden_states: torch.Tensor, output_attentions=False):
+    if output_attentions:  # the stock SDPA forward warns the same and returns None too
+        warn_once(
+            f"transformers-weights-{type(module).__qualname__}",
+            f"{type(module).__qualname__} returns no attention weights (output_attentions=True is ignored): "
+            "load the model with attn_implementation='eager' to get them from the stock attention",
+        )
+    return _layer(module, config, hidden_states), None
+
+
+def class_patches(module: ModuleType) -> list[ClassPatch]:
+    """The ClassPatches for a loaded modeling_sam or modeling_sam_hq: eager and SDPA, those that exist."""
+    prefix = "SamHQ" if module.__name__.endswith("sam_hq") else "Sam"
+    patches = []
+    eager = getattr(module, f"{prefix}VisionAttention", None)
+    if eager is not None:
+        forward = _eager_forward(stock_forward_of(eager))
+        patches.append(class_patch(LIBRARY, eager, forward, _eager_reasons, home=__name__))
+    sdpa = getattr(module, f"{prefix}VisionSdpaAttention", None)
+    if sdpa is not None:
+        patches.append(class_patch(LIBRARY, sdpa, _sdpa_forward, _sdpa_reasons, home=__name__))
+    return patches
+
+
+def encoder_call(model: torch.nn.Module) -> Optional[EncoderCall]:
+    """SamModel / SamHQModel (get_image_embeddings), SamVisionModel / SamHQVisionModel and their
+    vision encoders (last_hidden_state, and SamHQ's intermediate embeddings); None for other models."""
+    for name in MODULES:
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        prefix = "SamHQ" if name.endswith("sam_hq") else "Sam"
+        if isinstance(model, getattr(module, f"{prefix}Model")):
+            return EncoderCall(_image_size(model.vision_encoder), model.get_image_embeddings)
+        vision = (getattr(module, f"{prefix}VisionModel"), getattr(module, f"{prefix}VisionEncoder"))
+        if isinstance(model, vision):
+            encoder = model if isinstance(model, vision[1]) else model.vision_encoder
+            return EncoderCall(_image_size(encoder), lambda x: tuple(model(pixel_values=x).values()))
+    return None
+
+
+def _image_size(encoder: torch.nn.Module) -> int:
+    height, width = encoder.patch_embed.image_size
+    if height != width:
+        raise ValueError(f"the vision encoder takes {height} x {width} px inputs: verify_equivalence runs square ones")
+    return int(height)
+
+
+def __getattr__(name: str) -> type:  # the Blocked* classes, for unpickling (base.patched_class_named)
+    return patched_class_named(__name__, MODULES, name)
