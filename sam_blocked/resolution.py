@@ -20,6 +20,11 @@ windows and tables; the grid is padded to whole windows, as stock already does a
 SamPredictor and SamAutomaticMaskGenerator read the size when constructed: create them
 after set_image_size. One made before fails SamPredictor's own assertion in set_image.
 
+The same holds for segment_anything_hq's Sam (a copy of these classes). transformers'
+SamModel keeps the size in more places: sam_blocked.resolution_transformers, which
+set_image_size calls for it. timm's VisionTransformerSAM needs nothing: it resamples its
+position embedding to the input's grid on every call.
+
 The original embedding is kept on the encoder as a plain attribute, not a parameter or
 buffer: state_dict keys never change, and the state_dict of a resized model holds the
 resized pos_embed. Every resize starts from the original, so 1024 -> 1536 -> 2048 equals
@@ -33,34 +38,44 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from typing import Iterator
+import sys
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, PromptEncoder, Sam
 
+from sam_blocked import resolution_transformers
+
 _ORIGINAL = "_sam_blocked_pos_embed_original"  # (1, g0, g0, C), the embedding before any resize
 
 
-def set_image_size(sam: Sam, size: int) -> Sam:
+def set_image_size(sam: torch.nn.Module, size: int, processor: Optional[Any] = None) -> torch.nn.Module:
     """Adapt `sam`, in place, to square inputs of `size` x `size` pixels.
 
     Args:
-        sam: a segment_anything Sam with a ViT image encoder, patched or not, on any
-            device and dtype.
+        sam: a segment_anything or segment_anything_hq Sam with a ViT image encoder, or
+            transformers' SamModel / SamHQModel / SamVisionModel / SamHQVisionModel;
+            patched or not, on any device and dtype.
         size: input side in pixels, a positive multiple of the patch size (16); the
             token grid is size/16 per side. The size the model was built or loaded at
             restores its original position embedding exactly.
+        processor: transformers only: the model's SamProcessor or SamImageProcessor (a
+            mask-generation pipeline's `pipe.image_processor`), set to the same size.
 
     Returns:
         `sam`, resized. Create SamPredictor / SamAutomaticMaskGenerator after this call.
     """
+    if resolution_transformers.is_transformers_sam(sam):
+        return resolution_transformers.set_image_size(sam, size, processor)
+    if processor is not None:
+        raise ValueError("processor is for transformers' SamModel only: segment_anything's Sam has none to update")
     encoder, prompt = _check_sam(sam)
     patch = _patch_size(encoder)
-    size = _check_size(size, patch)
+    size = check_size(size, patch)
     grid = size // patch
     if encoder.pos_embed is not None:
-        _set_pos_embed_grid(encoder, grid)
+        set_pos_embed_grid(encoder, grid)
     encoder.img_size = size
     prompt.image_embedding_size = (grid, grid)
     prompt.input_image_size = (size, size)
@@ -69,14 +84,17 @@ def set_image_size(sam: Sam, size: int) -> Sam:
 
 
 @contextlib.contextmanager
-def resized(sam: Sam, size: int) -> Iterator[Sam]:
+def resized(sam: torch.nn.Module, size: int, processor: Optional[Any] = None) -> Iterator[torch.nn.Module]:
     """Run `sam` at `size` px for the `with` body, then set its previous size back, also on an exception."""
-    before = _check_sam(sam)[0].img_size
-    set_image_size(sam, size)
+    if resolution_transformers.is_transformers_sam(sam):
+        before = resolution_transformers.image_size(sam)
+    else:
+        before = _check_sam(sam)[0].img_size
+    set_image_size(sam, size, processor)
     try:
         yield sam
     finally:
-        set_image_size(sam, before)
+        set_image_size(sam, before, processor)
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
@@ -101,7 +119,8 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     return out.permute(0, 2, 3, 1).to(pos_embed.dtype)  # (1, grid, grid, C)
 
 
-def _set_pos_embed_grid(encoder: ImageEncoderViT, grid: int) -> None:
+def set_pos_embed_grid(encoder: torch.nn.Module, grid: int) -> None:
+    """Resample encoder.pos_embed, (1, g, g, C), to a grid x grid one from the original (kept, see the module doc)."""
     current = encoder.pos_embed.detach()
     original = getattr(encoder, _ORIGINAL, None)
     if original is not None:
@@ -122,21 +141,32 @@ def _set_pos_embed_grid(encoder: ImageEncoderViT, grid: int) -> None:
     encoder.pos_embed.data = resample_pos_embed(original, grid).to(current.device, current.dtype)
 
 
-def _check_sam(sam: Sam) -> tuple[ImageEncoderViT, PromptEncoder]:
-    if not isinstance(sam, Sam):
-        raise ValueError(f"set_image_size takes a segment_anything Sam, got {type(sam).__qualname__}")
-    encoder, prompt = sam.image_encoder, sam.prompt_encoder
-    if not isinstance(encoder, ImageEncoderViT):
+def _check_sam(sam: torch.nn.Module) -> tuple[ImageEncoderViT, PromptEncoder]:
+    modelings = [m for m in (sys.modules.get("segment_anything.modeling"), sys.modules.get("segment_anything_hq.modeling")) if m]
+    modeling = next((m for m in modelings if isinstance(sam, m.Sam)), None)
+    if modeling is None:
+        timm = sys.modules.get("timm.models.vision_transformer_sam")
+        if timm is not None and isinstance(sam, timm.VisionTransformerSAM):
+            raise ValueError(
+                "timm's VisionTransformerSAM needs no set_image_size: it resamples its position embedding to "
+                "the input's token grid on every call; pass images of any multiple of 16 px"
+            )
         raise ValueError(
-            f"the image encoder is {type(encoder).__qualname__}, not segment_anything's ImageEncoderViT: "
+            "set_image_size takes a Sam of segment_anything or segment_anything_hq, or transformers' SamModel, "
+            f"SamHQModel or their vision models, got {type(sam).__qualname__}"
+        )
+    encoder, prompt = sam.image_encoder, sam.prompt_encoder
+    if not isinstance(encoder, modeling.ImageEncoderViT):
+        raise ValueError(
+            f"the image encoder is {type(encoder).__qualname__}, not {modeling.__name__}'s ImageEncoderViT: "
             "only SAM's ViT encoders (vit_b/vit_l/vit_h) can be resized"
         )
-    if not isinstance(prompt, PromptEncoder):
-        raise ValueError(f"the prompt encoder is {type(prompt).__qualname__}, not segment_anything's PromptEncoder")
+    if not isinstance(prompt, modeling.PromptEncoder):
+        raise ValueError(f"the prompt encoder is {type(prompt).__qualname__}, not {modeling.__name__}'s PromptEncoder")
     return encoder, prompt
 
 
-def _patch_size(encoder: ImageEncoderViT) -> int:
+def _patch_size(encoder: torch.nn.Module) -> int:
     proj = encoder.patch_embed.proj
     stride, kernel = tuple(proj.stride), tuple(proj.kernel_size)
     if stride[0] != stride[1] or kernel != stride or tuple(proj.padding) != (0, 0):
@@ -156,7 +186,8 @@ def _patch_size(encoder: ImageEncoderViT) -> int:
     return patch
 
 
-def _check_size(size: int, patch: int) -> int:
+def check_size(size: int, patch: int) -> int:
+    """`size` as an int, or a ValueError unless it is a positive multiple of `patch`."""
     if isinstance(size, bool) or not isinstance(size, numbers.Integral):
         raise ValueError(
             f"image size must be a whole number of pixels (one side of the square input), got {size!r}"

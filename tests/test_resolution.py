@@ -161,7 +161,7 @@ def test_numpy_integer_accepted(tiny_sam):
 
 
 def test_bad_models_refused(tiny_sam):
-    with pytest.raises(ValueError, match="takes a segment_anything Sam"):
+    with pytest.raises(ValueError, match="takes a Sam of segment_anything"):
         set_image_size(tiny_sam.image_encoder, 1536)
     tiny_sam.image_encoder.img_size = 2048  # resized behind set_image_size's back
     with pytest.raises(ValueError, match="pos_embed is a 64 x 64 grid but img_size=2048 needs 128 x 128"):
