@@ -72,6 +72,7 @@ def _run(target: str, script_args: list[str], module: bool) -> int:
     else:
         sys.path[0:1] = [os.path.dirname(os.path.abspath(target))]
         runner = lambda: _run_file(target)  # noqa: E731
+    _unshadow("segment_anything")
     try:
         runner()
     except (SystemExit, KeyboardInterrupt):
@@ -102,6 +103,26 @@ def _run_file(path: str) -> None:
     finally:
         if previous is not None:
             sys.modules["__main__"] = previous
+
+
+def _unshadow(package: str) -> None:
+    """Let the script import its own copy of `package`, as python would.
+
+    sam_blocked imported the installed segment_anything before the script started; a
+    script whose folder holds a copy of its own (MedSAM's repository ships one) would get
+    the installed one from sys.modules instead. When the script's sys.path finds another
+    copy first, the loaded one is dropped from sys.modules: the script imports its own, and
+    the import hook patches that one's classes.
+    """
+    loaded = sys.modules.get(package)
+    origin = getattr(getattr(loaded, "__spec__", None), "origin", None)
+    if origin is None:
+        return
+    spec = importlib.machinery.PathFinder.find_spec(package, sys.path)
+    if spec is None or spec.origin is None or os.path.samefile(spec.origin, origin):
+        return
+    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+        del sys.modules[name]
 
 
 def _find_module(name: str):
