@@ -166,15 +166,20 @@ def _check_sam(sam: torch.nn.Module) -> tuple[ImageEncoderViT, PromptEncoder]:
     return encoder, prompt
 
 
-def _patch_size(encoder: torch.nn.Module) -> int:
-    proj = encoder.patch_embed.proj
+def patch_size_of(proj: torch.nn.Conv2d) -> int:
+    """The patch side of a patch-embedding convolution; a ValueError unless its patches are square,
+    non-overlapping and unpadded, as SAM's are."""
     stride, kernel = tuple(proj.stride), tuple(proj.kernel_size)
     if stride[0] != stride[1] or kernel != stride or tuple(proj.padding) != (0, 0):
         raise ValueError(
             f"patch embedding has kernel {kernel}, stride {stride}, padding {tuple(proj.padding)}: "
             "set_image_size needs square, non-overlapping, unpadded patches as in SAM"
         )
-    patch = stride[0]
+    return stride[0]
+
+
+def _patch_size(encoder: torch.nn.Module) -> int:
+    patch = patch_size_of(encoder.patch_embed.proj)
     if encoder.img_size % patch:
         raise ValueError(f"image_encoder.img_size={encoder.img_size} is not a multiple of its patch size {patch}")
     grid = encoder.img_size // patch

@@ -23,13 +23,9 @@ pipeline and SamProcessor then feed 1024 px images, which the vision encoder ref
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Optional
 
 import torch
-
-MODULES = ("transformers.models.sam.modeling_sam", "transformers.models.sam_hq.modeling_sam_hq")
-
 
 def is_transformers_sam(model: Any) -> bool:
     """True for transformers' SamModel, SamHQModel, SamVisionModel, SamHQVisionModel and their vision encoders."""
@@ -81,18 +77,9 @@ def set_image_size(model: torch.nn.Module, size: int, processor: Optional[Any] =
 
 
 def _kind(model: Any) -> Optional[str]:
-    for name in MODULES:
-        module = sys.modules.get(name)
-        if module is None:
-            continue
-        prefix = "SamHQ" if name.endswith("sam_hq") else "Sam"
-        if isinstance(model, getattr(module, f"{prefix}Model")):
-            return "model"
-        if isinstance(model, getattr(module, f"{prefix}VisionModel")):
-            return "vision"
-        if isinstance(model, getattr(module, f"{prefix}VisionEncoder")):
-            return "encoder"
-    return None
+    from sam_blocked.adapters.transformers import model_kind
+
+    return model_kind(model)
 
 
 def _vision_encoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -103,21 +90,17 @@ def _vision_encoder(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _patch_size(encoder: torch.nn.Module) -> int:
-    proj = encoder.patch_embed.projection
-    stride, kernel = tuple(proj.stride), tuple(proj.kernel_size)
-    if stride[0] != stride[1] or kernel != stride or tuple(proj.padding) != (0, 0):
-        raise ValueError(
-            f"patch embedding has kernel {kernel}, stride {stride}, padding {tuple(proj.padding)}: "
-            "set_image_size needs square, non-overlapping, unpadded patches as in SAM"
-        )
+    from sam_blocked.resolution import patch_size_of
+
+    patch = patch_size_of(encoder.patch_embed.projection)
     height, width = encoder.patch_embed.image_size
-    grid = (height // stride[0], width // stride[0])
+    grid = (height // patch, width // patch)
     if encoder.pos_embed is not None and tuple(encoder.pos_embed.shape[1:3]) != grid:
         raise ValueError(
             f"pos_embed is a {encoder.pos_embed.shape[1]} x {encoder.pos_embed.shape[2]} grid but the patch embedding "
             f"takes {height} x {width} px ({grid[0]} x {grid[1]} patches): the model was resized outside set_image_size"
         )
-    return stride[0]
+    return patch
 
 
 def _set_processor_size(processor: Any, size: int, grid: int) -> None:

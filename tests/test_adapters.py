@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 from sam_libraries import ENCODERS, SIZE, flat, pixels, timm_vit, transformers_sam, transformers_vision
-from torch.utils._python_dispatch import TorchDispatchMode
+from test_attention import LargestTensor  # the probe of the attention tests
 
 import sam_blocked
 from sam_blocked import adapters
@@ -59,21 +59,6 @@ def test_bfloat16_no_worse_than_twice_the_library_error(name):
         sam_blocked.patch_sam(half)
         patched_err = rel_error(flat(run(half, x.bfloat16())), reference)
     assert patched_err <= 2 * stock_err, f"{name} bfloat16: patched {patched_err:.3e}, stock {stock_err:.3e} (float64 reference)"
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("name", ENCODERS)

@@ -116,3 +116,22 @@ def test_unmodified_registry_script_gives_stock_masks(vit_b_checkpoint, tmp_path
     for a, b in zip(ref["masks"], out["masks"]):
         assert (a & b).sum() / max((a | b).sum(), 1) >= 0.99
     assert np.allclose(out["scores"], ref["scores"], atol=1e-3)
+
+
+@pytest.mark.slow  # python subprocesses
+def test_script_gets_its_own_copy_of_segment_anything(tmp_path):
+    # MedSAM's repository ships its own segment_anything next to its scripts: python imports that
+    # one, so sam-blocked run must too (and patch it), although sam_blocked imported the installed one.
+    import shutil
+
+    import segment_anything
+
+    shutil.copytree(Path(segment_anything.__file__).parent, tmp_path / "segment_anything")
+    script = tmp_path / "which.py"
+    script.write_text(
+        "import segment_anything.modeling.image_encoder as ie\n"
+        "print(ie.__file__, hasattr(ie.Attention.forward, '_sam_blocked_stock_forward'))\n"
+    )
+    done = run("-m", "sam_blocked", "run", str(script), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(tmp_path / "segment_anything" / "modeling" / "image_encoder.py"), "True"]

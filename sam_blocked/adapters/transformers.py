@@ -106,21 +106,30 @@ def class_patches(module: ModuleType) -> list[ClassPatch]:
     return patches
 
 
-def encoder_call(model: torch.nn.Module) -> Optional[EncoderCall]:
-    """SamModel / SamHQModel (get_image_embeddings), SamVisionModel / SamHQVisionModel and their
-    vision encoders (last_hidden_state, and SamHQ's intermediate embeddings); None for other models."""
+def model_kind(model: torch.nn.Module) -> Optional[str]:
+    """"model" (SamModel, SamHQModel), "vision" (SamVisionModel, SamHQVisionModel), "encoder" (their
+    vision encoders), or None for anything else; only transformers modules already imported are asked."""
     for name in MODULES:
         module = sys.modules.get(name)
         if module is None:
             continue
         prefix = "SamHQ" if name.endswith("sam_hq") else "Sam"
-        if isinstance(model, getattr(module, f"{prefix}Model")):
-            return EncoderCall(_image_size(model.vision_encoder), model.get_image_embeddings)
-        vision = (getattr(module, f"{prefix}VisionModel"), getattr(module, f"{prefix}VisionEncoder"))
-        if isinstance(model, vision):
-            encoder = model if isinstance(model, vision[1]) else model.vision_encoder
-            return EncoderCall(_image_size(encoder), lambda x: tuple(model(pixel_values=x).values()))
+        for kind, cls in (("model", "Model"), ("vision", "VisionModel"), ("encoder", "VisionEncoder")):
+            if isinstance(model, getattr(module, prefix + cls)):
+                return kind
     return None
+
+
+def encoder_call(model: torch.nn.Module) -> Optional[EncoderCall]:
+    """SamModel / SamHQModel (get_image_embeddings), SamVisionModel / SamHQVisionModel and their
+    vision encoders (last_hidden_state, and SamHQ's intermediate embeddings); None for other models."""
+    kind = model_kind(model)
+    if kind is None:
+        return None
+    if kind == "model":
+        return EncoderCall(_image_size(model.vision_encoder), model.get_image_embeddings)
+    encoder = model if kind == "encoder" else model.vision_encoder
+    return EncoderCall(_image_size(encoder), lambda x: tuple(model(pixel_values=x).values()))
 
 
 def _image_size(encoder: torch.nn.Module) -> int:
