@@ -193,7 +193,8 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
                 continue
             x = j + (i - (len(modes) - 1) / 2) * width
             if row["status"] == "ok":
-                ax_time.bar(x, float(row["seconds"]), width, color=colors[mode], label=mode if j == 0 else None)
+                seconds = float(row["cpu_s"] or row["seconds"])
+                ax_time.bar(x, seconds, width, color=colors[mode], label=mode if j == 0 else None)
                 ax_mem.bar(x, max(float(row["peak_extra_mb"]), 0.1), width, color=colors[mode])
                 ax_mem.annotate(f"{float(row['peak_extra_mb']):.0f}", (x, max(float(row["peak_extra_mb"]), 0.1)),
                                 ha="center", va="bottom", fontsize=7)  # fmt: skip
@@ -205,7 +206,7 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
     for ax in (ax_time, ax_mem):
         ax.set_xticks(range(len(ticks)), ticks, fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
-    ax_time.set(ylabel="s per call", title="time (wall clock, best of repeats)")
+    ax_time.set(ylabel="CPU s per call", title="time: process CPU seconds of the least costly call (steadier than wall clock when shared)")
     ax_mem.set(yscale="log", ylabel="extra peak MiB", title="memory: peak over what was in use before the call")
     ax_time.legend(fontsize=8)
     threads = ", ".join(sorted({str(r.get("threads")) for r in rows if r.get("threads")}))
@@ -216,7 +217,8 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """One row per configuration, a column per mode: seconds (wall clock) / extra peak MiB."""
+    """One row per configuration, a column per mode: CPU seconds of the least costly call (steadier than
+    the wall clock on a shared machine) / extra peak MiB."""
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     by_key = {_key(r): r for r in rows}
     lines = ["| model | size | batch | dtype | " + " | ".join(modes) + " |", "|---" * (4 + len(modes)) + "|"]
@@ -225,7 +227,8 @@ def markdown_table(rows: list[dict]) -> str:
         for mode in modes:
             row = by_key.get((*config, mode))
             ok = row is not None and row["status"] == "ok"
-            cells.append(f"{float(row['seconds']):.2f} s / {float(row['peak_extra_mb']):.0f} MiB" if ok else (row or {}).get("status", ""))
+            seconds = float(row["cpu_s"] or row["seconds"]) if ok else 0.0
+            cells.append(f"{seconds:.1f} s / {float(row['peak_extra_mb']):.0f} MiB" if ok else (row or {}).get("status", ""))
         _, model, size, batch, dtype = config
         lines.append(f"| {model} | {size} | {batch} | {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -14,16 +14,19 @@ import importlib.abc
 import sys
 import warnings
 from types import ModuleType
-from typing import Callable, Iterable, Optional
+from typing import Callable, Container, Optional
 
 Callback = Callable[[ModuleType], None]
 
 
 class PostImportFinder(importlib.abc.MetaPathFinder):
-    """Runs `callback(module)` after each of `names` is imported. install() / uninstall() it."""
+    """Runs `callback(module)` after each of `names` is imported. install() / uninstall() it.
 
-    def __init__(self, names: Iterable[str], callback: Callback):
-        self.names = frozenset(names)
+    `names` is asked at every import, so a dict or set that grows later is followed.
+    """
+
+    def __init__(self, names: Container[str], callback: Callback):
+        self.names = names
         self.callback = callback
 
     def find_spec(self, fullname: str, path=None, target: Optional[ModuleType] = None):
