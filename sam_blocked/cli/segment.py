@@ -11,7 +11,9 @@ from pathlib import Path
 from sam_blocked.cli.common import add_model_args, model_from_args
 from sam_blocked.images import DEFAULT_MAX_PIXELS, collect_images
 from sam_blocked.prompts import load_prompts
-from sam_blocked.segment import AMG_SETTINGS, LOG_NAME, SUMMARY_NAME, SegmentOptions, segment_images
+from sam_blocked.options import AMG_SETTINGS, SegmentOptions
+from sam_blocked.segment import segment_images
+from sam_blocked.summary import LOG_NAME, SUMMARY_NAME
 
 EPILOG = f"""\
 prompt files (--prompts), coordinates in pixels of the original image as displayed:

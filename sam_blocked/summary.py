@@ -1,0 +1,85 @@
+"""The record of a segment run: OUT/segment-summary.json and the log OUT/segment.log."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from tqdm import tqdm
+
+SUMMARY_NAME = "segment-summary.json"
+LOG_NAME = "segment.log"
+
+
+@dataclass
+class RunSummary:
+    """What a run did, written as OUT/segment-summary.json.
+
+    Args:
+        done/skipped/failed: one dict per image (image, and reason or masks, seconds, notes).
+        images: how many images the run was given.
+        not_finished: images left, the current one included, when the run was interrupted.
+        peak_memory_bytes: the largest per-image peak (sam_blocked.memory.peak_bytes), None
+            where it cannot be measured.
+    """
+
+    output: Path
+    mode: str
+    settings: dict[str, Any]
+    done: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    images: int = 0
+    not_finished: int = 0
+    interrupted: bool = False
+    seconds: float = 0.0
+    device: str = "cpu"
+    peak_memory_bytes: Optional[int] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        counts = {
+            "images": self.images,
+            "done": len(self.done),
+            "skipped": len(self.skipped),
+            "failed": len(self.failed),
+            "not_finished": self.not_finished,
+        }
+        return {
+            "output": str(self.output),
+            "mode": self.mode,
+            "interrupted": self.interrupted,
+            "counts": counts,
+            "seconds": round(self.seconds, 3),
+            "device": self.device,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "settings": self.settings,
+            "done": self.done,
+            "skipped": self.skipped,
+            "failed": self.failed,
+        }
+
+    def line(self) -> str:
+        """One line for the terminal."""
+        state = "interrupted" if self.interrupted else "finished"
+        peak = f", peak memory {self.peak_memory_bytes / 2**20:.0f} MiB on {self.device}" if self.peak_memory_bytes else ""
+        return (
+            f"segment {state}: {len(self.done)} done, {len(self.skipped)} skipped, {len(self.failed)} failed"
+            f" in {self.seconds:.1f} s{peak}; summary: {self.output / SUMMARY_NAME}"
+        )
+
+
+class RunLog:
+    """Appends timestamped lines to OUT/segment.log; echo=True lines also go to stderr above the bar."""
+
+    def __init__(self, path: Path, echo: bool) -> None:
+        self.file = open(path, "a", encoding="utf-8")
+        self.echo = echo
+
+    def __call__(self, message: str, *, echo: bool = False) -> None:
+        self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        self.file.flush()
+        if echo and self.echo:
+            tqdm.write(message, file=sys.stderr)
