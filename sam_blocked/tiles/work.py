@@ -58,6 +58,8 @@ class DecodeSettings:
         points_per_batch: grid points decoded together; each wants 3 tile-sized float32 masks.
         pred_iou_thresh, stability_score_thresh, stability_score_offset, box_nms_thresh,
         min_mask_region_area: SamAutomaticMaskGenerator's filters, applied per tile.
+        crop_nms_thresh: only as SAM uses it without crop layers: the NMS after small-region
+            removal runs at max(box_nms_thresh, crop_nms_thresh).
     """
 
     multimask: bool = False
@@ -66,6 +68,7 @@ class DecodeSettings:
     stability_score_thresh: float = 0.95
     stability_score_offset: float = 1.0
     box_nms_thresh: float = 0.7
+    crop_nms_thresh: float = 0.7
     min_mask_region_area: int = 0
 
     @classmethod
@@ -213,7 +216,8 @@ def _remove_small_regions(data: MaskData, task: TileTask, settings: DecodeSettin
             data["boxes"][i] = torch.tensor([box[0] + bx0, box[1] + by0, box[0] + bx1, box[1] + by1])
     data["truncated"] = torch.tensor([_truncated(b, task) for b in data["boxes"].tolist()], dtype=torch.bool)
     scores = torch.tensor(unchanged, dtype=torch.float)
-    data.filter(batched_nms(data["boxes"].float(), scores, torch.zeros(len(scores)), settings.box_nms_thresh))
+    threshold = max(settings.box_nms_thresh, settings.crop_nms_thresh)
+    data.filter(batched_nms(data["boxes"].float(), scores, torch.zeros(len(scores)), threshold))
 
 
 def _truncated(box: list[int], task: TileTask) -> bool:
