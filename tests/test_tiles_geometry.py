@@ -11,6 +11,7 @@ from segment_anything.utils.amg import build_point_grid
 
 from sam_blocked.tiles.geometry import (
     boxes_meet,
+    centred_box,
     boxes_meeting,
     check_tiling,
     core_bounds,
@@ -179,3 +180,22 @@ def test_check_tiling_refuses_with_the_flag_to_change(tile, overlap, phrase):
         check_tiling(tile, overlap)
     check_tiling(256, 0)
     check_tiling(2048, 2047)
+
+
+def test_centred_box_holds_the_extent_on_whole_pixels_inside_the_image():
+    rng = np.random.default_rng(1)
+    for _ in range(3000):
+        height, width, tile = int(rng.integers(1, 90)), int(rng.integers(1, 90)), 32
+        x0, x1 = np.sort(rng.uniform(0, width, 2))
+        y0, y1 = np.sort(rng.uniform(0, height, 2))
+        box = centred_box((x0, y0, x1, y1), tile, height, width)
+        fits = all(side <= tile or math.ceil(hi - tile) <= math.floor(lo) for lo, hi, side in ((x0, x1, width), (y0, y1, height)))
+        if not fits:
+            assert box is None
+            continue
+        bx0, by0, bx1, by1 = box
+        assert all(isinstance(v, int) for v in box)
+        assert (bx1 - bx0, by1 - by0) == (min(tile, width), min(tile, height)) and 0 <= bx0 and 0 <= by0 and bx1 <= width and by1 <= height
+        assert bx0 <= x0 and x1 <= bx1 and by0 <= y0 and y1 <= by1
+        if tile < width and bx0 > 0 and bx1 < width:
+            assert abs((bx0 + bx1) / 2 - (x0 + x1) / 2) <= 1, "centred"

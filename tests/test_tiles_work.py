@@ -107,14 +107,31 @@ def test_a_prompt_routed_to_a_tile_gives_the_crop_runs_mask_pasted_at_its_offset
     assert calls == 12
 
 
-def test_prompt_sets_no_tile_holds_are_refused_naming_the_fix():
+def test_a_prompt_set_too_large_for_a_tile_is_refused_naming_the_fix():
     tiling = Tiling(TILE, 64)
-    with pytest.raises(InputError, match=r"prompt set 'wide': box \[10.0, 10.0, 400.0, 50.0\] is 390 x 40 px, larger than the --tile 256 px tile: raise --tile to 400"):
+    with pytest.raises(InputError, match=r"prompt set 'wide': box \[10.0, 10.0, 400.0, 50.0\] is 390 x 40 px, too large for one --tile 256 px tile.*raise --tile to 400"):
         plan_prompts(tiling, 1000, 1000, [Prompt("ok", foreground=((5.0, 5.0),)), Prompt("wide", box=(10.0, 10.0, 400.0, 50.0))])
-    with pytest.raises(InputError, match="straddles a tile border.*--overlap 64 px.*raise --overlap to 100"):
-        plan_prompts(tiling, 1000, 1000, [Prompt("mid", box=(150.0, 10.0, 250.0, 50.0)), Prompt("across", box=(180.0, 10.0, 280.0, 50.0))])
-    with pytest.raises(InputError, match="points spanning"):
+    with pytest.raises(InputError, match=r"points spanning \[10, 10, 300, 10\] is 290 x 0 px"):
         plan_prompts(tiling, 1000, 1000, [Prompt("far", foreground=((10.0, 10.0), (300.0, 10.0)))])
+    with pytest.raises(InputError, match="256 x 0 px, too large.*raise --tile to 272"):
+        plan_prompts(tiling, 1000, 1000, [Prompt("frac", foreground=((10.5, 10.0), (266.5, 10.0)))])  # 256 px, but not on whole pixels
+
+
+def test_a_prompt_set_straddling_tile_borders_gets_a_tile_of_its_own_centred_on_it():
+    tiling = Tiling(TILE, 64)  # grid starts 0, 192, 384, 576, 744 along 1000 px
+    prompts = [
+        Prompt("mid", box=(150.0, 10.0, 250.0, 50.0)),
+        Prompt("across", box=(180.0, 10.0, 380.0, 50.0)),
+        Prompt("near", foreground=((300.0, 30.0),)),
+        Prompt("shares", foreground=((280.0, 100.0),)),
+    ]
+    tasks = plan_prompts(tiling, 1000, 1000, prompts)
+    grid = len(tiling.boxes(1000, 1000))
+    assert [(t.index, t.box, [i for i, _ in t.prompts]) for t in tasks] == [
+        (0, (0, 0, 256, 256), [0]),  # 150..250 fits the first tile
+        (1, (192, 0, 448, 256), [2]),  # margin 108 here and in the new tile: the grid's comes first
+        (grid, (152, 0, 408, 256), [1, 3]),  # 180..380 fits no grid tile: its own, centred, shared by a later point with room
+    ]
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ pixel coordinates as SAM takes them (0 <= x <= width).
   their overlap, so a point owned by a tile lies about overlap / 2 px or more inside it.
 - A prompt set goes to the tile that holds all its points and its box with the largest
   margin to the tile edges that are not image edges (an object cut there is not cut by
-  the tile). Any extent of `overlap` px or less fits some tile.
+  the tile). Any extent of `overlap` px or less fits some tile; a larger one that straddles
+  a border gets a tile of its own, centred on it (centred_box).
 """
 
 from __future__ import annotations
@@ -135,6 +136,22 @@ def route(extent: Sequence[float], boxes: Sequence[Box], height: int, width: int
     m = margins(extent, boxes, height, width)
     best = int(np.argmax(m))  # argmax returns the first of equal maxima
     return None if m[best] == -np.inf else best
+
+
+def centred_box(extent: Sequence[float], tile: int, height: int, width: int) -> Optional[Box]:
+    """A full-size tile at whole pixels, inside the image, holding `extent` (x0, y0, x1, y1) as
+    near its centre as possible; None if no tile holds it (the extent is too large)."""
+    start = []
+    for lo, hi, side in ((extent[0], extent[2], width), (extent[1], extent[3], height)):
+        if side <= tile:
+            start.append(0)
+            continue
+        first, last = max(math.ceil(hi - tile), 0), min(math.floor(lo), side - tile)  # starts that hold [lo, hi]
+        if first > last:
+            return None
+        start.append(min(max(round((lo + hi - tile) / 2), first), last))
+    x, y = start
+    return x, y, min(x + tile, width), min(y + tile, height)
 
 
 def boxes_meet(a: Sequence[float], b: Sequence[float]) -> bool:

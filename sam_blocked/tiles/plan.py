@@ -20,7 +20,7 @@ import numpy as np
 from sam_blocked.images import InputError
 from sam_blocked.models import PATCH_SIZE
 from sam_blocked.prompts import Prompt
-from sam_blocked.tiles.geometry import Box, check_tiling, default_overlap, grid_points, owners, route, tile_boxes
+from sam_blocked.tiles.geometry import Box, centred_box, check_tiling, default_overlap, grid_points, owners, route, tile_boxes
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,13 @@ def prompt_extent(prompt: Prompt) -> tuple[float, float, float, float]:
 def plan_prompts(tiling: Tiling, height: int, width: int, prompts: Sequence[Prompt]) -> list[TileTask]:
     """Route each prompt set to the tile that holds it with the largest margin; one task per tile used.
 
+    A prompt set no grid tile holds (it straddles a border and is wider than the overlap)
+    gets a tile of its own, centred on it, after the grid's (index len(grid) + k), which
+    later prompt sets may share.
+
     Raises:
-        InputError: a prompt set no tile holds, naming it, its size, the tile and the flag to raise.
+        InputError: a prompt set no tile can hold (larger than a tile), naming it, its size,
+            the tile and the flag to raise.
     """
     boxes = tiling.boxes(height, width)
     routed: dict[int, list[tuple[int, Prompt]]] = {}
@@ -96,7 +101,11 @@ def plan_prompts(tiling: Tiling, height: int, width: int, prompts: Sequence[Prom
         extent = prompt_extent(prompt)
         where = route(extent, boxes, height, width)
         if where is None:
-            raise InputError(_unroutable(prompt, extent, tiling))
+            own = centred_box(extent, tiling.tile, height, width)
+            if own is None:
+                raise InputError(_too_big(prompt, extent, tiling))
+            boxes.append(own)
+            where = len(boxes) - 1
         routed.setdefault(where, []).append((index, prompt))
     return [TileTask(i, boxes[i], (height, width), prompts=tuple(routed[i])) for i in sorted(routed)]
 
@@ -114,19 +123,12 @@ def plan_points(tiling: Tiling, height: int, width: int, points_per_side: int) -
     return [TileTask(i, boxes[i], (height, width), points=points[owner == i]) for i in np.unique(owner).tolist()]
 
 
-def _unroutable(prompt: Prompt, extent: tuple[float, ...], tiling: Tiling) -> str:
+def _too_big(prompt: Prompt, extent: tuple[float, ...], tiling: Tiling) -> str:
     x0, y0, x1, y1 = extent
     span = math.ceil(max(x1 - x0, y1 - y0))
     what = f"box {list(prompt.box)}" if prompt.box is not None else f"points spanning [{x0:g}, {y0:g}, {x1:g}, {y1:g}]"
-    size = f"{x1 - x0:g} x {y1 - y0:g} px"
-    bigger = (span // PATCH_SIZE + 1) * PATCH_SIZE  # a tile with room for an overlap of `span`
-    if span > tiling.tile:
-        return (
-            f"prompt set {prompt.name!r}: {what} is {size}, larger than the --tile {tiling.tile} px tile: "
-            f"raise --tile to {bigger} or more, with --overlap {span} or more"
-        )
-    fix = f"raise --overlap to {span} or more" if span < tiling.tile else f"raise --tile to {bigger} with --overlap {span}"
+    bigger = -(-(span + 1) // PATCH_SIZE) * PATCH_SIZE  # a multiple of the patch size that holds it wherever it lies
     return (
-        f"prompt set {prompt.name!r}: {what} ({size}) straddles a tile border: no --tile {tiling.tile} px tile "
-        f"with --overlap {tiling.overlap} px holds it; {fix} (any prompt set up to the overlap fits a tile)"
+        f"prompt set {prompt.name!r}: {what} is {x1 - x0:g} x {y1 - y0:g} px, too large for one --tile {tiling.tile} px tile "
+        f"(the model's input size): raise --tile to {bigger} or more"
     )

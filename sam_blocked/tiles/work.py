@@ -227,19 +227,41 @@ def _truncated(box: list[int], task: TileTask) -> bool:
     return touches_inner_edge(glob, task.box, *task.image_size)
 
 
+def crop_of_mask(mask: np.ndarray, record: dict, x0: int = 0, y0: int = 0) -> MaskCrop:
+    """A mask as the crop of its bounding box; an empty mask as one background pixel at (x0, y0).
+
+    Args:
+        mask: (h, w) bool, with mask[0, 0] at whole-image column x0, row y0.
+        record: its record; copied without "segmentation" (a full-size RLE), with
+            truncated (False) and tile (0) added when absent.
+    """
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    record = {k: v for k, v in record.items() if k != "segmentation"}
+    record.setdefault("truncated", False)
+    record.setdefault("tile", 0)
+    if rows.size == 0:
+        return MaskCrop(np.zeros((1, 1), bool), x0, y0, record)
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    return MaskCrop(mask[top:bottom, left:right].copy(), x0 + int(left), y0 + int(top), record)
+
+
 def _crop(mask: np.ndarray, record: dict, task: TileTask) -> MaskCrop:
-    """A tile-sized mask with its prompt_masks record (bbox XYWH, amg.py's inclusive width) as a MaskCrop."""
-    bx, by, bw, bh = (int(v) for v in record["bbox"])
-    if record["area"] == 0:  # nothing: one background pixel at the tile's corner keeps the crop well-formed
-        return MaskCrop(np.zeros((1, 1), bool), task.box[0], task.box[1], {**record, "crop_box": task.crop_box, "truncated": False, "tile": task.index})
-    return _crop_from_box(mask[by : by + bh + 1, bx : bx + bw + 1].copy(), [bx, by, bx + bw, by + bh], record, task)
+    """A tile-sized mask with its prompt_masks record as a MaskCrop in whole-image pixels."""
+    x0, y0 = task.box[:2]
+    crop = crop_of_mask(mask, record, x0, y0)
+    if record["area"]:
+        (bx0, by0, bx1, by1) = crop.box
+        crop.record["bbox"] = [bx0, by0, bx1 - bx0 - 1, by1 - by0 - 1]  # XYWH, amg.py's (w = inclusive x1 - x0)
+    crop.record.update(crop_box=task.crop_box, truncated=bool(record["area"]) and touches_inner_edge(crop.box, task.box, *task.image_size), tile=task.index)
+    return crop
 
 
 def _crop_from_box(crop: np.ndarray, box: list[int], record: dict, task: TileTask) -> MaskCrop:
+    """A mask already cropped to its box (tile pixels, inclusive) as a MaskCrop in whole-image pixels."""
     x0, y0 = task.box[:2]
     record = {
         **record,
-        "bbox": [box[0] + x0, box[1] + y0, box[2] - box[0], box[3] - box[1]],  # XYWH, as amg.py (w = x1 - x0, inclusive x1)
+        "bbox": [box[0] + x0, box[1] + y0, box[2] - box[0], box[3] - box[1]],  # XYWH, amg.py's (w = inclusive x1 - x0)
         "crop_box": task.crop_box,
         "truncated": _truncated(box, task),
         "tile": task.index,
