@@ -19,7 +19,9 @@ class RunSummary:
     """What a run did, written as OUT/segment-summary.json.
 
     Args:
-        done/skipped/failed: one dict per image (image, and reason or masks, seconds, notes).
+        done/skipped/failed: one dict per image (image, and reason or masks, seconds, notes,
+            peak_memory_bytes; when written as a huge image also tiles, encoder_passes and
+            truncated: the masks that touch a tile edge inside the image).
         images: how many images the run was given.
         not_finished: images left, the current one included, when the run was interrupted.
         peak_memory_bytes: the largest per-image peak (sam_blocked.memory.peak_bytes), None
@@ -46,6 +48,7 @@ class RunSummary:
             "skipped": len(self.skipped),
             "failed": len(self.failed),
             "not_finished": self.not_finished,
+            **self.tile_totals(),
         }
         return {
             "output": str(self.output),
@@ -61,12 +64,21 @@ class RunSummary:
             "failed": self.failed,
         }
 
+    def tile_totals(self) -> dict[str, int]:
+        """Tiles and encoder passes over the images done, when the run tiled (else empty)."""
+        tiled = [d for d in self.done if "tiles" in d]
+        if not tiled:
+            return {}
+        return {"tiles": sum(d["tiles"] for d in tiled), "encoder_passes": sum(d["encoder_passes"] for d in tiled)}
+
     def line(self) -> str:
         """One line for the terminal."""
         state = "interrupted" if self.interrupted else "finished"
+        totals = self.tile_totals()
+        tiles = f" ({totals['tiles']} tiles, {totals['encoder_passes']} encoder passes)" if totals else ""
         peak = f", peak memory {self.peak_memory_bytes / 2**20:.0f} MiB on {self.device}" if self.peak_memory_bytes else ""
         return (
-            f"segment {state}: {len(self.done)} done, {len(self.skipped)} skipped, {len(self.failed)} failed"
+            f"segment {state}: {len(self.done)} done{tiles}, {len(self.skipped)} skipped, {len(self.failed)} failed"
             f" in {self.seconds:.1f} s{peak}; summary: {self.output / SUMMARY_NAME}"
         )
 

@@ -325,7 +325,7 @@ def test_read_image_refuses_with_a_reason(bad_folder, name, max_pixels, phrase):
 
 def test_auto_batch_that_cannot_fit_is_refused_naming_one_that_does(tmp_path, monkeypatch):
     # 451 x 300 x 3 masks x 8 bytes = 3.1 MiB a point: 64 points want 198 MiB, 32 fit in 100 MiB.
-    monkeypatch.setattr(seg, "_available_bytes", lambda device: 100 * 2**20)
+    monkeypatch.setattr(seg, "available_bytes", lambda device: 100 * 2**20)
     out = tmp_path / "out"
     assert segment(EXAMPLES / "chelsea.jpg", "--auto", "--output", out) == 1
     (failure,) = summary_of(out)["failed"]

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from sam_blocked.cli.common import add_model_args, model_from_args
 from sam_blocked.images import DEFAULT_MAX_PIXELS, collect_images
-from sam_blocked.prompts import load_prompts
 from sam_blocked.options import AMG_SETTINGS, SegmentOptions
-from sam_blocked.segment import segment_images
+from sam_blocked.prompts import load_prompts
+from sam_blocked.segment import available_bytes, segment_images
 from sam_blocked.summary import LOG_NAME, SUMMARY_NAME
+from sam_blocked.tiles.plan import Tiling
 
 EPILOG = f"""\
 prompt files (--prompts), coordinates in pixels of the original image as displayed:
@@ -24,17 +25,29 @@ prompt files (--prompts), coordinates in pixels of the original image as display
         photo.jpg,cat,box,10,20,300,240    and name form one prompt set)
 
 outputs in --output, per image <stem>: <stem>/N.png + metadata.csv (png), <stem>.json
-(coco), <stem>.overlay.png (--overlay); for the run: {SUMMARY_NAME}, {LOG_NAME}.
+(coco), <stem>.overlay.png (--overlay), <stem>.labels.tif (labels: uint32 label image, tiled
+TIFF, GeoTIFF for georeferenced inputs), <stem>.objects.csv (table: id, bbox, area, score,
+tile, truncated); for the run: {SUMMARY_NAME}, {LOG_NAME}.
 A rerun skips images whose outputs are complete; exit code 1 when any image failed.
 
-example:
+huge images (--tile): the tile is the model's input size, so pixels go in at scale 1 and
+masks come out at native resolution: --tile 2048 runs the model at 2048 px (--img-size, if
+given, must agree). Images larger than a tile are segmented tile by tile, one encoder pass
+per tile (prompt mode: only the tiles its prompts need), and stitched: automatic masks found
+in several tiles are kept once, from a tile that sees them whole; a mask that touches a tile
+edge inside the image is marked truncated. TIFF/BigTIFF are read window by window. Default
+--format with --tile: labels,coco,table for every image (png refused for huge images).
+
+examples:
   sam-blocked segment examples/*.jpg --prompts examples/prompts.json --output masks \\
       --model-type vit_b --checkpoint sam_vit_b_01ec64.pth --format both --overlay
+  sam-blocked segment slide.tif --auto --tile 1024 --output masks --checkpoint sam_vit_b_01ec64.pth
 """
 
 AMG_HELP = {
-    "points_per_side": "points sampled along each side of the image (SAM: 32)",
-    "points_per_batch": "points decoded together; lower it for large images (SAM: 64)",
+    "points_per_side": "points sampled along each side of the image (SAM: 32); with --tile, along each tile side: "
+    "a grid every tile/N px over the whole image, each point decoded once, in the tile that owns it",
+    "points_per_batch": "points decoded together, each as 3 full-size masks (with --tile, tile-size); lower it for large images (SAM: 64)",
     "pred_iou_thresh": "drop masks whose predicted IoU is below this (SAM: 0.88)",
     "stability_score_thresh": "drop masks whose stability score is below this (SAM: 0.95)",
     "stability_score_offset": "logit offset of the stability score (SAM: 1.0)",
@@ -68,15 +81,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--prompts", metavar="FILE", help="JSON or CSV prompt file: points and boxes per image (format below)")
     mode.add_argument("--auto", action="store_true", help="automatic masks (SamAutomaticMaskGenerator)")
     parser.add_argument("--multimask", action="store_true", help="with --prompts, keep all three masks per prompt set, not the best one")
-    parser.add_argument("--format", default="png", choices=["png", "coco", "both"], help="PNG masks + metadata.csv, COCO RLE JSON, or both (default png)")
-    parser.add_argument("--overlay", action="store_true", help="also write <stem>.overlay.png, a preview with the masks and prompts")
+    parser.add_argument(
+        "--format",
+        default=None,
+        help="png (masks + metadata.csv), coco (RLE JSON), both (= png,coco), labels (label TIFF), table (object CSV), "
+        "or a comma list such as labels,coco,table; default png, or labels,coco,table with --tile",
+    )
+    parser.add_argument("--overlay", action="store_true", help="also write <stem>.overlay.png, a preview with the masks and prompts (png/coco only)")
     parser.add_argument("--overwrite", action="store_true", help="redo images whose outputs are already complete")
     parser.add_argument(
         "--max-pixels",
         type=int,
         default=DEFAULT_MAX_PIXELS,
-        help="images with more pixels fail unread, a guard against decompression bombs (default %(default)s = 16384 x 16384)",
+        help="images decoded whole with more pixels fail unread, a guard against decompression bombs (default "
+        "%(default)s = 16384 x 16384); with --tile, TIFF/BigTIFF are read window by window with no pixel limit: the limit is the disk",
     )
+    tiles = parser.add_argument_group("huge images, tile by tile at native resolution")
+    tiles.add_argument(
+        "--tile",
+        default=None,
+        metavar="SIZE|auto",
+        help="tile size in px = the model's input size (a multiple of 16, e.g. 1024, 2048), or auto: the largest "
+        "input size whose memory fits --max-memory-mb; images that fit in one tile are segmented whole",
+    )
+    tiles.add_argument(
+        "--overlap",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="pixels neighbouring tiles share (default a quarter of the tile); objects up to half of it are always seen whole",
+    )
+    tiles.add_argument("--max-memory-mb", type=float, default=None, metavar="MB", help="--tile auto: memory budget (default: the memory free now)")
     add_model_args(parser)
     amg = parser.add_argument_group("automatic masks (--auto only; scripts/amg.py's settings, SAM's defaults)")
     for key, (kind, _, _) in AMG_SETTINGS.items():
@@ -91,13 +126,15 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"{flags}: automatic-mask settings apply to --auto only, not to --prompts")
     if args.auto and args.multimask:
         raise ValueError("--multimask applies to --prompts; --auto keeps every mask that passes its filters")
+    tile = _tile_flag(args)
     options = SegmentOptions(
-        formats=("png", "coco") if args.format == "both" else (args.format,),
+        formats=_formats(args.format),
         multimask=args.multimask,
         overlay=args.overlay,
         overwrite=args.overwrite,
         max_pixels=args.max_pixels,
         amg=amg,
+        tiling=Tiling(tile, args.overlap) if isinstance(tile, int) else None,
     )
     prompts = load_prompts(args.prompts) if args.prompts else None
     output = Path(args.output)
@@ -106,6 +143,13 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("no images to segment: " + "; ".join(f"{arg}: {reason}" for arg, reason in problems))
     loaded = model_from_args(args)
     print(f"{'warning' if loaded.random_weights else 'model'}: {loaded.description}", file=sys.stderr)
+    if tile == "auto":
+        tile = _auto_tile(args, loaded, amg)
+        print(f"tile: {tile} px, the largest input size that fits {args.max_memory_mb:.0f} MiB", file=sys.stderr)
+        from sam_blocked.resolution import set_image_size
+
+        set_image_size(loaded.sam, tile)
+        options.tiling = Tiling(tile, args.overlap)
     flags = {k: v for k, v in vars(args).items() if k != "main"}
     # A batch scheduler's SIGTERM stops the run as Ctrl-C does: partial files removed, summary written.
     on_main_thread = threading.current_thread() is threading.main_thread()
@@ -125,6 +169,69 @@ def main(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
     print(summary.line(), file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def _formats(value: str | None) -> tuple[str, ...] | None:
+    """--format as a tuple: "both" is png,coco; None keeps the default (SegmentOptions picks it)."""
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    return tuple(f for name in names for f in (("png", "coco") if name == "both" else (name,)))
+
+
+def _tile_flag(args: argparse.Namespace) -> int | str | None:
+    """--tile as a size (the model then loads at that input size) or "auto"; refuses a conflicting --img-size."""
+    if args.tile is None:
+        if args.overlap is not None or args.max_memory_mb is not None:
+            raise ValueError("--overlap and --max-memory-mb go with --tile: add --tile SIZE or --tile auto")
+        return None
+    if args.max_memory_mb is not None and args.tile != "auto":
+        raise ValueError(f"--max-memory-mb picks the tile size for --tile auto; --tile {args.tile} is fixed: drop one")
+    if args.tile == "auto":
+        if args.img_size is not None:
+            raise ValueError(f"--tile auto picks the model's input size from --max-memory-mb: drop --img-size {args.img_size}, or give --tile {args.img_size}")
+        return "auto"
+    try:
+        tile = int(args.tile)
+    except ValueError:
+        raise ValueError(f"--tile {args.tile!r}: give a size in px (a multiple of 16, e.g. 1024 or 2048) or auto") from None
+    Tiling(tile, args.overlap)  # refuse a bad size or overlap before loading anything
+    if args.img_size is not None and args.img_size != tile:
+        raise ValueError(
+            f"--tile {tile} is the model's input size (pixels go in at scale 1), but --img-size is {args.img_size}: drop --img-size, or make them equal"
+        )
+    args.img_size = tile
+    return tile
+
+
+def _auto_tile(args: argparse.Namespace, loaded, amg: dict) -> int:
+    """The largest input size (a multiple of 16) whose memory fits --max-memory-mb, from sam_blocked.planner."""
+    try:
+        from sam_blocked.planner import largest_input_size
+    except ImportError:
+        raise ValueError("--tile auto needs sam_blocked.planner, which this installation lacks: give --tile SIZE (e.g. 1024)") from None
+    device = next(loaded.sam.parameters()).device
+    if args.max_memory_mb is None:
+        free = available_bytes(device)
+        if free is None:
+            raise ValueError(f"--tile auto cannot tell how much memory {device} has free: give --max-memory-mb")
+        args.max_memory_mb = free / 2**20
+    size = largest_input_size(
+        loaded.model_type,
+        args.max_memory_mb,
+        dtype=args.dtype,
+        device=str(device),
+        chunks=args.chunks,
+        max_block_mb=args.max_block_mb,
+        points_per_batch=amg.get("points_per_batch", 64) if args.auto else 1,
+        multiple=16,
+    )
+    if size is None:
+        raise ValueError(
+            f"--tile auto: no input size of {loaded.model_type} fits {args.max_memory_mb:.0f} MiB on {device}: raise --max-memory-mb, "
+            "try --dtype bfloat16 or a smaller --max-block-mb, or give --tile SIZE"
+        )
+    return int(size)
 
 
 def _interrupt(signum: int, frame: object) -> None:
