@@ -119,8 +119,10 @@ def test_stitched_masks_are_the_objects_each_once(size, seed):
     height, width = truth.shape
     tiling = Tiling(TILE, 64)  # objects up to 32 px (overlap / 2) are whole in the tile owning any of their points
     predictor = ComponentPredictor(TILE)
-    result = segment_tiled(predictor, image, height, width, tiling, points_per_side=8, settings=SETTINGS)
+    progress = []
+    result = segment_tiled(predictor, image, height, width, tiling, points_per_side=8, settings=SETTINGS, on_tile=lambda *a: progress.append(a))
     assert result.tiles == result.encoder_passes == predictor.encoded == len(tiling.boxes(height, width)) == 32
+    assert progress == [(i, 32) for i in range(1, 33)], "per-tile progress"
     xs = [np.nonzero(truth == i)[1] for i in range(1, truth.max() + 1)]
     crossing = sum(any(x.min() < b <= x.max() for b in range(TILE // 2, width, TILE // 2)) for x in xs)
     assert crossing > 10, "many objects cross tile borders"
