@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import tifffile
 from pycocotools import mask as mask_utils
-from segment_anything.modeling import ImageEncoderViT
 from skimage import data
 
 from sam_blocked import cli
 from sam_blocked.summary import SUMMARY_NAME
+from test_segment import EncoderCalls  # tests/ is on sys.path (pytest's rootdir import)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
@@ -34,18 +34,6 @@ def segment(*args: object) -> int:
 
 def summary_of(out: Path) -> dict:
     return json.loads((out / SUMMARY_NAME).read_text())
-
-
-class EncoderCalls:
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.count = 0
-        forward = ImageEncoderViT.forward
-
-        def counting(module, x):
-            self.count += 1
-            return forward(module, x)
-
-        monkeypatch.setattr(ImageEncoderViT, "forward", counting)
 
 
 def mosaic() -> np.ndarray:
