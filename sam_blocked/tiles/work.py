@@ -185,12 +185,14 @@ def _decode_points(predictor: SamPredictor, points: np.ndarray, size: tuple[int,
     data["boxes"] = batched_mask_to_box(data["masks"]).long()  # (M, 4) x0, y0, x1, y1 inclusive (float zeros when M = 0)
     data["crops"] = [m[b[1] : b[3] + 1, b[0] : b[2] + 1].cpu().numpy().copy() for m, b in zip(data["masks"], data["boxes"].tolist())]
     del data["masks"]
+    for key in ("iou_preds", "points", "stability_score", "boxes"):
+        data[key] = data[key].cpu()  # small; NMS and stitching run on the CPU, whatever the model's device
     return data
 
 
 def _whole_first(data: MaskData) -> torch.Tensor:
     """NMS scores: the predicted IoU, every truncated mask ranked below every whole one."""
-    scores = data["iou_preds"].float().cpu()
+    scores = data["iou_preds"].float()
     span = float(scores.max() - scores.min()) + 1.0
     return scores - span * data["truncated"].float()
 
