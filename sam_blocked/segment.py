@@ -10,6 +10,10 @@ and writes each image's outputs (sam_blocked.outputs) plus, for the run (sam_blo
 Outputs are either complete or absent: a rerun skips images whose outputs all exist and
 redoes the rest. A bad image fails alone, with a message in the log and the summary.
 The masks come from sam_blocked.masks; the options are checked in sam_blocked.options.
+
+With a tiling (SegmentOptions.tiling), an image larger than a tile goes tile by tile at
+native resolution (sam_blocked.tiles: one encoder pass per tile used, masks as crops,
+stitched) and every image is written as huge images are: label TIFF, COCO RLE, table.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ def segment_images(
         images: from collect_images.
         output: the output folder (created).
         prompts: from load_prompts: prompt mode (SamPredictor). None: automatic masks.
-        options: formats, multimask, overlay, overwrite, max_pixels, amg settings.
+        options: formats, multimask, overlay, overwrite, max_pixels, amg settings, tiling
+            (whose tile must be the model's input size).
         problems: (input, reason) to record as failed, e.g. collect_images' problems.
         settings: anything to record in the summary (model, flags).
         progress: show a tqdm bar and echo failures to stderr.

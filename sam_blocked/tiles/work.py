@@ -153,6 +153,7 @@ def point_crops(predictor: SamPredictor, task: TileTask, settings: DecodeSetting
     data["truncated"] = torch.tensor([_truncated(b, task) for b in data["boxes"].tolist()], dtype=torch.bool)
     keep = batched_nms(data["boxes"].float(), _whole_first(data), torch.zeros(len(data["boxes"])), settings.box_nms_thresh)
     data.filter(keep)
+    data["crops"] = [np.unpackbits(bits, count=h * w).reshape(h, w).view(bool) for bits, (h, w) in data["crops"]]
     if settings.min_mask_region_area > 0:
         _remove_small_regions(data, task, settings)
     crops = []
@@ -183,7 +184,9 @@ def _decode_points(predictor: SamPredictor, points: np.ndarray, size: tuple[int,
     data["masks"] = data["masks"] > threshold
     data.filter(data["masks"].flatten(1).any(dim=1))  # an empty mask has no box, no crop
     data["boxes"] = batched_mask_to_box(data["masks"]).long()  # (M, 4) x0, y0, x1, y1 inclusive (float zeros when M = 0)
-    data["crops"] = [m[b[1] : b[3] + 1, b[0] : b[2] + 1].cpu().numpy().copy() for m, b in zip(data["masks"], data["boxes"].tolist())]
+    # Candidates wait for the tile's NMS as bits: 1/8 of a byte a pixel (3 x points_per_side**2 of them, up to tile size each).
+    crops = (m[b[1] : b[3] + 1, b[0] : b[2] + 1].cpu().numpy() for m, b in zip(data["masks"], data["boxes"].tolist()))
+    data["crops"] = [(np.packbits(c), c.shape) for c in crops]
     del data["masks"]
     for key in ("iou_preds", "points", "stability_score", "boxes"):
         data[key] = data[key].cpu()  # small; NMS and stitching run on the CPU, whatever the model's device
