@@ -8,10 +8,12 @@ sizes, some cut by tile edges: what stitching must sort out.
 
 from __future__ import annotations
 
+import pickle
 import random
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from skimage import data
@@ -197,3 +199,16 @@ def test_tile_order_does_not_change_the_automatic_masks(auto_run, sam, mosaic):
     via_loop = segment_tiled(SamPredictor(sam), mosaic, *mosaic.shape[:2], tiling, points_per_side=6, settings=AUTO)
     assert [(m.box, m.mask.tobytes(), m.record) for m in via_loop.masks] == reference
     assert via_loop.tiles == via_loop.encoder_passes == 8
+
+
+def test_a_worker_gets_a_path_a_pickled_task_and_settings_and_returns_small_picklable_crops(sam, mosaic, tmp_path):
+    path = tmp_path / "mosaic.tif"
+    tifffile.imwrite(path, mosaic, tile=(128, 128), compression="zlib", photometric="rgb")
+    (task,) = plan_prompts(Tiling(TILE, 64), *mosaic.shape[:2], [Prompt("corner", foreground=((690.0, 395.0),))])
+    settings = DecodeSettings(multimask=True)
+    shipped = pickle.loads(pickle.dumps((str(path), task, settings)))
+    crops = segment_tile(SamPredictor(sam), *shipped[:2], shipped[2])
+    in_memory = segment_tile(SamPredictor(sam), mosaic, task, settings)
+    back = pickle.loads(pickle.dumps(crops))
+    assert [(c.box, c.mask.tobytes(), c.record) for c in back] == [(c.box, c.mask.tobytes(), c.record) for c in in_memory]
+    assert all(len(pickle.dumps(c.record)) < 1000 for c in crops), "records are small"

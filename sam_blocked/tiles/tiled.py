@@ -50,7 +50,8 @@ def segment_tiled(
 
     Args:
         predictor: a SamPredictor whose model's input size is tiling.tile.
-        source: the image: (H, W, 3) uint8 array or an ImageSource.
+        source: the image: an ImageSource, an (H, W, 3) uint8 array, or a path (then
+            opened for each tile: pass an ImageSource to open it once).
         height, width: the image size.
         tiling: tile size and overlap.
         prompts: prompt sets in whole-image pixels (prompt mode); None: automatic masks.

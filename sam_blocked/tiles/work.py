@@ -23,9 +23,11 @@ For one prompt at a time (a click in an app): route it, encode its tile once, de
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Union
+from typing import Any, Iterator, Mapping, Protocol, Union
 
 import numpy as np
 import torch
@@ -46,7 +48,19 @@ class TileSource(Protocol):
     def read(self, box: Box) -> np.ndarray: ...
 
 
-Source = Union[np.ndarray, TileSource]
+Source = Union[str, os.PathLike, np.ndarray, TileSource]
+
+
+@contextlib.contextmanager
+def opened(source: Source) -> Iterator[Union[np.ndarray, TileSource]]:
+    """A path opened with sam_blocked.tiles.source.open_image (closed on exit); an array or source as it is."""
+    if isinstance(source, (str, os.PathLike)):
+        from sam_blocked.tiles.source import open_image
+
+        with open_image(source) as image:
+            yield image
+    else:
+        yield source
 
 
 @dataclass(frozen=True)
@@ -79,11 +93,12 @@ class DecodeSettings:
 
 
 def read_tile(source: Source, box: Box) -> np.ndarray:
-    """(h, w, 3) uint8 RGB pixels of `box` from an in-memory image or a source with `read`."""
+    """(h, w, 3) uint8 RGB pixels of `box` from an image file, an in-memory image or a source with `read`."""
     x0, y0, x1, y1 = box
-    if isinstance(source, np.ndarray):
-        return np.ascontiguousarray(source[y0:y1, x0:x1])
-    return np.ascontiguousarray(source.read(box))
+    with opened(source) as image:
+        if isinstance(image, np.ndarray):
+            return np.ascontiguousarray(image[y0:y1, x0:x1])
+        return np.ascontiguousarray(image.read(box))
 
 
 def encode_tile(predictor: SamPredictor, source: Source, box: Box) -> None:
@@ -103,7 +118,8 @@ def segment_tile(predictor: SamPredictor, source: Source, task: TileTask, settin
 
     Args:
         predictor: a SamPredictor on the model, whose input size is the tile size.
-        source: the whole image: an (H, W, 3) array or an ImageSource.
+        source: the whole image: its path (what a worker in another process gets; opened
+            with open_image, window by window for a TIFF), an ImageSource or an (H, W, 3) array.
         task: from plan_prompts or plan_points.
         settings: decoding and filters.
 
