@@ -25,7 +25,6 @@ from sam_blocked.prompts import Prompt
 from sam_blocked.tiles.crops import MaskCrop
 from sam_blocked.tiles.plan import TileTask, Tiling, plan_points, plan_prompts
 from sam_blocked.tiles.stitch import intersection, stitch_points
-from sam_blocked.tiles.tiled import segment_tiled
 from sam_blocked.tiles.work import DecodeSettings, encode_tile, segment_tile
 
 TILE = 256
@@ -196,9 +195,6 @@ def test_tile_order_does_not_change_the_automatic_masks(auto_run, sam, mosaic):
     rerun = {i: segment_tile(SamPredictor(sam), mosaic, tasks[i], AUTO) for i in order}  # encoded in another order
     shuffled = [c for i in order for c in rerun[i]]
     assert [(m.box, m.mask.tobytes(), m.record) for m in stitch_points(shuffled, AUTO.box_nms_thresh)] == reference
-    via_loop = segment_tiled(SamPredictor(sam), mosaic, *mosaic.shape[:2], tiling, points_per_side=6, settings=AUTO)
-    assert [(m.box, m.mask.tobytes(), m.record) for m in via_loop.masks] == reference
-    assert via_loop.tiles == via_loop.encoder_passes == 8
 
 
 def test_a_worker_gets_a_path_a_pickled_task_and_settings_and_returns_small_picklable_crops(sam, mosaic, tmp_path):
