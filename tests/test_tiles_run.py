@@ -238,3 +238,17 @@ def test_tile_auto_without_a_planner_says_what_to_do(monkeypatch, tmp_path, caps
     monkeypatch.setitem(sys.modules, "sam_blocked.planner", None)  # import fails
     assert segment(EXAMPLES / "chelsea.jpg", "--auto", "--output", tmp_path / "out", "--tile", "auto", "--max-memory-mb", 900) == 2
     assert "give --tile SIZE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tile_auto_with_the_real_planner(inputs, tmp_path, capsys):
+    from sam_blocked.planner import largest_input_size
+
+    expected = largest_input_size("tiny", 150, dtype="float32", device="cpu", chunks=16, max_block_mb=None, points_per_batch=64)
+    assert expected is not None and expected < 700, "small enough to tile the mosaic"
+    out = tmp_path / "out"
+    code = segment(inputs / "mosaic.tif", "--auto", "--output", out, "--tile", "auto", "--max-memory-mb", 150, "--points-per-side", 2,
+                   "--pred-iou-thresh", 0, "--stability-score-thresh", 0)  # fmt: skip
+    assert code == 0
+    assert f"tile: {expected} px" in capsys.readouterr().err
+    assert summary_of(out)["settings"]["options"]["tiling"]["tile"] == expected and summary_of(out)["done"][0]["tiles"] > 1
