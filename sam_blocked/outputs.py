@@ -8,6 +8,10 @@ where <stem> is the image's path relative to the folder it was found in, without
 extension (amg.py's naming). Each output is written under a `.NAME.partial` name next to
 it and renamed into place (a mask folder only after its metadata.csv, written last), so
 a rerun can tell complete outputs from what an interrupted run left.
+
+A worker that may run an image twice (Ray retries the work of a worker that died) stages
+under names of its own, `.NAME.partial.<token>` (`unique_token()`), so two attempts never
+write the same file; `remove_stray_partials` clears what a dead attempt left.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
+import uuid
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -36,10 +42,32 @@ AMG_COLUMNS = (
 ).split(",")
 PROMPT_COLUMNS = ["prompt", "prompt_name", "mask_index"]
 _COLORS = np.random.default_rng(0).integers(40, 256, size=(64, 3)).astype(np.float32)
+_TOKEN = re.compile(r"\.(partial|replaced)\.w[0-9a-f]{12}$")  # the end of a name staged with unique_token()
 
 
 def _partial(path: Path, suffix: str = ".partial") -> Path:
     return path.with_name(f".{path.name}{suffix}")
+
+
+def unique_token() -> str:
+    """A token for one attempt's staging names (`.NAME.partial.<token>`): unique per call."""
+    return "w" + uuid.uuid4().hex[:12]
+
+
+def remove_stray_partials(folders: Iterable[Path]) -> int:
+    """Remove what attempts that died left in `folders` (not recursive): files and folders
+    staged under a unique_token() name. Returns how many were removed."""
+    removed = 0
+    for folder in set(folders):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # not made yet, or gone
+            continue
+        for entry in entries:
+            if entry.name.startswith(".") and _TOKEN.search(entry.name):
+                _remove(Path(entry.path))
+                removed += 1
+    return removed
 
 
 def _save(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -49,20 +77,25 @@ def _save(path: Path, write: Callable[[BinaryIO], None]) -> None:
         os.fsync(f.fileno())
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], token: Optional[str] = None) -> None:
     """Write `path` under its .partial name, flushed to disk, then rename it into place.
 
     Args:
         path: the final file; on any failure it is left as it was and no .partial stays.
         write: writes the content to the binary file it is given.
+        token: stage as .NAME.partial.<token> (unique_token()), for work that may run twice.
     """
-    tmp = _partial(path)
+    tmp = _partial(path, _suffix(".partial", token))
     try:
         _save(tmp, write)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _suffix(suffix: str, token: Optional[str]) -> str:
+    return suffix if token is None else f"{suffix}.{token}"
 
 
 def _remove(path: Path) -> None:
@@ -82,9 +115,13 @@ class ImageOutputs:
         item: the image; its stem names the outputs.
         formats: any of FORMATS.
         overlay: also write the preview PNG.
+        token: stage under .NAME.partial.<token> names (unique_token()), not .NAME.partial:
+            for a worker whose image may also run elsewhere (a retry after a worker died).
     """
 
-    def __init__(self, output: Path, item: ImageItem, formats: Sequence[str], overlay: bool) -> None:
+    def __init__(self, output: Path, item: ImageItem, formats: Sequence[str], overlay: bool, token: Optional[str] = None) -> None:
+        self.token = token
+        self.staged, self.replaced = _suffix(".partial", token), _suffix(".replaced", token)
         stem = output / item.stem
         self.folder = stem if "png" in formats else None
         self.coco = stem.with_name(stem.name + ".json") if "coco" in formats else None
@@ -99,11 +136,12 @@ class ImageOutputs:
         return all(p.exists() for p in self.finals())
 
     def clean(self) -> None:
-        """Remove what an interrupted run left: partial files and folders, a replaced folder."""
+        """Remove what an interrupted run left: partial files and folders, a replaced folder
+        (this object's staging names; see remove_stray_partials for other attempts')."""
         for path in self.finals():
-            _remove(_partial(path))
+            _remove(_partial(path, self.staged))
         if self.folder is not None:
-            _remove(_partial(self.folder, ".replaced"))
+            _remove(_partial(self.folder, self.replaced))
 
     def begin(self, item: ImageItem, image: np.ndarray, prompts: Sequence[Prompt]) -> None:
         if self.folder is not None and self.folder.exists() and not (self.folder / "metadata.csv").is_file():
@@ -113,7 +151,7 @@ class ImageOutputs:
         self.item, self.height, self.width = item, image.shape[0], image.shape[1]
         self.records: list[dict] = []
         if self.folder is not None:
-            _partial(self.folder).mkdir()
+            _partial(self.folder, self.staged).mkdir()
         self.canvas = _Preview(image, prompts) if self.preview is not None else None
 
     def add(self, record: dict, mask: np.ndarray) -> None:
@@ -125,7 +163,7 @@ class ImageOutputs:
             record["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
         if self.folder is not None:
             png = Image.fromarray(mask).convert("L")  # 0/255, as amg.py's cv2.imwrite(mask * 255)
-            _save(_partial(self.folder) / f"{index}.png", lambda f: png.save(f, format="PNG", compress_level=1))
+            _save(_partial(self.folder, self.staged) / f"{index}.png", lambda f: png.save(f, format="PNG", compress_level=1))
         if self.canvas is not None:
             self.canvas.add(index, mask)
         if self.coco is None:
@@ -135,17 +173,17 @@ class ImageOutputs:
     def commit(self) -> None:
         """Write the overlay, the JSON, then metadata.csv, and rename the mask folder in last."""
         if self.canvas is not None:
-            write_atomic(self.preview, lambda f: self.canvas.image().save(f, format="PNG"))
+            write_atomic(self.preview, lambda f: self.canvas.image().save(f, format="PNG"), self.token)
         if self.coco is not None:
             document = {"image": {"file_name": self.item.name, "height": self.height, "width": self.width}, "annotations": self.records}
-            write_atomic(self.coco, lambda f: f.write(json.dumps(document).encode()))
+            write_atomic(self.coco, lambda f: f.write(json.dumps(document).encode()), self.token)
         if self.folder is not None:
-            staging = _partial(self.folder)
+            staging = _partial(self.folder, self.staged)
             _save(staging / "metadata.csv", lambda f: f.write(_metadata_csv(self.records).encode()))
-            if self.folder.exists():  # --overwrite: swap the old folder out, the new one in
-                os.replace(self.folder, _partial(self.folder, ".replaced"))
+            if self.folder.exists():  # --overwrite, or another attempt's: swap the old folder out, the new one in
+                os.replace(self.folder, _partial(self.folder, self.replaced))
             os.replace(staging, self.folder)
-            _remove(_partial(self.folder, ".replaced"))
+            _remove(_partial(self.folder, self.replaced))
 
 
 def _metadata_csv(records: list[dict]) -> str:

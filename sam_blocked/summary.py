@@ -6,7 +6,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from tqdm import tqdm
 
@@ -26,6 +26,8 @@ class RunSummary:
         not_finished: images left, the current one included, when the run was interrupted.
         peak_memory_bytes: the largest per-image peak (sam_blocked.memory.peak_bytes), None
             where it cannot be measured.
+        engine: where the work ran: "local" or "ray" (sam_blocked.engines).
+        workers: per worker (by id): its node, images and tiles done, busy seconds (add_units).
     """
 
     output: Path
@@ -40,6 +42,31 @@ class RunSummary:
     seconds: float = 0.0
     device: str = "cpu"
     peak_memory_bytes: Optional[int] = None
+    engine: str = "local"
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add_units(self, units: Iterable[Any]) -> None:
+        """Count units of work (sam_blocked.engines.UnitRecord) against their workers."""
+        for unit in units:
+            worker = self.workers.setdefault(
+                unit.worker,
+                {"worker": unit.worker, "node": unit.node, "node_ip": unit.node_ip, "pids": [], "device": unit.device, "images": 0, "tiles": 0, "busy_seconds": 0.0},
+            )
+            if unit.pid is not None and unit.pid not in worker["pids"]:
+                worker["pids"].append(unit.pid)  # more than one: the worker died and was restarted
+            if unit.model is not None:
+                worker["model"] = unit.model
+            worker["images" if unit.kind == "image" else "tiles"] += 1
+            worker["busy_seconds"] += unit.seconds
+
+    def worker_table(self) -> list[dict[str, Any]]:
+        """Per worker: what add_units counted, with its throughput (images or tiles per busy second)."""
+        table = []
+        for worker in self.workers.values():
+            busy = worker["busy_seconds"]
+            rates = {f"{kind}_per_second": round(worker[kind] / busy, 3) if busy > 0 else None for kind in ("images", "tiles") if worker[kind]}
+            table.append({**worker, "busy_seconds": round(busy, 3), **rates})
+        return table
 
     def to_dict(self) -> dict[str, Any]:
         counts = {
@@ -58,6 +85,8 @@ class RunSummary:
             "seconds": round(self.seconds, 3),
             "device": self.device,
             "peak_memory_bytes": self.peak_memory_bytes,
+            "engine": self.engine,
+            "workers": self.worker_table(),
             "settings": self.settings,
             "done": self.done,
             "skipped": self.skipped,

@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from sam_blocked.cli.common import add_model_args, model_from_args
+from sam_blocked.cli.common import add_model_args, blocking_from_args, model_from_args, settings_from_args
 from sam_blocked.images import DEFAULT_MAX_PIXELS, collect_images
 from sam_blocked.options import AMG_SETTINGS, SegmentOptions
 from sam_blocked.prompts import load_prompts
@@ -38,10 +38,19 @@ in several tiles are kept once, from a tile that sees them whole; a mask that to
 edge inside the image is marked truncated. TIFF/BigTIFF are read window by window. Default
 --format with --tile: labels,coco,table for every image (png refused for huge images).
 
+on a Ray cluster (--engine ray, pip install 'sam-blocked[ray]'): one model per worker, loaded
+once; each image (or, with --tile, each tile) goes to a worker. Inputs, outputs and the
+checkpoint must be on storage every node sees, at the same paths. Workers write the
+images' outputs themselves; tiles come back to this process, which stitches and writes.
+Same outputs, resume and failures as the local engine; a worker that dies is restarted and
+its images redone. The summary says which node and worker did each image.
+
 examples:
   sam-blocked segment examples/*.jpg --prompts examples/prompts.json --output masks \\
       --model-type vit_b --checkpoint sam_vit_b_01ec64.pth --format both --overlay
   sam-blocked segment slide.tif --auto --tile 1024 --output masks --checkpoint sam_vit_b_01ec64.pth
+  sam-blocked segment /shared/photos --auto --output /shared/masks --checkpoint /shared/sam_vit_b_01ec64.pth \\
+      --engine ray --address auto --workers 8 --gpus-per-worker 1
 """
 
 AMG_HELP = {
@@ -112,6 +121,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="pixels neighbouring tiles share (default a quarter of the tile); objects up to half of it are always seen whole",
     )
     tiles.add_argument("--max-memory-mb", type=float, default=None, metavar="MB", help="--tile auto: memory budget (default: the memory free now)")
+    engine = parser.add_argument_group("engine: where the work runs")
+    engine.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: in this process (default); ray: over a Ray cluster, one model per worker (pip install 'sam-blocked[ray]')",
+    )
+    engine.add_argument(
+        "--address",
+        default=None,
+        metavar="auto|HOST:PORT",
+        help="--engine ray: the cluster to join (auto: the one this node belongs to, see `ray start`); default: a new local Ray instance",
+    )
+    engine.add_argument("--workers", type=int, default=None, metavar="N", help="--engine ray: workers, one model each (default: one per GPU of the cluster, else 1)")
+    engine.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        metavar="F",
+        help="--engine ray: GPUs per worker, 0.5 to share one between two (default: 1 when the cluster has GPUs, else 0)",
+    )
+    engine.add_argument("--cpus-per-worker", type=float, default=None, metavar="N", help="--engine ray: CPUs per worker, also its torch threads (default 1)")
     add_model_args(parser)
     amg = parser.add_argument_group("automatic masks (--auto only; scripts/amg.py's settings, SAM's defaults)")
     for key, (kind, _, _) in AMG_SETTINGS.items():
@@ -126,6 +157,10 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"{flags}: automatic-mask settings apply to --auto only, not to --prompts")
     if args.auto and args.multimask:
         raise ValueError("--multimask applies to --prompts; --auto keeps every mask that passes its filters")
+    if args.engine != "ray":
+        given = [flag for flag in ("address", "workers", "gpus_per_worker", "cpus_per_worker") if getattr(args, flag) is not None]
+        if given:
+            raise ValueError(f"{', '.join('--' + g.replace('_', '-') for g in given)} go with --engine ray: add it, or drop them")
     tile = _tile_flag(args)
     options = SegmentOptions(
         formats=_formats(args.format),
@@ -138,37 +173,52 @@ def main(args: argparse.Namespace) -> int:
     )
     prompts = load_prompts(args.prompts) if args.prompts else None
     output = Path(args.output)
+    engine = _ray_engine(args, tile) if args.engine == "ray" else None  # refuses bad engine flags before anything is read
     images, problems = collect_images(args.inputs, args.pattern, exclude=output)
     if not images:
         raise ValueError("no images to segment: " + "; ".join(f"{arg}: {reason}" for arg, reason in problems))
-    loaded = model_from_args(args)
-    print(f"{'warning' if loaded.random_weights else 'model'}: {loaded.description}", file=sys.stderr)
-    if tile == "auto":
-        tile = _auto_tile(args, loaded, amg)
-        print(f"tile: {tile} px, the largest input size that fits {args.max_memory_mb:.0f} MiB", file=sys.stderr)
-        from sam_blocked.resolution import set_image_size
-
-        set_image_size(loaded.sam, tile)
-        options.tiling = Tiling(tile, args.overlap)
     flags = {k: v for k, v in vars(args).items() if k != "main"}
+    if engine is not None:
+        model = engine.settings.checkpoint
+        print(f"model: {model}, loaded by each Ray worker" if model else "warning: no checkpoint found: every Ray worker builds the same seeded random weights", file=sys.stderr)
+        run_on, recorded = engine, {"model": None, "random_weights": None}  # the workers report the model they loaded
+    else:
+        loaded = model_from_args(args)
+        print(f"{'warning' if loaded.random_weights else 'model'}: {loaded.description}", file=sys.stderr)
+        if tile == "auto":
+            tile = _auto_tile(args, loaded, amg)
+            print(f"tile: {tile} px, the largest input size that fits {args.max_memory_mb:.0f} MiB", file=sys.stderr)
+            from sam_blocked.resolution import set_image_size
+
+            set_image_size(loaded.sam, tile)
+            options.tiling = Tiling(tile, args.overlap)
+        run_on, recorded = loaded.sam, {"model": loaded.description, "random_weights": loaded.random_weights}
     # A batch scheduler's SIGTERM stops the run as Ctrl-C does: partial files removed, summary written.
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
     try:
-        summary = segment_images(
-            loaded.sam,
-            images,
-            output,
-            prompts=prompts,
-            options=options,
-            problems=problems,
-            settings={"model": loaded.description, "random_weights": loaded.random_weights, "flags": flags},
-        )
+        summary = segment_images(run_on, images, output, prompts=prompts, options=options, problems=problems, settings={**recorded, "flags": flags})
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
     print(summary.line(), file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def _ray_engine(args: argparse.Namespace, tile: int | str | None):
+    """The RayEngine the flags describe (sam_blocked.engines.ray); --tile auto is refused."""
+    if tile == "auto":
+        raise ValueError("--tile auto sizes the tile to this machine's memory, not the workers': with --engine ray give --tile SIZE (e.g. 1024)")
+    from sam_blocked.engines.ray import RayEngine
+
+    return RayEngine(
+        settings_from_args(args),
+        blocking_from_args(args),
+        address=args.address,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=1.0 if args.cpus_per_worker is None else args.cpus_per_worker,
+    )
 
 
 def _formats(value: str | None) -> tuple[str, ...] | None:

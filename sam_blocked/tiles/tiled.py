@@ -1,8 +1,8 @@
 """One image tile by tile, in this process: plan, run each tile once, stitch.
 
 The local engine over sam_blocked.tiles' pieces; another engine (a pool of workers)
-calls the same three: plan_prompts / plan_points on the driver, segment_tile per task
-in the workers, stitch_prompts / stitch_points on the driver.
+calls the same three: plan_tiles on the driver, segment_tile per task in the workers,
+stitch_tiles on the driver (sam_blocked.engines.ray).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from sam_blocked.prompts import Prompt
 from sam_blocked.tiles.crops import MaskCrop
 from sam_blocked.tiles.plan import Tiling, plan_points, plan_prompts
 from sam_blocked.tiles.stitch import stitch_points, stitch_prompts
+from sam_blocked.tiles.plan import TileTask
 from sam_blocked.tiles.work import DecodeSettings, Source, segment_tile
 
 
@@ -65,14 +66,23 @@ def segment_tiled(
     size = predictor.model.image_encoder.img_size
     if size != tiling.tile:
         raise ValueError(f"the model's input size is {size} px but the tile is {tiling.tile} px: the tile must be the input size")
-    if prompts is not None:
-        tasks = plan_prompts(tiling, height, width, prompts)
-    else:
-        tasks = plan_points(tiling, height, width, points_per_side)
+    tasks = plan_tiles(tiling, height, width, prompts, points_per_side)
     crops: list[MaskCrop] = []
     for done, task in enumerate(tasks, start=1):
         crops += segment_tile(predictor, source, task, settings)
         if on_tile is not None:
             on_tile(done, len(tasks))
-    masks = stitch_prompts(crops) if prompts is not None else stitch_points(crops, settings.box_nms_thresh)
+    masks = stitch_tiles(crops, prompts is not None, settings)
     return TiledResult(masks, len(tiling.boxes(height, width)), len(tasks))
+
+
+def plan_tiles(tiling: Tiling, height: int, width: int, prompts: Optional[Sequence[Prompt]], points_per_side: int) -> list[TileTask]:
+    """The tiles to run: those the prompt sets need (prompt mode), else every tile owning grid points."""
+    if prompts is not None:
+        return plan_prompts(tiling, height, width, prompts)
+    return plan_points(tiling, height, width, points_per_side)
+
+
+def stitch_tiles(crops: Sequence[MaskCrop], prompt_mode: bool, settings: DecodeSettings) -> list[MaskCrop]:
+    """The image's masks from every tile's crops (in any order of tiles): stitch_prompts or stitch_points."""
+    return stitch_prompts(crops) if prompt_mode else stitch_points(crops, settings.box_nms_thresh)
