@@ -27,7 +27,8 @@ class RunSummary:
         peak_memory_bytes: the largest per-image peak (sam_blocked.memory.peak_bytes), None
             where it cannot be measured.
         engine: where the work ran: "local" or "ray" (sam_blocked.engines).
-        workers: per worker (by id): its node, images and tiles done, busy seconds (add_units).
+        workers: per worker (by id): its node, processes, restarts, images and tiles done, busy
+            seconds (add_units).
     """
 
     output: Path
@@ -50,10 +51,11 @@ class RunSummary:
         for unit in units:
             worker = self.workers.setdefault(
                 unit.worker,
-                {"worker": unit.worker, "node": unit.node, "node_ip": unit.node_ip, "pids": [], "device": unit.device, "images": 0, "tiles": 0, "busy_seconds": 0.0},
+                {"worker": unit.worker, "node": unit.node, "node_ip": unit.node_ip, "pids": [], "restarts": 0, "device": unit.device, "images": 0, "tiles": 0, "busy_seconds": 0.0},
             )
             if unit.pid is not None and unit.pid not in worker["pids"]:
                 worker["pids"].append(unit.pid)  # more than one: the worker died and was restarted
+            worker["restarts"] = max(worker["restarts"], unit.restarts)
             if unit.model is not None:
                 worker["model"] = unit.model
             worker["images" if unit.kind == "image" else "tiles"] += 1

@@ -24,6 +24,7 @@ class UnitRecord:
         device: the device of its model.
         model: its model, as load_model describes it, where the worker loaded one itself.
         random_weights: whether that model has seeded random weights.
+        restarts: how many times the worker had been restarted (it died) when it did this unit.
     """
 
     worker: str
@@ -35,6 +36,7 @@ class UnitRecord:
     device: Optional[str] = None
     model: Optional[str] = None
     random_weights: Optional[bool] = None
+    restarts: int = 0
 
 
 @dataclass

@@ -74,7 +74,9 @@ class RayEngine:
             one, every worker builds the same seeded random weights.
         blocking: the patch (chunks or max_block_mb, backend); None leaves the models stock.
         address: "auto" (the cluster this node belongs to, or $RAY_ADDRESS), HOST:PORT, or
-            None: the Ray instance this process is already connected to, else a new local one.
+            None: the Ray instance this process is already connected to, else a new local
+            one, never another cluster that runs on this machine (but $RAY_ADDRESS, as
+            inside a Ray job, wins: Ray's rule).
         workers: workers, one model each; None: one per GPU of the cluster when workers
             get GPUs, else 1.
         gpus_per_worker: GPUs Ray gives each worker (0.5: two share one); None: 1 when the
@@ -132,7 +134,8 @@ class RayEngine:
             raise ValueError(f"the tile ({options.tiling.tile} px) must be the model's input size ({size} px): set ModelSettings.img_size to it (the CLI's --tile does)")
         ray = import_ray()
         if not ray.is_initialized():
-            ray.init(address=self.address, logging_level=logging.WARNING)
+            # "local": a new instance; Ray's None would join any cluster started on this machine
+            ray.init(address=self.address or "local", logging_level=logging.WARNING)
             self._connected = True
         try:
             where = self._resources(ray)
@@ -310,7 +313,7 @@ class _HugeImage:
 
 
 def _record(result: dict[str, Any], kind: str) -> UnitRecord:
-    keys = ("node_ip", "pid", "device", "model", "random_weights")
+    keys = ("node_ip", "pid", "device", "model", "random_weights", "restarts")
     return UnitRecord(result["worker"], result["node"], kind, result["seconds"], **{k: result.get(k) for k in keys})
 
 

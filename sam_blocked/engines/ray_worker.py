@@ -60,10 +60,16 @@ class Unit:
 
 @ray.remote(num_cpus=0)
 class Attempts:
-    """Counts the attempts at each unit, across worker restarts."""
+    """Counts the attempts at each unit, and the starts of each worker, across worker restarts."""
 
     def __init__(self) -> None:
         self.counts: dict[int, int] = {}
+        self.starts: dict[str, int] = {}
+
+    def started(self, worker: str) -> int:
+        """Count a worker's start (Ray restarts a dead one under the same id); returns its restarts."""
+        self.starts[worker] = self.starts.get(worker, 0) + 1
+        return self.starts[worker] - 1
 
     def start(self, index: int) -> int:
         self.counts[index] = self.counts.get(index, 0) + 1
@@ -114,8 +120,10 @@ class SegmentWorker:
         self.segmenter = Segmenter(loaded.sam, options, prompt_mode)
         self.output, self.attempts, self.max_attempts = Path(output), attempts, max_attempts
         context = ray.get_runtime_context()
+        worker = context.get_actor_id()[:12]
         self.identity = {
-            "worker": context.get_actor_id()[:12],
+            "worker": worker,
+            "restarts": ray.get(attempts.started.remote(worker)),
             "node": context.get_node_id()[:12],
             "node_ip": ray.util.get_node_ip_address(),
             "pid": os.getpid(),
