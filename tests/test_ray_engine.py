@@ -112,13 +112,13 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    """A folder of photographs: the examples, a few more of scikit-image's, and a truncated JPEG."""
+    """A folder of photographs: the examples, two more of scikit-image's, and a truncated JPEG."""
     from skimage import data
 
     folder = tmp_path_factory.mktemp("photos")
     for name in ("astronaut.jpg", "chelsea.jpg", "coffee.jpg"):
         shutil.copy(EXAMPLES / name, folder / name)
-    for name in ("rocket", "immunohistochemistry", "hubble_deep_field"):
+    for name in ("rocket", "immunohistochemistry"):
         Image.fromarray(getattr(data, name)()).save(folder / f"{name}.jpg", quality=90)
     whole = (EXAMPLES / "coffee.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(whole[: len(whole) // 3])
@@ -141,7 +141,7 @@ def runs(cluster, photos, tmp_path_factory):
 def test_a_folder_on_two_nodes_gives_the_local_engines_files(runs):
     local, distributed, codes = runs
     assert codes == (1, 1), "exit code 1: the truncated file failed, in both engines"
-    assert len(files(distributed)) > 6 * 2
+    assert len(files(distributed)) >= 5 * 4, "per image: its JSON, overlay, metadata.csv and a PNG at least"
     assert_same_run(local, distributed)
 
 
@@ -149,11 +149,11 @@ def test_a_folder_on_two_nodes_gives_the_local_engines_files(runs):
 def test_both_nodes_did_work_and_the_summary_says_who_did_what(runs, cluster):
     _, distributed, _ = runs
     summary = summary_of(distributed)
-    assert summary["engine"] == "ray" and summary["counts"]["done"] == 6
+    assert summary["engine"] == "ray" and summary["counts"]["done"] == 5
     workers = summary["workers"]
     assert len(workers) == 2 and len({w["node"] for w in workers}) == 2, "one worker on each node"
     assert all(w["images"] >= 1 and w["busy_seconds"] > 0 and w["images_per_second"] > 0 for w in workers), "both nodes did work"
-    assert sum(w["images"] for w in workers) == 7, "six images done and the truncated one tried, each once"
+    assert sum(w["images"] for w in workers) == 6, "five images done and the truncated one tried, each once"
     nodes = {node.node_id[:12] for node in cluster.list_all_nodes()}
     assert {w["node"] for w in workers} == nodes
     for entry in summary["done"]:
@@ -180,7 +180,7 @@ def test_a_rerun_skips_finished_images_and_redoes_only_the_rest(runs, photos, cl
     assert code == 1
     summary = summary_of(distributed)
     assert [d["image"] for d in summary["done"]] == ["rocket.jpg"]
-    assert summary["counts"]["skipped"] == 5 and [f["image"] for f in summary["failed"]] == ["truncated.jpg"]
+    assert summary["counts"]["skipped"] == 4 and [f["image"] for f in summary["failed"]] == ["truncated.jpg"]
     assert sum(w["images"] for w in summary["workers"]) == 2, "only rocket and the truncated file went to the workers"
     others = [p for p in before if not p.relative_to(distributed).as_posix().startswith("rocket")]
     assert others and all(p.stat().st_mtime_ns == before[p] for p in others), "finished images untouched"
