@@ -14,9 +14,8 @@ from segment_anything import SamPredictor
 
 from sam_blocked.prompts import Prompt
 from sam_blocked.tiles.crops import MaskCrop
-from sam_blocked.tiles.plan import Tiling, plan_points, plan_prompts
+from sam_blocked.tiles.plan import TileTask, Tiling, plan_points, plan_prompts
 from sam_blocked.tiles.stitch import stitch_points, stitch_prompts
-from sam_blocked.tiles.plan import TileTask
 from sam_blocked.tiles.work import DecodeSettings, Source, segment_tile
 
 
