@@ -65,3 +65,15 @@ def test_bench_backends_refuses_bad_arguments():
     done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_backends.py"), "--sizes", "100"],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2 and "multiples of 16" in done.stderr
+
+
+@pytest.mark.slow
+def test_bench_ray_writes_rows_plot_and_the_overhead_table(tmp_path):
+    pytest.importorskip("ray")
+    out = run_script("bench_ray.py", "--images", "1", "2", "--configs", "local1", "ray1", "--out-dir", str(tmp_path), "--machine", "test")
+
+    rows = read_csv(tmp_path / "ray_test.csv")
+    assert {(r["engine"], r["workers"], r["images"]) for r in rows} == {("local", "1", "1"), ("local", "1", "2"), ("ray", "1", "1"), ("ray", "1", "2")}
+    assert all(r["status"] == "ok" and float(r["run_seconds"]) > 0 and float(r["worker_seconds_per_image"]) > 0 for r in rows), rows
+    assert "| tiny | prompts | ray | 1 |" in out and "worker " in out and "end to end" in out
+    assert (tmp_path / "ray_test.png").stat().st_size > 0
