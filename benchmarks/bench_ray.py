@@ -3,8 +3,8 @@
 Each configuration is one `sam-blocked segment` run in a fresh subprocess, as a user runs
 it, over a folder of photographs (examples/*.jpg and scikit-image's, repeated to --images
 files) with one prompt set per image (--mode prompts) or automatic masks on a 4 x 4 grid
-(--mode auto), seeded random weights. The local engine runs with one torch thread, as a
-Ray worker with --cpus-per-worker 1 does; Ray runs without --address, so each run starts
+(--mode auto), seeded random weights. The local engine runs with one torch thread and
+OMP_NUM_THREADS=1, as a Ray worker with --cpus-per-worker 1 does; Ray runs without --address, so each run starts
 its own Ray instance on this machine and stops it (what a laptop run does).
 
 Measured per run, from its segment-summary.json: run seconds (the run loop: for Ray this
@@ -13,7 +13,9 @@ model load), the mean seconds a worker spent on one image (the same segment_imag
 engines: Ray's per-image overhead shows here), and the machine's load average when it
 started (others' work on a shared machine shows here). Two folder sizes (--images A B)
 give the marginal seconds per image, (run(B) - run(A)) / (B - A): fixed costs (Ray start,
-model loads) cancel, leaving the steady rate. --repeat alternates the configurations that
+model loads) cancel, leaving the steady rate; the same on the run's idle time (run seconds
+less the workers' seconds on images) gives what the engine adds per image whatever the
+model's speed, the overhead figure that survives a machine loaded by others best. --repeat alternates the configurations that
 many times and keeps, per configuration, each figure's minimum.
 
 Writes benchmarks/results/ray_<machine>.csv (one row per run) and a PNG next to it:
@@ -84,6 +86,8 @@ def run_one(folder: Path, prompts: Path, model: str, mode: str, engine: str, wor
     else:
         command = [sys.executable, "-c", LOCAL, *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DISABLE_USAGE_STATS": "1"}
+    if engine == "local":
+        env["OMP_NUM_THREADS"] = "1"  # what Ray sets for a worker of 1 CPU: no library in either spins threads of its own
     row = {"model": model, "mode": mode, "engine": engine, "workers": workers, "load_average": round(os.getloadavg()[0], 2), "torch_threads": 1}
     started = time.perf_counter()
     try:
@@ -109,24 +113,29 @@ def run_one(folder: Path, prompts: Path, model: str, mode: str, engine: str, wor
 
 def steady(rows: list[dict]) -> dict[tuple, dict]:
     """Per (model, mode, engine, workers): the minimum figures of each folder size, and the
-    marginal seconds per image between the smallest and the largest folder."""
+    marginal seconds per image between the smallest and the largest folder: of the run, and
+    of its idle time (the run's seconds less the workers' seconds on images, shared among
+    the workers: what the engine adds per image, apart from how fast the model ran)."""
     best: dict[tuple, dict[int, dict]] = {}
     for row in rows:
         if row.get("status") != "ok":
             continue
         key = (row["model"], row["mode"], row["engine"], int(row["workers"]))
         kept = best.setdefault(key, {}).setdefault(int(row["images"]), {})
-        for field in ("run_seconds", "worker_seconds_per_image"):
-            value = float(row[field])
+        run, per_image = float(row["run_seconds"]), float(row["worker_seconds_per_image"])
+        idle = run - int(row["images"]) * per_image / int(row["workers"])  # the run's time no worker spent on an image
+        for field, value in (("run_seconds", run), ("worker_seconds_per_image", per_image), ("idle_seconds", idle)):
             kept[field] = min(kept.get(field, value), value)
     table = {}
     for key, sizes in best.items():
         small, large = min(sizes), max(sizes)
         marginal = (sizes[large]["run_seconds"] - sizes[small]["run_seconds"]) / (large - small) if large > small else None
+        idle = (sizes[large]["idle_seconds"] - sizes[small]["idle_seconds"]) / (large - small) if large > small else None
         table[key] = {
             "worker_seconds_per_image": min(s["worker_seconds_per_image"] for s in sizes.values()),
             "marginal_seconds_per_image": marginal,
             "steady_images_per_second": 1 / marginal if marginal and marginal > 0 else None,
+            "idle_seconds_per_image": idle,
             "run_seconds": {n: s["run_seconds"] for n, s in sorted(sizes.items())},
         }
     return table
@@ -135,8 +144,8 @@ def steady(rows: list[dict]) -> dict[tuple, dict]:
 def report(table: dict[tuple, dict]) -> str:
     """A markdown table, with Ray's overhead against the local engine at one worker."""
     lines = [
-        "| model | mode | engine | workers | run s (by folder size) | worker s / image | marginal s / image | steady images/s | overhead vs local |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | engine | workers | run s (by folder size) | worker s / image | marginal s / image | steady images/s | idle s / image | overhead vs local |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (model, mode, engine, workers), row in sorted(table.items()):
         local = table.get((model, mode, "local", 1))
@@ -146,10 +155,14 @@ def report(table: dict[tuple, dict]) -> str:
             overhead = f"worker {per:+.1%}"
             if row["marginal_seconds_per_image"] and local["marginal_seconds_per_image"]:
                 overhead += f", end to end {row['marginal_seconds_per_image'] / local['marginal_seconds_per_image'] - 1:+.1%}"
+            if row["idle_seconds_per_image"] is not None and local["idle_seconds_per_image"] is not None:
+                added = row["idle_seconds_per_image"] - local["idle_seconds_per_image"]
+                overhead += f", idle {added:+.3f} s = {added / local['worker_seconds_per_image']:+.1%} of a local image"
         runs = ", ".join(f"{n}: {s:.1f}" for n, s in row["run_seconds"].items())
         marginal = "" if row["marginal_seconds_per_image"] is None else f"{row['marginal_seconds_per_image']:.3f}"
         rate = "" if row["steady_images_per_second"] is None else f"{row['steady_images_per_second']:.3f}"
-        lines.append(f"| {model} | {mode} | {engine} | {workers} | {runs} | {row['worker_seconds_per_image']:.3f} | {marginal} | {rate} | {overhead} |")
+        idle = "" if row["idle_seconds_per_image"] is None else f"{row['idle_seconds_per_image']:.3f}"
+        lines.append(f"| {model} | {mode} | {engine} | {workers} | {runs} | {row['worker_seconds_per_image']:.3f} | {marginal} | {rate} | {idle} | {overhead} |")
     return "\n".join(lines)
 
 

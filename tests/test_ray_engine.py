@@ -25,6 +25,7 @@ from PIL import Image
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is imported: every Ray process on 127.0.0.1
 ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
 
 from sam_blocked import cli  # noqa: E402
 from sam_blocked.engines.ray_worker import EXIT_AT, EXIT_MARKER, pack_crops, unpack_crops  # noqa: E402
@@ -89,7 +90,8 @@ def assert_same_run(local: Path, distributed: Path) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """Two Ray nodes of 1 CPU each on 127.0.0.1; the exit hook armed for the image DIES."""
+    """Two Ray nodes of 1 CPU each on 127.0.0.1; the exit hook armed for the image DIES; Ray Data
+    waits for every worker of a pool before it sends work."""
     from ray.cluster_utils import Cluster
 
     marker = tmp_path_factory.mktemp("hook") / "died"
@@ -97,6 +99,9 @@ def cluster(tmp_path_factory):
         mp.setenv(EXIT_AT, DIES)  # inherited by the nodes, hence by every worker
         mp.setenv(EXIT_MARKER, str(marker))
         mp.setenv("RAY_DISABLE_USAGE_STATS", "1")  # no usage reports, no queries to a Prometheus that is not there
+        # Both workers up before the first unit is sent, so that both get work however slowly one starts
+        # (the engine itself sends work to the first worker ready).
+        mp.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
         node = {"num_cpus": 1, "object_store_memory": 200 * 2**20}
         started = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
         try:
