@@ -22,7 +22,8 @@ Writes benchmarks/results/ray_<machine>.csv (one row per run) and a PNG next to 
 steady images per second against workers, per model, the local engine at 1 worker.
 
     python benchmarks/bench_ray.py --quick                                   # tiny, 2 and 6 images: minutes
-    python benchmarks/bench_ray.py --models tiny vit_b --images 4 12 --repeat 3   # the full figure: ~1 h on 2 cores
+    python benchmarks/bench_ray.py --fresh --models tiny --images 4 24 --repeat 3    # ~15 min on 2 cores
+    python benchmarks/bench_ray.py --models vit_b --images 2 6 --repeat 3           # ~1 h on 2 cores
 
 One machine cannot show what a cluster is for: with 2 cores there is no scaling past 2
 workers, no network between the driver, the workers and the storage, and no GPU.
@@ -232,6 +233,9 @@ def main() -> int:
                         write_rows(path, rows, FIELDS)
                         print(f"{model} {args.mode} {engine} x{workers}, {count} images: {row['status']} {row.get('run_seconds', '')} s, load {row['load_average']}", flush=True)
     table = steady(rows)
+    loads = [float(r["load_average"]) for r in rows if r.get("load_average") not in (None, "")]
+    if loads:  # others' work on the machine while it measured: above the core count, the figures are noise
+        label += f"; load average {min(loads):.1f}-{max(loads):.1f} on {info['cores']} cores while measured"
     plot(table, path.with_suffix(".png"), label)
     print(report(table))
     print(f"wrote {path} and {path.with_suffix('.png')}")
