@@ -23,6 +23,7 @@ from skimage import data
 from sam_blocked import cli
 from sam_blocked.summary import SUMMARY_NAME
 from test_segment import EncoderCalls  # tests/ is on sys.path (pytest's rootdir import)
+from test_tiles_writers import amg_bbox
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
@@ -82,7 +83,7 @@ def check_outputs_agree(labels: np.ndarray, coco: dict, table: list[dict]) -> li
     np.testing.assert_array_equal(labels, expected)
     for ann, row, mask in zip(anns, table, masks):
         assert int(row["area"]) == ann["area"] == int(mask.sum())
-        assert [int(row[c]) for c in ("bbox_x0", "bbox_y0", "bbox_w", "bbox_h")] == ann["bbox"]
+        assert [int(row[c]) for c in ("bbox_x0", "bbox_y0", "bbox_w", "bbox_h")] == ann["bbox"] == amg_bbox(mask)
         assert (row["truncated"] == "True") == ann["truncated"]
         assert [int(row[c]) for c in ("crop_box_x0", "crop_box_y0", "crop_box_w", "crop_box_h")] == ann["crop_box"]
     return masks
@@ -138,6 +139,7 @@ def test_an_image_that_fits_one_tile_is_exactly_the_untiled_run(tmp_path, mode):
     assert len(tiled) == len(whole) > 0
     for t, w in zip(tiled, whole):
         assert t["segmentation"] == w["segmentation"] and t["predicted_iou"] == w["predicted_iou"] and t["crop_box"] == w["crop_box"]
+        assert t["bbox"] == w["bbox"] and t["area"] == w["area"], "the same numbers as the untiled run (amg.py's bbox)"
         assert t["truncated"] is False
     assert summary_of(tmp_path / "tiled")["done"][0]["encoder_passes"] == 1
 

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+import torch
 from pycocotools import mask as mask_utils
+from segment_anything.utils.amg import batched_mask_to_box, box_xyxy_to_xywh
 
 from sam_blocked.images import ImageItem, InputError
 from sam_blocked.memory import current_bytes, peak_bytes, reset_peak
@@ -105,7 +107,23 @@ def test_coco_rle_equals_pycocotools_on_the_full_array():
             rle = coco_rle(crop, height, width)
             assert rle == {"size": [height, width], "counts": expected["counts"].decode()}, (height, width, crop.box, crop.mask)
             assert mask_utils.area(expected) == crop_stats(crop)[0]
+            assert crop_stats(crop)[1] == amg_bbox(full.astype(bool)), "amg.py's bbox, measured on the full array"
             np.testing.assert_array_equal(mask_utils.decode({**rle, "counts": rle["counts"].encode()}), full)
+
+
+def amg_bbox(mask: np.ndarray) -> list[int]:
+    """The bbox amg.py (and an untiled run) gives an (H, W) mask: XYWH with w = last column - first column."""
+    return box_xyxy_to_xywh(batched_mask_to_box(torch.as_tensor(mask))).tolist()
+
+
+def test_bbox_is_amg_convention_one_less_than_the_pixel_extent():
+    image = np.zeros((20, 30), bool)
+    image[4:9, 10:17] = True  # 7 columns, 5 rows
+    crop = MaskCrop(image[2:12, 8:20], 8, 2)  # a loose crop
+    assert crop_stats(crop) == (35, [10, 4, 6, 4]) and amg_bbox(image) == [10, 4, 6, 4]
+    assert mask_utils.toBbox(mask_utils.encode(np.asfortranarray(image.astype(np.uint8)))).tolist() == [10, 4, 7, 5], "COCO's extent"
+    assert crop_stats(MaskCrop(np.ones((1, 1), bool), 3, 5)) == (1, [3, 5, 0, 0])  # one pixel
+    assert crop_stats(MaskCrop(np.zeros((3, 3), bool), 3, 5)) == (0, [0, 0, 0, 0])  # empty, as amg.py
 
 
 def test_coco_rle_refuses_crops_outside_and_images_beyond_32_bits():
@@ -147,7 +165,7 @@ def test_label_tiff_rle_json_and_table_agree_on_ids_areas_and_boxes(tmp_path):
         k = annotation["id"]
         mask = mask_utils.decode({**annotation["segmentation"], "counts": annotation["segmentation"]["counts"].encode()}).astype(bool)
         assert mask.sum() == annotation["area"] == int(row["area"]) == crop.mask.sum()
-        assert mask_utils.toBbox({**annotation["segmentation"], "counts": annotation["segmentation"]["counts"].encode()}).tolist() == annotation["bbox"]
+        assert amg_bbox(mask) == annotation["bbox"], "amg.py's bbox, as an untiled run writes it"
         assert annotation["bbox"] == [int(row[c]) for c in ("bbox_x0", "bbox_y0", "bbox_w", "bbox_h")]
         assert np.all(mask[labels == k]), f"id {k}: label pixels outside its RLE mask"
         covered = [j + 1 for j, other in enumerate(crops) if j + 1 != k]
@@ -280,7 +298,7 @@ def test_object_table_without_prompts_and_with_sparse_records(tmp_path):
     write_object_table(tmp_path / "t.csv", crops)
     rows = list(csv.DictReader(open(tmp_path / "t.csv", newline="")))
     assert list(rows[0]) == COLUMNS
-    assert [rows[0][c] for c in ("id", "area", "bbox_x0", "bbox_y0", "bbox_w", "bbox_h", "truncated")] == ["1", "4", "2", "3", "4", "4", "False"]
+    assert [rows[0][c] for c in ("id", "area", "bbox_x0", "bbox_y0", "bbox_w", "bbox_h", "truncated")] == ["1", "4", "2", "3", "3", "3", "False"]
     assert [rows[1][c] for c in ("id", "area", "bbox_w", "predicted_iou", "truncated")] == ["2", "0", "0", "", "True"]
     write_coco(tmp_path / "t.json", crops, 10, 10, file_name="t.tif")
     assert [a["area"] for a in json.loads((tmp_path / "t.json").read_text())["annotations"]] == [4, 0]

@@ -13,6 +13,10 @@ string. The JSON is SA-1B's per-image layout, as sam_blocked.outputs writes it:
 
 with ids as in the label image and object table (position + 1), `crop_box` the tile the mask
 came from (XYWH), and the image's CRS (WKT) and affine transform when it is georeferenced.
+`area` and `bbox` are measured on the mask (tiles.table.crop_stats); `bbox` is amg.py's XYWH,
+box_xyxy_to_xywh(batched_mask_to_box(mask)): w = last column - first column, one less than
+the pixel extent that pycocotools' toBbox gives. So a mask has the same bbox here as in an
+untiled run's JSON and metadata.csv.
 It is written one annotation at a time. pycocotools counts in 32 bits, so images of 2**32
 pixels or more (65536 x 65536) have no COCO RLE: use the label TIFF and object table.
 """

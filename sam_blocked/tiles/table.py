@@ -9,6 +9,12 @@ from (XYWH); `predicted_iou` is SAM's score; `truncated` says the mask touches a
 that is not an image edge (it may continue beyond it). `area` and `bbox` are measured on
 the mask itself: they agree with its RLE (a mask partly covered by a smaller one in the
 label image shows fewer pixels there).
+
+`bbox` is amg.py's: box_xyxy_to_xywh(batched_mask_to_box(mask)), in whole-image pixels, so
+x0, y0 are the first column and row of the mask and w = x1 - x0, h = y1 - y0 with x1, y1
+its last column and row: one less than the pixel extent (a one-pixel mask has w = h = 0;
+an empty mask has [0, 0, 0, 0]). It is the untiled run's bbox (metadata.csv, COCO JSON)
+for the same mask, not COCO's (pycocotools' toBbox gives the extent, w + 1).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
+from segment_anything.utils.amg import batched_mask_to_box, box_xyxy_to_xywh
 
 from sam_blocked.outputs import AMG_COLUMNS, PROMPT_COLUMNS, write_atomic
 from sam_blocked.tiles.crops import MaskCrop
@@ -28,14 +36,13 @@ COLUMNS = [*AMG_COLUMNS, "truncated"]
 
 
 def crop_stats(crop: MaskCrop) -> tuple[int, list[int]]:
-    """(area, bbox [x, y, w, h]) of the mask in whole-image pixels; an empty mask has bbox [0, 0, 0, 0]
-    (amg.py's batched_mask_to_box gives an empty mask a zero box too)."""
-    rows, cols = np.any(crop.mask, axis=1), np.any(crop.mask, axis=0)  # (h,), (w,)
-    if not rows.any():
+    """(area, bbox [x, y, w, h]) of the mask in whole-image pixels, bbox as amg.py computes it
+    (w = last column - first column); an empty mask has bbox [0, 0, 0, 0], as amg.py gives it."""
+    area = int(np.count_nonzero(crop.mask))
+    if area == 0:
         return 0, [0, 0, 0, 0]
-    top, bottom = int(rows.argmax()), len(rows) - int(rows[::-1].argmax())
-    left, right = int(cols.argmax()), len(cols) - int(cols[::-1].argmax())
-    return int(np.count_nonzero(crop.mask)), [crop.x0 + left, crop.y0 + top, right - left, bottom - top]
+    x, y, w, h = box_xyxy_to_xywh(batched_mask_to_box(torch.as_tensor(np.ascontiguousarray(crop.mask)))).tolist()  # within the crop
+    return area, [crop.x0 + int(x), crop.y0 + int(y), int(w), int(h)]
 
 
 def object_records(masks: Sequence[MaskCrop]) -> list[dict[str, Any]]:
