@@ -59,11 +59,12 @@ def build_demo(settings: demo.DemoSettings, examples_dir: Optional[str | os.Path
         gr.Markdown(
             "# Segment Anything with blocked attention\n"
             "Upload an image, click on it to segment. The image is encoded once (patched attention, "
-            "exact, in blocks); clicks only run the mask decoder. The panel on the right compares "
-            "the encode's peak memory with stock SAM's."
+            "exact, in blocks); clicks only run the mask decoder. An image larger than the model's input "
+            "is shown reduced and segmented at native resolution: a click encodes the tile around it, once. "
+            "The panel on the right compares the encode's peak memory with stock SAM's."
         )
         banner = gr.Markdown(demo.banner(settings), visible=settings.random_weights, elem_id="random-weights-banner")
-        session = gr.State(demo.DemoSession(), time_to_live=SESSION_TTL_S)
+        session = gr.State(demo.DemoSession(), time_to_live=SESSION_TTL_S, delete_callback=demo.DemoSession.close)
         settings_state = gr.State(settings)
 
         with gr.Row():
@@ -82,11 +83,10 @@ def build_demo(settings: demo.DemoSettings, examples_dir: Optional[str | os.Path
                 if examples:
                     gr.Examples([[p] for p in examples], inputs=[upload], label="Examples (examples/)")
                 memory = gr.Markdown(demo.format_memory(None), elem_id="memory")
-                mask = gr.Image(
-                    label="Mask (lossless PNG)", type="pil", format="png", interactive=False, buttons=["download"], height=260, elem_id="mask"
-                )
+                mask = gr.Image(label="Mask", type="pil", format="png", interactive=False, buttons=[], height=260, elem_id="mask")
+                download = gr.DownloadButton("Download the mask at full resolution", visible=False, elem_id="download")
                 with gr.Accordion("Segment everything", open=False):
-                    points_per_side = gr.Slider(4, 64, value=16, step=1, label="points per side")
+                    points_per_side = gr.Slider(4, 64, value=16, step=1, label="points per side (per tile on a large image)")
                     pred_iou = gr.Slider(0.0, 1.0, value=0.88, label="pred IoU threshold")
                     stability = gr.Slider(0.0, 1.0, value=0.95, label="stability score threshold")
                     everything = gr.Button("Segment everything", elem_id="everything")
@@ -99,6 +99,11 @@ def build_demo(settings: demo.DemoSettings, examples_dir: Optional[str | os.Path
                     chunks = gr.Number(settings.chunks, precision=0, minimum=1, label="chunks per attention matrix")
                     max_block_mb = gr.Number(settings.max_block_mb, label="or a memory budget per block (MiB; empty or 0 = use chunks)")
                     measure_stock = gr.Checkbox(settings.measure_stock, label=f"run stock too when its attention needs < {settings.stock_limit_mb:g} MiB")
+                    large_images = gr.Radio(
+                        [("tiles at native resolution (a click encodes the tile around it)", "tiles"), ("whole, resized into one encode (SAM's way)", "whole")],
+                        value=settings.large_images,
+                        label="images larger than the input size",
+                    )
                     apply = gr.Button("Apply and encode again", elem_id="apply")
                 with gr.Accordion("API: segment (for gradio_client)", open=False):
                     gr.Markdown(
@@ -112,18 +117,18 @@ def build_demo(settings: demo.DemoSettings, examples_dir: Optional[str | os.Path
                     api_mask = gr.Image(label="mask", type="pil", format="png", interactive=False)
                     api_scores = gr.JSON(label="scores")
 
-        view = [session, canvas, choice, mask, status, memory]
+        view = [session, canvas, choice, mask, download, status, memory]
         assert len(view) == len(demo.VIEW)
         encoding = dict(concurrency_id=ENCODER_GROUP, concurrency_limit=1, api_visibility="private")
         private = dict(api_visibility="private")
 
         upload.change(demo.on_image, [upload, session, settings_state], view, **encoding)
-        canvas.select(demo.on_click, [session, mode], view, **private)
-        undo.click(demo.on_undo, [session], view, **private)
+        canvas.select(demo.on_click, [session, mode], view, **encoding)  # on a large image a click may encode its tile
+        undo.click(demo.on_undo, [session], view, **encoding)
         clear.click(demo.on_clear, [session], view, **private)
         choice.input(demo.on_choose, [session, choice], view, **private)
         everything.click(demo.on_everything, [session, points_per_side, pred_iou, stability], view, **encoding)
-        settings_inputs = [settings_state, model_type, checkpoint, device_box, dtype, img_size, chunks, max_block_mb, measure_stock]
+        settings_inputs = [settings_state, model_type, checkpoint, device_box, dtype, img_size, chunks, max_block_mb, measure_stock, large_images]
         apply.click(demo.on_settings, settings_inputs, [settings_state, banner], **encoding).success(
             demo.on_encode, [session, settings_state], view, **encoding
         )

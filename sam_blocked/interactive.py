@@ -30,8 +30,8 @@ from sam_blocked.models import PATCH_SIZE
 from sam_blocked.patch import patched, stock
 from sam_blocked.images import InputError, read_image
 
-MAX_PIXELS = 4096 * 4096
-MAX_UPLOAD_MB = 20.0
+MAX_PIXELS = 4096 * 4096  # images encoded whole: three candidate masks at full size per click
+MAX_UPLOAD_MB = 200.0  # the transfer; what an image costs in memory is bounded by the pixel caps
 MASK_COLOR = np.array([30, 144, 255], dtype=np.float32)
 POINT_COLORS = {1: (0, 200, 70), 0: (230, 40, 40)}
 BOX_COLOR = (255, 200, 0)
@@ -40,13 +40,16 @@ BOX_COLOR = (255, 200, 0)
 # ---------------------------------------------------------------------------- images and prompts
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, max_upload_mb: float = MAX_UPLOAD_MB) -> tuple[np.ndarray, list[str]]:
+def load_image(
+    path: str | os.PathLike, max_pixels: int = MAX_PIXELS, max_upload_mb: float = MAX_UPLOAD_MB, pixels_flag: str = "--max-pixels"
+) -> tuple[np.ndarray, list[str]]:
     """Read an image file as (H, W, 3) uint8 RGB: segment.read_image behind a file-size cap.
 
     Args:
         path: an image file (anything Pillow reads; EXIF orientation applied, frame 0).
         max_pixels: refuse images with more pixels than this (checked before decoding).
         max_upload_mb: refuse files larger than this many MiB.
+        pixels_flag: the flag that sets max_pixels, as the refusal names it.
 
     Returns:
         (image, notes): notes say what was converted (mode, orientation, frames).
@@ -58,7 +61,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, max_upload
     try:
         return read_image(path, max_pixels)
     except InputError as error:
-        raise ValueError(f"{name}: {error}") from None
+        raise ValueError(f"{name}: {str(error).replace('--max-pixels', pixels_flag)}") from None
 
 
 @dataclass(frozen=True)
@@ -236,8 +239,7 @@ def predict(sam: Sam, embedding: Embedding, prompts: Prompts) -> tuple[np.ndarra
     Returns:
         masks (3, H, W) bool and their predicted IoU scores (3,).
     """
-    predictor = SamPredictor(sam)
-    _install(predictor, embedding)
+    predictor = predictor_for(sam, embedding)
     masks, scores, _ = predictor.predict(
         point_coords=np.array(prompts.points, dtype=np.float32) if prompts.points else None,
         point_labels=np.array(prompts.labels, dtype=np.int64) if prompts.points else None,
@@ -245,6 +247,13 @@ def predict(sam: Sam, embedding: Embedding, prompts: Prompts) -> tuple[np.ndarra
         multimask_output=True,
     )
     return masks, scores
+
+
+def predictor_for(sam: Sam, embedding: Embedding) -> SamPredictor:
+    """A SamPredictor on `sam` holding a kept embedding, as if set_image had just run: it decodes, never encodes."""
+    predictor = SamPredictor(sam)
+    _install(predictor, embedding)
+    return predictor
 
 
 def _install(predictor: SamPredictor, embedding: Embedding) -> None:

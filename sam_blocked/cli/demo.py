@@ -24,9 +24,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     server.add_argument("--port", type=int, default=None, help="port (default: 7860, or the next free one)")
     server.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     server.add_argument("--examples", default=None, metavar="DIR", help="folder of example images (default: the repository's examples/)")
-    limits = parser.add_argument_group("limits")
-    limits.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MiB (default %(default)s)")
-    limits.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image in pixels (default %(default)s = 4096 x 4096)")
+    limits = parser.add_argument_group("limits and large images")
+    limits.add_argument(
+        "--large-images",
+        choices=["tiles", "whole"],
+        default="tiles",
+        help="an image larger than the input size: tiles = shown reduced and segmented at native resolution, a click "
+        "encoding the tile around it once; whole = resized into one encode, as SamPredictor does (default %(default)s)",
+    )
+    limits.add_argument(
+        "--max-pixels", type=int, default=4096 * 4096, help="largest image encoded whole, in pixels (default %(default)s = 4096 x 4096)"
+    )
+    limits.add_argument(
+        "--max-tiled-pixels",
+        type=int,
+        default=12288 * 12288,
+        help="largest image taken tile by tile, in pixels (default %(default)s = 12288 x 12288, 453 MiB decoded per session; "
+        "above 178,956,970 PIL's bomb check in Gradio's upload refuses the file first)",
+    )
+    limits.add_argument("--max-upload-mb", type=float, default=200.0, help="largest upload in MiB (default %(default)s)")
+    limits.add_argument(
+        "--max-everything-tiles",
+        type=int,
+        default=16,
+        help="'Segment everything' on a tiled image runs up to this many tiles; beyond, it names the batch command (default %(default)s)",
+    )
     limits.add_argument(
         "--stock-limit-mb",
         type=float,
@@ -46,8 +68,8 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     model_type = "vit_h" if args.model_type == "default" else args.model_type
     if model_type == "auto" and args.checkpoint is None:
         model_type = "vit_b"  # as model_from_args
-    if args.max_upload_mb <= 0 or args.max_pixels <= 0 or args.stock_limit_mb < 0:
-        raise ValueError("--max-upload-mb and --max-pixels must be > 0, --stock-limit-mb >= 0")
+    if min(args.max_upload_mb, args.max_pixels, args.max_tiled_pixels, args.max_everything_tiles) <= 0 or args.stock_limit_mb < 0:
+        raise ValueError("--max-upload-mb, --max-pixels, --max-tiled-pixels and --max-everything-tiles must be > 0, --stock-limit-mb >= 0")
     device = str(device_from_args(args))  # resolved, so the UI's choice of the same device reuses the model
     model = ModelSettings(model_type, args.checkpoint, device, args.dtype, args.img_size or 1024, args.seed)
     return DemoSettings(
@@ -57,6 +79,9 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
         stock_limit_mb=args.stock_limit_mb,
         max_pixels=args.max_pixels,
         max_upload_mb=args.max_upload_mb,
+        large_images=args.large_images,
+        max_tiled_pixels=args.max_tiled_pixels,
+        max_everything_tiles=args.max_everything_tiles,
     )
 
 

@@ -123,11 +123,16 @@ def plan_points(tiling: Tiling, height: int, width: int, points_per_side: int) -
     return [TileTask(i, boxes[i], (height, width), points=points[owner == i]) for i in np.unique(owner).tolist()]
 
 
+def tile_to_hold(extent: Sequence[float]) -> int:
+    """The smallest tile size (a multiple of the patch size) that holds `extent` (x0, y0, x1, y1) wherever it lies."""
+    span = math.ceil(max(extent[2] - extent[0], extent[3] - extent[1]))
+    return -(-(span + 1) // PATCH_SIZE) * PATCH_SIZE
+
+
 def _too_big(prompt: Prompt, extent: tuple[float, ...], tiling: Tiling) -> str:
     x0, y0, x1, y1 = extent
-    span = math.ceil(max(x1 - x0, y1 - y0))
     what = f"box {list(prompt.box)}" if prompt.box is not None else f"points spanning [{x0:g}, {y0:g}, {x1:g}, {y1:g}]"
-    bigger = -(-(span + 1) // PATCH_SIZE) * PATCH_SIZE  # a multiple of the patch size that holds it wherever it lies
+    bigger = tile_to_hold(extent)
     return (
         f"prompt set {prompt.name!r}: {what} is {x1 - x0:g} x {y1 - y0:g} px, too large for one --tile {tiling.tile} px tile "
         f"(the model's input size): raise --tile to {bigger} or more"
