@@ -1,8 +1,9 @@
 """The web demo's handlers: what each event does, and the stateless `segment` endpoint.
 
 The Gradio layout is `demo_ui.py`; the per-session state and the view it renders are
-`demo_session.py`; settings and the shared models are `demo_settings.py`. Everything a
-click does is reached from here, so it can be tested by calling the handlers directly.
+`demo_session.py`; settings and the shared models are `demo_settings.py`; the memory panel is
+`demo_memory.py`. Everything a click does is reached from here, so it can be tested by
+calling the handlers directly.
 Two kinds of state, kept apart:
 
 - per session: a `DemoSession` in gr.State (the image, its embedding or kept tile
@@ -33,14 +34,8 @@ import numpy as np
 from PIL import Image
 
 from sam_blocked.demo_session import VIEW, DemoSession, check_whole, decode, is_tiled, prepare, view  # noqa: F401  (VIEW: demo_ui's)
-from sam_blocked.demo_settings import (  # noqa: F401  (re-exported: demo.X is the UI's and the tests' name)
-    DemoSettings,
-    banner,
-    check_settings,
-    format_memory,
-    list_examples,
-    load_model,
-)
+from sam_blocked.demo_memory import format_memory  # noqa: F401  (re-exported: demo.X is the UI's and the tests' name)
+from sam_blocked.demo_settings import DemoSettings, banner, check_settings, list_examples, load_model  # noqa: F401  (as format_memory)
 from sam_blocked.interactive import Prompts, check_prompts, encode, load_image, mask_image, parse_prompts, predict, segment_everything
 from sam_blocked.interactive_tiles import TileCache, full_mask, segment_everything_tiled, segment_in_tile
 from sam_blocked.loading import ModelSettings

@@ -22,7 +22,8 @@ from typing import Any, Callable, Optional
 import gradio as gr
 import numpy as np
 
-from sam_blocked.demo_settings import DemoSettings, check_settings, format_memory, load_model
+from sam_blocked.demo_memory import format_memory
+from sam_blocked.demo_settings import DemoSettings, check_settings, load_model
 from sam_blocked.interactive import (
     Embedding,
     MemoryReport,

@@ -1,4 +1,4 @@
-"""The web demo's settings: what an encode depends on, the upload caps, the shared models, the memory panel.
+"""The web demo's settings: what an encode depends on, the upload caps, the shared models.
 
 `DemoSettings` is frozen: a session keeps the settings its embeddings were computed with,
 and the tile embeddings it keeps are keyed by them. Models are built once per
@@ -18,7 +18,7 @@ import torch
 from segment_anything import SamPredictor
 
 from sam_blocked.attention import DEFAULT_CHUNKS, chunk_bands
-from sam_blocked.interactive import MAX_PIXELS, MAX_UPLOAD_MB, MemoryReport, format_bytes
+from sam_blocked.interactive import MAX_PIXELS, MAX_UPLOAD_MB
 from sam_blocked.interactive_tiles import MAX_TILED_PIXELS
 from sam_blocked.loading import DTYPES, LoadedModel, ModelSettings
 from sam_blocked.loading import load_model as load_settings
@@ -27,7 +27,6 @@ from sam_blocked.models import ENCODER_CONFIGS, PATCH_SIZE
 from sam_blocked.patch import patched
 
 STOCK_LIMIT_MB = 4096.0
-NOISE_BYTES = 8 * MIB  # differences of peak memory below this are not reported as savings
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 LARGE_IMAGES = ("tiles", "whole")  # an image larger than the input size: tile by tile at native resolution, or resized whole
 MAX_EVERYTHING_TILES = 16  # "Segment everything" on a large image: about 16 x 15 s with vit_b on a CPU
@@ -140,36 +139,3 @@ def list_examples(folder: str | os.PathLike | None) -> list[str]:
     if folder is None or not Path(folder).is_dir():
         return []
     return sorted(str(p) for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def format_memory(report: Optional[MemoryReport]) -> str:
-    """The memory panel's Markdown."""
-    if report is None:
-        return "**Memory**: measured at the next encode (of an image, or on a large image of the tile around a click)."
-    saved = report.stock_bytes - report.patched_bytes
-    stock_how = "measured" if report.stock_measured else "**estimate** \\*"
-    where = "the CUDA allocator's peak" if report.device.startswith("cuda") else "the process's resident high-water mark"
-    if saved > NOISE_BYTES:
-        verdict = f"Saved: **{format_bytes(saved)}** ({100 * saved / report.stock_bytes:.0f}% of stock)."
-    else:
-        verdict = (
-            f"No clear saving at this size: the difference is within measurement noise ({format_bytes(NOISE_BYTES)}); "
-            f"stock's largest attention call needs only {format_bytes(report.stock_attention_bytes)}. Raise the input size to see it."
-        )
-    return "\n".join(
-        [
-            f"**Peak memory of the last encode**: {report.img_size} px input on {report.device}, "
-            f"over what was in use before ({where}). The patched encode took {report.seconds:.1f} s.",
-            "",
-            "| encoder | peak of the encode |",
-            "|---|---|",
-            f"| patched ({report.blocking}) | {format_bytes(report.patched_bytes)}, measured |",
-            f"| stock | {format_bytes(report.stock_bytes)}, {stock_how} |",
-            "",
-            *([] if report.stock_measured else [f"\\* Estimated, computed from the attention shapes: {report.reason}.", ""]),
-            verdict,
-            "",
-            f"Largest attention call (estimates): stock {format_bytes(report.stock_attention_bytes)}, "
-            f"patched {format_bytes(report.blocked_attention_bytes)}.",
-        ]
-    )
