@@ -77,3 +77,36 @@ def test_bench_ray_writes_rows_plot_and_the_overhead_table(tmp_path):
     assert all(r["status"] == "ok" and float(r["run_seconds"]) > 0 and float(r["worker_seconds_per_image"]) > 0 for r in rows), rows
     assert "| tiny | prompts | ray | 1 |" in out and "worker " in out and "end to end" in out
     assert (tmp_path / "ray_test.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bench_tiles_writes_rows_table_and_picture(tmp_path):
+    # tiny at 256 px tiles on a 600 x 500 mosaic: prompt mode needs 4 of its 9 tiles, automatic mode all 9
+    common = ["--models", "tiny", "--tiles", "256", "--threads", "1", "--out-dir", str(tmp_path), "--machine", "test",
+              "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    run_script("bench_tiles.py", *common, "--sizes", "600x500", "200")
+    run_script("bench_tiles.py", *common, "--sizes", "600x500", "--mode", "auto", "--points-per-side", "3")
+
+    rows = {(r["mode"], r["width"], r["height"]): r for r in read_csv(tmp_path / "tiles_test.csv")}
+    assert set(rows) == {("prompts", "600", "500"), ("auto", "600", "500")}, "200 px fits one tile: skipped"
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    prompts, auto = rows[("prompts", "600", "500")], rows[("auto", "600", "500")]
+    assert (prompts["tiles"], prompts["encoder_passes"], prompts["masks"]) == ("9", "4", "5"), "five prompt sets, two in one tile"
+    assert auto["tiles"] == auto["encoder_passes"] == "9" and auto["duplicates"] == "0"
+    assert float(prompts["peak_mb"]) > float(prompts["model_mb"]) > 0 and float(prompts["write_s"]) >= 0
+    assert (tmp_path / "tiles_test.png").stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["mosaic_600x500.tif"]
+    table = run_script("bench_tiles.py", "--table", "--out-dir", str(tmp_path), "--machine", "test")
+    assert table.startswith("| mode | model | image px | tile px | tiles | encoder passes |")
+    assert "| prompts (5 sets) | tiny | 600 x 500 | 256 | 9 | 4 | 5 |" in table and "| auto (3 pts/side) | tiny | 600 x 500 | 256 | 9 | 9 |" in table
+
+    picture = tmp_path / "labels.png"
+    out = run_script("bench_tiles.py", "--picture", str(picture), "--picture-size", "600x500", "--tiles", "256",
+                     "--points-per-side", "3", "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
+    assert "9 tiles" in out and picture.stat().st_size > 0
+
+
+def test_bench_tiles_refuses_bad_arguments():
+    for args, message in ((["--sizes", "8000x"], "WIDTHxHEIGHT"), (["--tiles", "1000"], "multiples of 16")):
+        done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_tiles.py"), *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
