@@ -16,9 +16,9 @@ Modes:
   records duplicate pairs (two output masks whose mask IoU is above box_nms_thresh,
   counted on crops where boxes meet) and how many masks are cut by a tile edge.
 
-Images: tiled (512 px), deflate-compressed TIFFs of a mosaic of scikit-image photographs,
-built once window by window and cached in --cache-dir (not committed; a 32000 px side is
-~3 GB of pixels, ~1.5 GB on disk). A tile size not smaller than the image is skipped (that
+Images: tiled (512 px) TIFFs of a mosaic of scikit-image photographs, deflate-compressed
+up to 100 M pixels and uncompressed above (a 32000 px side: 3 GB of pixels, 3 GB on
+disk), built once tile by tile and cached in --cache-dir (not committed). A tile size not smaller than the image is skipped (that
 image takes the untiled path).
 
 Writes benchmarks/results/tiles_<machine>.csv (rows of earlier runs kept unless
@@ -65,6 +65,7 @@ QUICK = [("prompts", "vit_b", "4000", 1024), ("prompts", "vit_b", "8000", 1024),
 # Prompt sets at fixed fractions of the image: (kind, x, y); the second shares the first's tile.
 PROMPTS = [("point", 0.21, 0.23), ("point", 0.215, 0.235), ("box", 0.77, 0.31), ("point", 0.34, 0.72), ("point", 0.68, 0.81)]
 TIFF_TILE = 512
+DEFLATE_PIXELS = 10**8  # larger mosaics are written uncompressed: deflate, single-threaded, would take longer than the run
 FIELDS = [
     "machine", "device", "mode", "model", "width", "height", "tile", "overlap", "points_per_side", "prompts", "status",
     "tiles", "encoder_passes", "masks", "truncated", "duplicates", "seconds", "cpu_s", "write_s", "model_mb", "peak_mb",
@@ -119,8 +120,10 @@ def mosaic_tiff(cache: Path, width: int, height: int) -> Path:
                 yield unit[y % side : y % side + TIFF_TILE, (x + 7 * (y // side) * TIFF_TILE) % side :][:, :TIFF_TILE]
 
     partial = path.with_suffix(".part")
+    deflate = width * height <= DEFLATE_PIXELS
     tifffile.imwrite(partial, tiles(), shape=(height, width, 3), dtype=np.uint8, tile=(TIFF_TILE, TIFF_TILE), photometric="rgb",
-                     compression="zlib", compressionargs={"level": 1}, bigtiff=width * height * 3 > 2**31)  # fmt: skip
+                     compression="zlib" if deflate else None, compressionargs={"level": 1} if deflate else None,
+                     bigtiff=width * height * 3 > 2**31)  # fmt: skip
     os.replace(partial, path)
     return path
 
