@@ -119,7 +119,7 @@ def mosaic_tiff(cache: Path, width: int, height: int) -> Path:
                 # shifted by the unit's row: a 32k image repeats the unit, but not tile for tile
                 yield unit[y % side : y % side + TIFF_TILE, (x + 7 * (y // side) * TIFF_TILE) % side :][:, :TIFF_TILE]
 
-    partial = path.with_suffix(".part")
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.part")  # its own: two sweeps building the same image never share a file
     deflate = width * height <= DEFLATE_PIXELS
     tifffile.imwrite(partial, tiles(), shape=(height, width, 3), dtype=np.uint8, tile=(TIFF_TILE, TIFF_TILE), photometric="rgb",
                      compression="zlib" if deflate else None, compressionargs={"level": 1} if deflate else None,
