@@ -332,24 +332,21 @@ def picture(path: Path, args: argparse.Namespace) -> None:
         pixels = source.read((0, 0, width, height))
         result = segment_tiled(SamPredictor(sam), source, height, width, tiling, points_per_side=args.points_per_side,
                                settings=DecodeSettings(pred_iou_thresh=0.0, stability_score_thresh=0.0))  # fmt: skip
-    step = max(1, round(max(width, height) / 1600))
-    labels = np.zeros((height, width), np.uint32)
-    for i in sorted(range(len(result.masks)), key=lambda i: -result.masks[i].record["area"]):
+    step = max(1, -(-max(width, height) // 1000))  # shown at most 1000 px a side
+    labels = np.zeros((height, width), np.uint32)  # (H, W): the picture's image is small; the library never makes one
+    for i in sorted(range(len(result.masks)), key=lambda i: -result.masks[i].record["area"]):  # smaller masks on top, as tiles.labels
         m = result.masks[i]
         x0, y0, x1, y1 = m.box
         labels[y0:y1, x0:x1][m.mask] = i + 1
     small, reduced = labels[::step, ::step], pixels[::step, ::step].astype(np.float32)
     colors = np.random.default_rng(1).integers(40, 256, size=(len(result.masks) + 1, 3)).astype(np.float32)
     painted = small > 0
-    reduced[painted] = 0.4 * reduced[painted] + 0.6 * colors[small[painted]]
-    edges = np.zeros_like(painted)
-    edges[1:, :] |= small[1:, :] != small[:-1, :]
-    edges[:, 1:] |= small[:, 1:] != small[:, :-1]
-    reduced[edges & painted] = 255
+    reduced[painted] = 0.35 * reduced[painted] + 0.65 * colors[small[painted]]
     out = Image.fromarray(reduced.astype(np.uint8))
     draw = ImageDraw.Draw(out)
     for x0, y0, x1, y1 in tiling.boxes(height, width):
-        draw.rectangle((x0 / step, y0 / step, (x1 - 1) / step, (y1 - 1) / step), outline=(255, 255, 255))
+        draw.rectangle((x0 / step, y0 / step, (x1 - 1) / step, (y1 - 1) / step), outline=(0, 0, 0), width=2)
+    out = out.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
     path.parent.mkdir(parents=True, exist_ok=True)
     out.save(path, optimize=True)
     cut = sum(bool(m.record["truncated"]) for m in result.masks)
@@ -382,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fresh", action="store_true", help="drop earlier rows of the same CSV instead of keeping them")
     parser.add_argument("--table", action="store_true", help="print the CSV of --machine (or this machine) as a Markdown table and exit")
     parser.add_argument("--picture", type=Path, default=None, help="render a stitched label image (automatic masks, tiny) to this PNG and exit")
-    parser.add_argument("--picture-size", default="4000x3000", help="the picture's mosaic, WIDTHxHEIGHT (default %(default)s; tile: first of --tiles)")
+    parser.add_argument("--picture-size", default="3000x2000", help="the picture's mosaic, WIDTHxHEIGHT (default %(default)s; tile: first of --tiles)")
     # One configuration, as the sweep runs it in a subprocess.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
