@@ -278,6 +278,7 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
                 title=f"prompt mode ({len(PROMPTS)} prompt sets): time")  # fmt: skip
     ax_mem.set(xscale="log", xlabel="image side, px", ylabel="process peak MiB (VmHWM)", title="prompt mode: peak memory, outputs included")
     ax_mem.axhline(2048, color="gray", ls=":", lw=1)
+    ax_mem.set_ylim(bottom=0)
     auto = [r for r in ok if r["mode"] == "auto"]
     for model, side, tile in sorted({(r["model"], r["points_per_side"], int(r["tile"])) for r in auto}):
         line = sorted((r for r in auto if (r["model"], r["points_per_side"], int(r["tile"])) == (model, side, tile)), key=lambda r: int(r["tiles"]))
