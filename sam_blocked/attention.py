@@ -229,6 +229,9 @@ def blocked_attention(
     out = q.new_empty(BH, N, v.shape[-1])  # (B*heads, N, Cv)
     q_ranges = band_rows(H, plan.q_bands)
     k_ranges = band_rows(H, plan.k_bands)
+    # One float32 score buffer for every block (written by bmm in place when the matmul runs in float32).
+    largest = min(plan.group, BH) * max(b - a for a, b in q_ranges) * max(b - a for a, b in k_ranges) * W * W
+    scores = q.new_empty(largest, dtype=torch.float32) if mm_dtype == torch.float32 else None
     for g0, g1 in row_groups(BH, plan.group):
         k_g = k[g0:g1].to(mm_dtype)  # (G, N, C)
         v_g = v[g0:g1].to(mm_dtype)  # (G, N, Cv)
@@ -239,7 +242,7 @@ def blocked_attention(
             if tables is not None:
                 rel = decomposed_rel_pos(q_blk.float().view(g1 - g0, rows, W, C), *tables, qa)
             q_blk = (q_blk * scale).to(mm_dtype)
-            o_blk = _online_softmax_band(q_blk, k_g, v_g, k_ranges, W, rel)
+            o_blk = _online_softmax_band(q_blk, k_g, v_g, k_ranges, W, rel, scores)
             out[g0:g1, qa * W : qb * W] = o_blk.to(q.dtype)
     return out
 
@@ -251,12 +254,18 @@ def _online_softmax_band(
     k_ranges: list[Tuple[int, int]],
     W: int,
     rel: Optional[Tuple[Tensor, Tensor]],
+    buffer: Optional[Tensor] = None,
 ) -> Tensor:
-    """One query band against every key band; returns (G, Nq, Cv) float32."""
+    """One query band against every key band; returns (G, Nq, Cv) float32. `buffer`, if
+    given, holds the float32 scores of each block (float32 matmuls only)."""
     G, Nq, _ = q_blk.shape
     running_max = running_sum = acc = None
     for ka, kb in k_ranges:
-        scores = torch.bmm(q_blk, k_g[:, ka * W : kb * W].transpose(1, 2)).float()  # (G, Nq, Nk)
+        keys = k_g[:, ka * W : kb * W].transpose(1, 2)  # (G, C, Nk)
+        if buffer is None:
+            scores = torch.bmm(q_blk, keys).float()  # (G, Nq, Nk)
+        else:
+            scores = torch.bmm(q_blk, keys, out=buffer[: G * Nq * keys.shape[-1]].view(G, Nq, -1))
         if rel is not None:
             rel_h, rel_w = rel
             grid_scores = scores.view(G, Nq, kb - ka, W)
@@ -277,5 +286,4 @@ def _online_softmax_band(
             running_sum = running_sum.mul_(correction).add_(block_sum)
             acc = acc.mul_(correction[..., None]).add_(probs_v)
         running_max = new_max
-        del scores
     return acc.div_(running_sum[..., None])

@@ -45,6 +45,9 @@ Tensor = torch.Tensor
 # flashbias / flex hold no score block; their per-step working set (q', k', v' or the
 # rel-pos terms) is kept under this many bytes unless max_block_mb says otherwise.
 DEFAULT_FUSED_BYTES = 16 * 2**20
+# Under max_block_mb, sdpa's bias blocks are kept to this size when the budget allows more:
+# a block that stays in cache between being written and read is cheaper than a larger one.
+SDPA_BAND_BYTES = 8 * 2**20
 HEAD_DIM_MULTIPLE = 8
 FLEX_CPU_REASON = (
     "flex on the CPU: inductor compiles flex_attention once per input shape (15-60 s each; dynamic "
@@ -151,7 +154,8 @@ def plan_sdpa(
     max_block_mb: Optional[float] = None,
 ) -> BlockPlan:
     """sdpa's steps: `chunks` query bands (k_bands 1), or under max_block_mb the fewest bands
-    whose float32 bias block fits; then as many batch*head rows per step as the bytes allow.
+    whose float32 bias block fits min(max_block_mb, SDPA_BAND_BYTES) (one token row at least);
+    then as many batch*head rows per step as the bytes allow.
 
     Args:
         batch_heads: B*heads.
@@ -170,7 +174,7 @@ def plan_sdpa(
         reasons = sdpa_reasons(grid, max_block_mb)
         if reasons:
             raise ValueError(f"{reasons[0]}: raise max_block_mb or use backend 'blocked'")
-        budget = int(max_block_mb * 2**20)
+        budget = max(row_bytes, min(int(max_block_mb * 2**20), SDPA_BAND_BYTES))
         q_bands = next(b for b in range(1, H + 1) if math.ceil(H / b) * row_bytes <= budget)
     per_row = math.ceil(H / q_bands) * row_bytes
     group = max(1, min(batch_heads, budget // per_row))
@@ -242,6 +246,9 @@ def sdpa_attention(
     tables = rel_pos_tables(rel_pos_h, rel_pos_w, grid)
 
     n_pad = N + -N % _bias_row_alignment(q.device)
+    band = max(b - a for a, b in band_rows(H, plan.q_bands))  # token rows of the largest band
+    # one bias buffer for every step, written in place: (1, G, band tokens, N) at most
+    mask_buffer = None if tables is None else q.new_empty(min(plan.group, BH) * band * W * n_pad)
 
     out = q.new_empty(BH, N, v.shape[-1])  # (B*heads, N, Cv)
     for g0, g1 in row_groups(BH, plan.group):
@@ -252,7 +259,7 @@ def sdpa_attention(
             mask = None
             if tables is not None:
                 rel_h, rel_w = decomposed_rel_pos(q_blk.float().view(G, rows, W, C), *tables, qa)
-                mask = q.new_empty(1, G, rows * W, n_pad)[..., :N]  # (1, G, Nq, N): this band's bias only
+                mask = mask_buffer[: G * rows * W * n_pad].view(1, G, rows * W, n_pad)[..., :N]  # this band's bias only
                 # (G, rows, W, H, 1) + (G, rows, W, 1, W) -> (G, rows, W, H, W), written in place
                 torch.add(rel_h.to(q.dtype)[..., :, None], rel_w.to(q.dtype)[..., None, :], out=mask.view(G, rows, W, H, W))
                 del rel_h, rel_w
@@ -313,29 +320,35 @@ def flashbias_attention(
     dim = -(-dim // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
     token = torch.arange(N, device=q.device)
 
+    # q', k', v' are allocated once and reused by every step; what never changes (zero
+    # padding, k's one-hot row and column columns) is written once.
+    G = min(plan.group, BH)
+    q_aug = q.new_zeros(G, N, dim)  # (G, N, D): [q * scale, rel_h, rel_w, 0...]
+    k_aug = k.new_zeros(G, N, dim)  # (G, N, D): [k, onehot(row), onehot(col), 0...]
+    v_aug = None if dim == Cv else v.new_zeros(G, N, dim)  # (G, N, D): the fused kernels want one head dim
+    if tables is not None:
+        k_aug[:, token, C + token // W] = 1
+        k_aug[:, token, C + H + token % W] = 1
     out = q.new_empty(BH, N, Cv)  # (B*heads, N, Cv)
     for g0, g1 in row_groups(BH, plan.group):
         G = g1 - g0
-        q_aug = q.new_zeros(G, N, dim)  # (G, N, D): [q * scale, rel_h, rel_w, 0...]
-        k_aug = k.new_zeros(G, N, dim)  # (G, N, D): [k, onehot(row), onehot(col), 0...]
-        q_aug[..., :C] = q[g0:g1] * scale
-        k_aug[..., :C] = k[g0:g1]
+        qa_, ka_ = q_aug[:G], k_aug[:G]
+        qa_[..., :C] = q[g0:g1] * scale
+        ka_[..., :C] = k[g0:g1]
         if tables is not None:
             rel_h, rel_w = decomposed_rel_pos(q[g0:g1].float().view(G, H, W, C), *tables, 0)
-            q_grid = q_aug.view(G, H, W, dim)
+            q_grid = qa_.view(G, H, W, dim)
             q_grid[..., C : C + H] = rel_h
             q_grid[..., C + H : C + H + W] = rel_w
             del rel_h, rel_w
-            k_aug[:, token, C + token // W] = 1
-            k_aug[:, token, C + H + token % W] = 1
-        v_aug = v[g0:g1]
-        if dim != Cv:
-            v_aug = v.new_zeros(G, N, dim)  # (G, N, D): the fused kernels want one head dim
-            v_aug[..., :Cv] = v[g0:g1]
+        va_ = v[g0:g1]
+        if v_aug is not None:
+            va_ = v_aug[:G]
+            va_[..., :Cv] = v[g0:g1]
         with sdpa_kernel(_fused_kernels(q.device)):
-            o = F.scaled_dot_product_attention(q_aug[None], k_aug[None], v_aug[None], scale=1.0)  # (1, G, N, D)
+            o = F.scaled_dot_product_attention(qa_[None], ka_[None], va_[None], scale=1.0)  # (1, G, N, D)
         out[g0:g1] = o[0, ..., :Cv]
-        del q_aug, k_aug, v_aug, o
+        del o
     return out
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from sam_blocked.attention import DEFAULT_CHUNKS, chunk_bands
 from sam_blocked.backends import ATTENTION, check_backend_name, plan_backend, resolve_backend
+from sam_blocked.tokenwise import token_chunk
 
 Tensor = torch.Tensor
 
@@ -66,6 +67,35 @@ def attention_layer(
     Returns:
         (B, H, W, dim) in x's dtype.
     """
+    return proj(attention_heads(x, qkv, num_heads, scale, rel_pos_h, rel_pos_w, config))
+
+
+def projected_heads(batch: int, tokens: int, heads: int, head_dim: int, group: int, max_block_mb: Optional[float] = None) -> int:
+    """Heads whose q, k, v are projected at once: the kernel's `group` of batch*head rows,
+    and no more than a third of the heads (q, k, v within one activation) unless they fit
+    a token step's bytes (tokenwise.token_chunk's budget) anyway."""
+    step = max(1, min(heads, group // batch))
+    if 3 * batch * tokens * step * head_dim * 4 > token_chunk(1, max_block_mb) * 4:
+        step = max(1, min(step, heads // 3))
+    return step
+
+
+def attention_heads(
+    x: Tensor,
+    qkv: torch.nn.Linear,
+    num_heads: int,
+    scale: float,
+    rel_pos_h: Optional[Tensor],
+    rel_pos_w: Optional[Tensor],
+    config: BlockConfig,
+) -> Tensor:
+    """attention_layer before its output projection: the heads side by side.
+
+    Args: as attention_layer.
+
+    Returns:
+        (B, H, W, heads * head_dim) in x's dtype, contiguous.
+    """
     B, H, W, dim = x.shape
     heads = num_heads
     head_dim = qkv.out_features // (3 * heads)
@@ -74,7 +104,7 @@ def attention_layer(
 
     # q, k, v are projected for a few heads at a time, so the full (3, B*heads, N, C)
     # projection never exists either: only `heads_per_step` of it at once.
-    heads_per_step = max(1, min(heads, plan.group // B))
+    heads_per_step = projected_heads(B, H * W, heads, head_dim, plan.group, config.max_block_mb)
     out = x.new_empty(B, H * W, heads, head_dim)  # (B, N, heads, C)
     weight = qkv.weight.view(3, heads, head_dim, dim)
     bias = None if qkv.bias is None else qkv.bias.view(3, heads, head_dim)
@@ -89,7 +119,7 @@ def attention_layer(
                 weight[:, h0:h1].reshape(3 * g * head_dim, dim),
                 None if bias is None else bias[:, h0:h1].reshape(-1),
             )  # (B, H, W, 3*g*C)
-        # (3, B*g, N, C), as stock's reshape
+        # (3, B*g, N, C), as stock's reshape: a view when B == 1
         qkv_g = qkv_g.reshape(B, H * W, 3, g, head_dim).permute(2, 0, 3, 1, 4).reshape(3, B * g, H * W, head_dim)
         q, k, v = qkv_g.unbind(0)
         if q_norm is not None:
@@ -99,4 +129,4 @@ def attention_layer(
         o = ATTENTION[backend](q, k, v, (H, W), rel_pos_h, rel_pos_w, scale=scale, plan=plan)  # (B*g, N, C)
         out[:, :, h0:h1] = o.view(B, g, H * W, head_dim).transpose(1, 2)
         del qkv_g, q, k, v, o
-    return proj(out.view(B, H, W, heads * head_dim))
+    return out.view(B, H, W, heads * head_dim)

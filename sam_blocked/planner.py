@@ -1,7 +1,7 @@
 """What a SAM run needs in memory, before any weights are downloaded: a count, not a measurement.
 
 plan_memory(model_type, img_size, ...) adds up, from the architecture (models.ENCODER_CONFIGS)
-and the blocking rules the patched code itself uses (backends.plan_backend, tokenwise.token_chunk):
+and the blocking rules the patched code itself uses (backends.plan_backend, tokenwise's chunks):
 
 - weights: every parameter and buffer, the image encoder in `dtype`, the rest float32;
 - input: the (batch, 3, S, S) float32 image tensor the encoder reads;
@@ -37,8 +37,9 @@ import torch
 from sam_blocked.attention import DEFAULT_CHUNKS, chunk_bands
 from sam_blocked.backends import choose_backend, plan_backend
 from sam_blocked.fused import augmented_head_dim
+from sam_blocked.layer import projected_heads
 from sam_blocked.models import ENCODER_CONFIGS, PATCH_SIZE, PROMPT_EMBED_DIM
-from sam_blocked.tokenwise import token_chunk, windows_per_step
+from sam_blocked.tokenwise import mlp_chunk, window_chunk, windows_per_step
 
 MIB = 2**20
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -229,7 +230,7 @@ class _Shape:
 
 def _patched_phases(s: _Shape, has_global: bool, has_windows: bool, dtype: str, device: str, chunks: int, max_block_mb) -> dict[str, int]:
     a, e, head_dim = s.activation, s.itemsize, s.dim // s.heads
-    chunk = token_chunk(max(s.mlp_dim, s.dim), max_block_mb)
+    chunk = mlp_chunk(s.dim, s.mlp_dim, max_block_mb)
     phases = {
         "patch embedding": 2 * a + (s.batch * 3 * (s.grid * PATCH_SIZE) ** 2 * e if e != 4 else 0),
         "MLP": 2 * a + min(chunk, s.batch * s.grid**2) * (2 * s.dim + 2 * s.mlp_dim) * e,
@@ -242,7 +243,7 @@ def _patched_phases(s: _Shape, has_global: bool, has_windows: bool, dtype: str, 
         phases["global attention"] = 3 * a + qkv + work
     if has_windows:
         ws = s.window
-        k = windows_per_step(s.batch, ws, chunk)
+        k = windows_per_step(s.batch, ws, window_chunk(s.dim, max_block_mb))
         k = min(k, math.ceil(s.grid / ws))
         step_tokens = s.batch * k * ws * ws
         work, heads_per_step = _attention_workspace(s.batch * k, s.heads, (ws, ws), head_dim, e, dtype, device, chunks, max_block_mb)
@@ -267,7 +268,7 @@ def _attention_workspace(batch, heads, grid, head_dim, e, dtype, device, chunks,
         work = 4 * plan.group * n * dim * e + 2 * rel  # q', k', v' and the output; rel-pos terms
     else:  # blocked: the score block and its exp, float32 k/v copies off float32
         work = 2 * plan.block_bytes + rel + (2 * plan.group * n * head_dim * 4 if e != 4 else 0)
-    return work, max(1, min(heads, plan.group // batch))
+    return work, projected_heads(batch, n, heads, head_dim, plan.group, max_block_mb)
 
 
 def _stock_phases(s: _Shape, has_global: bool, has_windows: bool) -> dict[str, int]:

@@ -5,15 +5,15 @@ LayerNorm, the MLP and the output projection act on each token alone, so running
 mlp_dim) exists at once, instead of the whole image's (4 x dim per token, and GELU's
 copy). The residual adds then go straight into a buffer the block owns:
 
-- mlp_residual_:    x <- x + mlp(norm(x)), chunk by chunk, in x's storage;
+- mlp_residual_:    x <- x + mlp(norm(x)), chunk by chunk, in x's storage (GELU in place);
 - linear_residual_: o <- x + proj(o), chunk by chunk, in o's storage (o is the attention's
   output, whose chunk is read before it is overwritten);
 - window geometry: which token rectangles hold a step's windows (window_steps), and the
   strided views that move them between the (B, H, W, D) grid and (B * k, ws, ws, D)
   windows without padded copies (window_parts, grid_parts).
 
-`token_chunk` sizes the chunks from the same budget as the attention blocks: a float32
-(chunk, width) block within max_block_mb, or DEFAULT_TOKEN_BYTES under `chunks`.
+`token_chunk` sizes the chunks from the same budget as the attention blocks: a step's
+float32 working set, (chunk, width), within max_block_mb and DEFAULT_TOKEN_BYTES.
 """
 
 from __future__ import annotations
@@ -24,20 +24,38 @@ from typing import Callable, Iterator, NamedTuple, Optional
 import torch
 
 Tensor = torch.Tensor
+Module = Callable[[Tensor], Tensor]
 
+# A token step's working set: at most this (or max_block_mb when smaller). Larger steps
+# gain nothing on the CPU (GEMMs of ~1000 tokens already run at full rate) and would sit in
+# the allocator's heap as long-lived free blocks after the step.
 DEFAULT_TOKEN_BYTES = 16 * 2**20
 _FP32_BYTES = 4
 
 
 def token_chunk(width: int, max_block_mb: Optional[float] = None) -> int:
-    """Tokens per chunk: as many as keep a float32 (tokens, width) block within the budget, at least 1.
+    """Tokens per chunk: as many as keep a float32 (tokens, width) working set within
+    min(max_block_mb, DEFAULT_TOKEN_BYTES), at least 1.
 
     Args:
-        width: the widest per-token tensor of the step (the MLP's hidden dim).
-        max_block_mb: the patch's budget in MiB; None (under `chunks`) uses DEFAULT_TOKEN_BYTES.
+        width: what one token of the step holds at once, in float32 numbers.
+        max_block_mb: the patch's budget in MiB, or None (under `chunks`).
     """
-    budget = DEFAULT_TOKEN_BYTES if max_block_mb is None else max_block_mb * 2**20
+    budget = DEFAULT_TOKEN_BYTES if max_block_mb is None else min(DEFAULT_TOKEN_BYTES, max_block_mb * 2**20)
     return max(1, int(budget // (width * _FP32_BYTES)))
+
+
+def mlp_chunk(dim: int, mlp_dim: int, max_block_mb: Optional[float] = None) -> int:
+    """Tokens per MLP step: the norm or the output beside the hidden layer (GELU runs in
+    place), dim + mlp_dim a token."""
+    return token_chunk(dim + mlp_dim, max_block_mb)
+
+
+def window_chunk(dim: int, max_block_mb: Optional[float] = None) -> int:
+    """Tokens per windowed-attention step: the windows, their norm, the heads and the
+    projection, 4 * dim a token (q, k, v and the kernel's workspace are the attention's,
+    bounded by its own plan)."""
+    return token_chunk(4 * dim, max_block_mb)
 
 
 def token_rows(x: Tensor) -> Tensor:
@@ -47,19 +65,30 @@ def token_rows(x: Tensor) -> Tensor:
     return x.view(-1, x.shape[-1])  # (T, D)
 
 
-def mlp_residual_(x: Tensor, norm: Callable[[Tensor], Tensor], mlp: Callable[[Tensor], Tensor], chunk: int) -> Tensor:
-    """x + mlp(norm(x)), written into x, `chunk` tokens at a time; returns x.
+def mlp_residual_(x: Tensor, norm: Module, lin1: Module, act: Module, lin2: Module, chunk: int) -> Tensor:
+    """x + lin2(act(lin1(norm(x)))), written into x, `chunk` tokens at a time; returns x.
 
     Args:
         x: (..., D), contiguous; overwritten.
-        norm, mlp: token-wise modules (LayerNorm; SAM's MLPBlock), D -> D.
-        chunk: tokens per step (token_chunk).
+        norm: token-wise norm (LayerNorm), D -> D.
+        lin1, act, lin2: the MLP (SAM's MLPBlock), D -> hidden -> D; an nn.GELU runs in
+            place on the hidden layer (the same kernel as stock's, without its copy).
+        chunk: tokens per step (mlp_chunk).
     """
     flat = token_rows(x)  # (T, D)
     for t0 in range(0, flat.shape[0], chunk):
         rows = flat[t0 : t0 + chunk]  # (c, D)
-        rows.add_(mlp(norm(rows)))  # stock: x + mlp(norm2(x)), the same add
+        hidden = activate_(act, lin1(norm(rows)))  # (c, hidden)
+        rows.add_(lin2(hidden))  # stock: x + mlp(norm2(x)), the same add
+        del hidden
     return x
+
+
+def activate_(act: Module, x: Tensor) -> Tensor:
+    """act(x), in x's storage when act is a plain nn.GELU (aten's in-place gelu, same kernel)."""
+    if type(act) is torch.nn.GELU:
+        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    return act(x)
 
 
 def linear_residual_(x: Tensor, o: Tensor, proj: Callable[[Tensor], Tensor], chunk: int) -> Tensor:
