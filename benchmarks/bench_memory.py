@@ -5,6 +5,8 @@ vit_b image encoder at 1024 px; stock vs patched with chunks 1, 4, 16, 64. Every
 configuration runs in a fresh process. CPU: the resident high-water mark is reset
 (/proc/self/clear_refs) after the model and input exist and one warm-up run, then read
 after the measured run; CUDA: max_memory_allocated after reset_peak_memory_stats.
+Every row also has the floor ratio: the time over the target's FLOPs (sam_blocked.flops)
+at the rate of a plain GEMM measured in the same process (common.gemm_rate).
 
     python benchmarks/bench_memory.py                 # CSV + PNG under benchmarks/results/
     python benchmarks/bench_memory.py --targets layer --chunks 16
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, also when imported from elsewhere
-from common import MIB, RESULTS, cpu_model, read_rows, write_rows  # noqa: E402
+from common import MIB, RESULTS, cpu_model, gemm_rate, read_rows, write_rows  # noqa: E402
 
 
 def machine_name(device: str) -> str:
@@ -38,22 +40,26 @@ def run_child(config: dict) -> dict:
     memory, and the fastest of `repeat` runs the wall and CPU (process) seconds."""
     from segment_anything.modeling.image_encoder import Attention
 
-    from sam_blocked import build_sam, patch_sam
+    from sam_blocked import build_sam, patch_sam, set_image_size
+    from sam_blocked.flops import attention_flops, encoder_flops
     from sam_blocked.memory import current_bytes, peak_bytes, reset_peak
 
     device = torch.device(config["device"])
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
+    grid, size = config["grid"], config["img_size"]
     if config["target"] == "layer":
-        model = Attention(768, num_heads=12, use_rel_pos=True, input_size=(64, 64))
+        model = Attention(768, num_heads=12, use_rel_pos=True, input_size=(grid, grid))
         with torch.no_grad():
             model.rel_pos_h.normal_(0, 0.5)
             model.rel_pos_w.normal_(0, 0.5)
-        x = torch.randn(1, 64, 64, 768)
+        x = torch.randn(1, grid, grid, 768)
+        flops = attention_flops(768, 12, grid)
     else:
-        model = build_sam("vit_b").image_encoder
-        x = torch.randn(1, 3, 1024, 1024)
+        model = set_image_size(build_sam("vit_b"), size).image_encoder
+        x = torch.randn(1, 3, size, size)
+        flops = encoder_flops("vit_b", size)
     model, x = model.to(device).eval(), x.to(device)
     if config["mode"] == "patched":
         patch_sam(model, chunks=config["chunks"], backend=config["backend"])
@@ -72,10 +78,14 @@ def run_child(config: dict) -> dict:
             if i == 0:
                 peak = peak_bytes(device)
             del out
+    rate = gemm_rate("float32", config["device"])
     return {
         "extra_peak_mib": round((peak - base) / MIB, 1),
         "time_s": round(min(wall), 3),
         "cpu_s": round(min(cpu), 3),
+        "gflop": round(flops / 1e9, 1),
+        "gemm_gflops": round(rate / 1e9, 1),
+        "floor_ratio": round(min(wall) * rate / flops, 2),
         "threads": torch.get_num_threads(),
         "load_avg": round(os.getloadavg()[0], 2),
     }
@@ -89,7 +99,7 @@ def configurations(args) -> list[dict]:
             {"target": target, "mode": "patched", "chunks": c, "backend": b} for b in args.backends for c in args.chunks
         ]
     for c in configs:
-        c.update(device=args.device, threads=args.threads, repeat=args.repeat)
+        c.update(device=args.device, threads=args.threads, repeat=args.repeat, grid=args.grid, img_size=args.img_size)
     return configs
 
 
@@ -101,7 +111,9 @@ def plot(rows: list[dict], machine: str, path: Path) -> None:
 
     targets = sorted({r["target"] for r in rows}, key=["layer", "encoder"].index)
     fig, axes = plt.subplots(2, len(targets), figsize=(5.5 * len(targets), 7), squeeze=False)
-    titles = {"layer": "one vit_b global attention layer, 64x64 tokens", "encoder": "vit_b image encoder, 1024 px"}
+    first = rows[0]
+    grid, size = first.get("grid") or 64, first.get("img_size") or 1024
+    titles = {"layer": f"one vit_b global attention layer, {grid}x{grid} tokens", "encoder": f"vit_b image encoder, {size} px"}
     for col, target in enumerate(targets):
         sel = [r for r in rows if r["target"] == target]
         labels = ["stock" if r["mode"] == "stock" else f"{r['backend']} {r['chunks']}" for r in sel]
@@ -130,6 +142,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per configuration; the fastest counts")
+    parser.add_argument("--grid", type=int, default=64, help="tokens per side of the layer target (default %(default)s)")
+    parser.add_argument("--img-size", type=int, default=1024, help="input size of the encoder target, a multiple of 16 (default %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the CSV in --out")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -159,10 +173,12 @@ def main(argv=None) -> int:
         row = {**config, **result, "machine": machine}
         rows.append(row)
         print(f"{config['target']:8} {config['mode']:8} {config['backend']:9} chunks={config['chunks']!s:3} "
-              f"extra peak {row['extra_peak_mib']!s:>8} MiB   time {row['time_s']!s:>7} s   cpu {row.get('cpu_s', '')!s:>7} s",
+              f"extra peak {row['extra_peak_mib']!s:>8} MiB   time {row['time_s']!s:>7} s   cpu {row.get('cpu_s', '')!s:>7} s   "
+              f"floor ratio {row.get('floor_ratio', '')!s:>5}",
               flush=True)
     csv_path = args.out / f"memory_{tag}.csv"
-    fields = ["machine", "device", "target", "mode", "backend", "chunks", "extra_peak_mib", "time_s", "cpu_s", "threads", "load_avg"]
+    fields = ["machine", "device", "target", "grid", "img_size", "mode", "backend", "chunks", "extra_peak_mib", "time_s", "cpu_s", "gflop",
+              "gemm_gflops", "floor_ratio", "threads", "load_avg"]  # fmt: skip
     write_rows(csv_path, rows, fields)
     plot([r for r in rows if r["time_s"] != ""], machine, args.out / f"memory_{tag}.png")
     print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}")

@@ -12,6 +12,12 @@ signal is recorded as "killed", one past --timeout as "timeout".
 Modes: stock (segment_anything as shipped), chunks (patched, fixed --chunks, 16 = 4 x 4),
 budget (patched, --max-block-mb for the largest score block, chosen per layer and size).
 
+Beside each measurement: the planner's prediction for it (sam_blocked.plan_memory: the
+encoder's extra peak, stock or patched) and the floor ratio, the time over the encoder's
+FLOPs (sam_blocked.flops.encoder_flops) at the rate of a plain GEMM measured in the same
+child after the encode (common.gemm_rate), in the run's dtype. `--table` prints the CSV as
+the README's Markdown table.
+
 Writes benchmarks/results/resolution_<machine>.csv (rows of earlier runs on the same
 machine are kept unless re-measured) and a PNG next to it: extra peak memory against
 tokens and time against size, log-log, titled with the machine.
@@ -19,6 +25,8 @@ tokens and time against size, log-log, titled with the machine.
     python benchmarks/bench_resolution.py --quick                  # vit_b at 1024 and 1536
     python benchmarks/bench_resolution.py                          # everything: hours on a CPU
     python benchmarks/bench_resolution.py --models vit_h --sizes 4096 --modes budget
+    python benchmarks/bench_resolution.py --dtypes bfloat16 --sizes 1024 1536 2048 --modes budget
+    python benchmarks/bench_resolution.py --table
 """
 
 from __future__ import annotations
@@ -37,17 +45,21 @@ from common import (  # noqa: E402
     cap_mb,
     check_sweep_args,
     default_cap_gb,
+    gemm_rate,
     oom_note,
     print_result,
+    read_rows,
     run_in_child,
+    sweep_csv_path,
 )
 
 SIZES = [1024, 1536, 2048, 3072, 4096]
 MODELS = ["vit_b", "vit_h"]
 MODES = ["stock", "chunks", "budget"]
+DTYPES = ["float32"]
 FIELDS = [
-    "machine", "device", "model", "size", "tokens", "mode", "chunks", "max_block_mb", "status", "seconds",
-    "baseline_mb", "peak_extra_mb", "est_attention_mb", "cap_mb", "threads", "torch", "note",
+    "machine", "device", "model", "size", "tokens", "dtype", "mode", "chunks", "max_block_mb", "status", "seconds",
+    "baseline_mb", "peak_extra_mb", "planned_mb", "gflop", "gemm_gflops", "floor_ratio", "cap_mb", "threads", "torch", "note",
 ]  # fmt: skip
 
 
@@ -60,24 +72,24 @@ def run_child(args: argparse.Namespace) -> int:
 
     import torch
 
-    from sam_blocked.memory import blocked_attention_bytes, current_bytes, peak_bytes, reset_peak, stock_attention_bytes
-    from sam_blocked.models import ENCODER_CONFIGS, build_sam
+    from sam_blocked.flops import encoder_flops
+    from sam_blocked.memory import current_bytes, peak_bytes, reset_peak
+    from sam_blocked.models import build_sam
     from sam_blocked.patch import patch_sam
+    from sam_blocked.planner import plan_memory
     from sam_blocked.resolution import set_image_size
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    embed_dim, _, heads, _, _ = ENCODER_CONFIGS[args.model]
-    grid = args.size // 16
-    if args.mode == "stock":
-        estimate = stock_attention_bytes(1, heads, (grid, grid), embed_dim // heads)
-    else:
-        budget = args.max_block_mb if args.mode == "budget" else None
-        estimate = blocked_attention_bytes(1, heads, (grid, grid), embed_dim // heads, args.chunks, budget)
+    budget = args.max_block_mb if args.mode == "budget" else None
+    plan = plan_memory(args.model, args.size, args.dtype, args.device, 1, args.chunks, budget)
+    planned = plan.encoder_stock_bytes if args.mode == "stock" else plan.encoder_patched_bytes
+    flops = encoder_flops(args.model, args.size)
     row = {
-        "status": "error", "seconds": "", "baseline_mb": "", "peak_extra_mb": "", "note": "",
-        "est_attention_mb": round(estimate / MIB, 1), "threads": torch.get_num_threads(),
+        "status": "error", "seconds": "", "baseline_mb": "", "peak_extra_mb": "", "note": "", "gemm_gflops": "", "floor_ratio": "",
+        "planned_mb": round(planned / MIB, 1), "gflop": round(flops / 1e9, 3),
+        "threads": torch.get_num_threads(),
     }  # fmt: skip
     try:
         sam = set_image_size(build_sam(args.model), args.size)
@@ -85,8 +97,9 @@ def run_child(args: argparse.Namespace) -> int:
             patch_sam(sam, chunks=args.chunks)
         elif args.mode == "budget":
             patch_sam(sam, max_block_mb=args.max_block_mb)
-        encoder = sam.image_encoder.to(device)
-        x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(device)
+        dtype = getattr(torch, args.dtype)
+        encoder = sam.image_encoder.to(device, dtype)
+        x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
         reset_peak(device)
         baseline = current_bytes(device)
         row["baseline_mb"] = round(baseline / MIB, 1)  # CPU: resident set; CUDA: allocated
@@ -105,6 +118,10 @@ def run_child(args: argparse.Namespace) -> int:
         except (RuntimeError, MemoryError) as error:
             row.update(note=oom_note(error), status="OOM")
         row["peak_extra_mb"] = round((peak_bytes(device) - baseline) / MIB, 1)
+        if row["status"] == "ok":
+            rate = gemm_rate(args.dtype, args.device)  # after the encode: its peak is measured without it
+            row["gemm_gflops"] = round(rate / 1e9, 1)
+            row["floor_ratio"] = round(min(times) * rate / flops, 2)
     except Exception as error:  # recorded, not raised: one bad configuration must not end the sweep
         row["note"] = f"{type(error).__name__}: {str(error)[:160]}"
     print_result(row)
@@ -114,9 +131,9 @@ def run_child(args: argparse.Namespace) -> int:
 # --- the sweep, in the parent ------------------------------------------------------------
 
 
-def run_one(args: argparse.Namespace, model: str, size: int, mode: str) -> dict:
+def run_one(args: argparse.Namespace, model: str, size: int, dtype: str, mode: str) -> dict:
     command = [
-        "--model", model, "--size", str(size), "--mode", mode, "--device", args.device,
+        "--model", model, "--size", str(size), "--dtype", dtype, "--mode", mode, "--device", args.device,
         "--chunks", str(args.chunks), "--max-block-mb", str(args.max_block_mb),
         "--mem-cap-gb", str(args.mem_cap_gb), "--threads", str(args.threads), "--repeat", str(args.repeat),
     ]  # fmt: skip
@@ -125,32 +142,31 @@ def run_one(args: argparse.Namespace, model: str, size: int, mode: str) -> dict:
 
 def sweep(args: argparse.Namespace) -> Path:
     out = SweepCSV.open(args, "resolution", _key, FIELDS, _order)
-    for model in args.models:
-        for size in args.sizes:
-            for mode in args.modes:
-                result = run_one(args, model, size, mode)
-                row = {
-                    "machine": out.label, "device": args.device, "model": model, "size": size, "tokens": (size // 16) ** 2,
-                    "mode": mode, "chunks": args.chunks if mode == "chunks" else "",
-                    "max_block_mb": args.max_block_mb if mode == "budget" else "",
-                    "cap_mb": cap_mb(args.mem_cap_gb, args.device),
-                    "torch": out.info["torch"], **result,
-                }  # fmt: skip
-                print(
-                    f"{model:6s} {size:5d} px {mode:7s} {row['status']:8s} {_fmt(row.get('seconds'), 's'):>10s} "
-                    f"extra peak {_fmt(row.get('peak_extra_mb'), 'MiB'):>12s}  {row.get('note', '')}",
-                    flush=True,
-                )
-                out.add(row)
+    for model, size, dtype, mode in ((m, s, d, o) for m in args.models for s in args.sizes for d in args.dtypes for o in args.modes):
+        result = run_one(args, model, size, dtype, mode)
+        row = {
+            "machine": out.label, "device": args.device, "model": model, "size": size, "tokens": (size // 16) ** 2,
+            "dtype": dtype, "mode": mode, "chunks": args.chunks if mode == "chunks" else "",
+            "max_block_mb": args.max_block_mb if mode == "budget" else "",
+            "cap_mb": cap_mb(args.mem_cap_gb, args.device),
+            "torch": out.info["torch"], **result,
+        }  # fmt: skip
+        print(
+            f"{model:6s} {size:5d} px {dtype:8s} {mode:7s} {row['status']:8s} {_fmt(row.get('seconds'), 's'):>10s} "
+            f"extra peak {_fmt(row.get('peak_extra_mb'), 'MiB'):>12s} (planned {_fmt(row.get('planned_mb'), 'MiB')}) "
+            f"floor ratio {row.get('floor_ratio') or '-'}  {row.get('note', '')}",
+            flush=True,
+        )
+        out.add(row)
     return out.finish(plot)
 
 
 def _key(row: dict) -> tuple:
-    return (row["device"], row["model"], int(row["size"]), row["mode"])
+    return (row["device"], row["model"], int(row["size"]), row.get("dtype") or "float32", row["mode"])
 
 
 def _order(row: dict) -> tuple:
-    return (row["device"], row["model"], int(row["size"]), MODES.index(row["mode"]))
+    return (row["device"], row["model"], int(row["size"]), row.get("dtype") or "float32", MODES.index(row["mode"]))
 
 
 def _fmt(value, unit: str) -> str:
@@ -161,7 +177,8 @@ def _fmt(value, unit: str) -> str:
 
 
 def plot(rows: list[dict], path: Path, label: str) -> None:
-    """Extra peak memory vs tokens and time vs size, log-log; OOM and timeouts marked."""
+    """Extra peak memory vs tokens and time vs size, log-log; OOM and timeouts marked, the
+    planner's predictions as open markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,23 +190,28 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(13, 5.2))
     series: dict[tuple, list[dict]] = {}
     for row in rows:
-        series.setdefault((row["model"], row["mode"]), []).append(row)
-    for (model, mode), group in sorted(series.items(), key=lambda kv: (kv[0][0], MODES.index(kv[0][1]))):
+        series.setdefault((row["model"], row.get("dtype") or "float32", row["mode"]), []).append(row)
+    for (model, dtype, mode), group in sorted(series.items(), key=lambda kv: (kv[0][:2], MODES.index(kv[0][2]))):
         group.sort(key=lambda r: int(r["size"]))
         marker, line = styles.get(model, ("o", "-"))
-        name = _series_name(model, mode, group[0])
+        name = _series_name(model, mode, group[0]) + ("" if dtype == "float32" else f", {dtype}")
+        line = line if dtype == "float32" else ":"
         ok = [r for r in group if r["status"] == "ok"]
         ax_mem.plot([int(r["tokens"]) for r in ok], [float(r["peak_extra_mb"]) for r in ok],
                     marker=marker, linestyle=line, color=colors[mode], label=name)  # fmt: skip
+        planned = [r for r in ok if r.get("planned_mb")]
+        ax_mem.plot([int(r["tokens"]) for r in planned], [float(r["planned_mb"]) for r in planned],
+                    marker=marker, linestyle="none", markerfacecolor="none", markersize=9, color=colors[mode], alpha=0.6)  # fmt: skip
         ax_time.plot([int(r["size"]) for r in ok], [float(r["seconds"]) for r in ok],
                      marker=marker, linestyle=line, color=colors[mode], label=name)  # fmt: skip
         for r in group:
             if r["status"] == "ok":
                 continue
             # Failed runs sit where they would have needed to be: OOM at the estimate, timeout at the limit.
-            if r["status"] == "OOM" and r.get("est_attention_mb"):
-                ax_mem.plot(int(r["tokens"]), float(r["est_attention_mb"]), marker="x", markersize=11, mew=2.5, color=colors[mode])
-                ax_mem.annotate("OOM", (int(r["tokens"]), float(r["est_attention_mb"])), textcoords="offset points",
+            need = r.get("planned_mb") or r.get("est_attention_mb")  # rows before the planner had an attention estimate
+            if r["status"] == "OOM" and need:
+                ax_mem.plot(int(r["tokens"]), float(need), marker="x", markersize=11, mew=2.5, color=colors[mode])
+                ax_mem.annotate("OOM", (int(r["tokens"]), float(need)), textcoords="offset points",
                                 xytext=(6, -3), fontsize=8, color=colors[mode])  # fmt: skip
             elif r["status"] == "timeout" and r.get("seconds"):
                 ax_time.plot(int(r["size"]), float(r["seconds"]), marker="^", markersize=10, color=colors[mode])
@@ -206,7 +228,7 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
     tokens = sorted({int(r["tokens"]) for r in rows})
     ax_mem.set_xticks(tokens, [f"{t}\n{int(round(t**0.5)) * 16} px" for t in tokens])
     ax_mem.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax_mem.text(0.99, 0.01, "x = OOM, drawn at the estimated attention need", transform=ax_mem.transAxes,
+    ax_mem.text(0.99, 0.01, "open markers: the planner's prediction; x = OOM, drawn at the planned need", transform=ax_mem.transAxes,
                 ha="right", va="bottom", fontsize=7, color="grey")  # fmt: skip
     sizes = sorted({int(r["size"]) for r in rows})
     ax_time.set(xscale="log", yscale="log", xlabel="input size (px per side)", ylabel="encoder time, one image (s)",
@@ -249,6 +271,33 @@ def _series_name(model: str, mode: str, row: dict) -> str:
     return f"{model} stock"
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """A Markdown table, a row per configuration: status, extra peak MiB beside the planner's
+    prediction and their ratio, seconds and the floor ratio."""
+    lines = [
+        "| model | size | tokens | dtype | mode | status | extra peak MiB | planned MiB | measured / planned | time s | floor ratio |",
+        "|---" * 11 + "|",
+    ]
+    for r in sorted(rows, key=_order):
+        mode = _mode_name(r)
+        peak, planned = r.get("peak_extra_mb") or "", r.get("planned_mb") or ""
+        ratio = f"{float(peak) / float(planned):.2f}" if peak and planned and r["status"] == "ok" else ""
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('note', '')}"
+        lines.append(
+            f"| {r['model']} | {r['size']} | {r['tokens']} | {r.get('dtype') or 'float32'} | {mode} | {status} | "
+            f"{peak if r['status'] == 'ok' else ''} | {planned} | {ratio} | {r.get('seconds') or ''} | {r.get('floor_ratio') or ''} |"
+        )
+    return "\n".join(lines)
+
+
+def _mode_name(row: dict) -> str:
+    if row["mode"] == "budget":
+        return f"budget {float(row.get('max_block_mb') or 0):g} MiB"
+    if row["mode"] == "chunks":
+        return f"chunks {row.get('chunks') or 16}"
+    return "stock"
+
+
 # --- command line ------------------------------------------------------------------------
 
 
@@ -257,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help=f"input sizes in px (default {SIZES})")
     parser.add_argument("--models", nargs="+", default=None, choices=["vit_b", "vit_l", "vit_h", "tiny"], help=f"default {MODELS}")
     parser.add_argument("--modes", nargs="+", default=None, choices=MODES, help=f"default {MODES}")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16", "float16"], help=f"encoder dtypes (default {DTYPES})")
+    parser.add_argument("--table", action="store_true", help="print the CSV of --machine (or this machine) as a Markdown table and exit")
     parser.add_argument("--quick", action="store_true", help="smoke run: vit_b at 1024 and 1536 px, 10-minute timeout")
     parser.add_argument("--chunks", type=int, default=16, help="blocks per score matrix in mode 'chunks' (default %(default)s)")
     parser.add_argument("--max-block-mb", type=float, default=32.0, help="score-block budget in MiB in mode 'budget' (default %(default)s)")
@@ -273,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     return parser
 
 
@@ -286,6 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     args.sizes = args.sizes or ([1024, 1536] if args.quick else SIZES)
     args.models = args.models or (["vit_b"] if args.quick else MODELS)
     args.modes = args.modes or MODES
+    args.dtypes = args.dtypes or DTYPES
+    if args.table:
+        path = sweep_csv_path(args, "resolution")
+        rows = read_rows(path)
+        if not rows:
+            parser.error(f"--table: no results at {path}; run the sweep first, or name the machine with --machine")
+        print(markdown_table(rows))
+        return 0
     args.timeout = args.timeout or (600 if args.quick else 10800)
     check_sweep_args(parser, args.sizes, args.device)
     if args.mem_cap_gb <= 0 or args.max_block_mb <= 0 or args.timeout <= 0 or args.chunks < 1 or args.repeat < 1:

@@ -201,3 +201,28 @@ class SweepCSV:
         plot(list(self.rows.values()), self.path.with_suffix(".png"), self.label)
         print(f"wrote {self.path} and {self.path.with_suffix('.png')}")
         return self.path
+
+
+# --- the speed floor ---------------------------------------------------------------------
+
+
+def gemm_rate(dtype: str = "float32", device: str = "cpu", shape: tuple[int, int, int] = (4096, 768, 3072), repeat: int = 5) -> float:
+    """FLOP/s of one plain (m x k) @ (k x n) matmul in this process: the fastest of `repeat`
+    after a warm-up. The default shape is vit_b's MLP at 1024 px. Divide a model's FLOPs
+    (sam_blocked.flops.encoder_flops) by it for the time a GEMM-bound run would take."""
+    import torch
+
+    m, k, n = shape
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=generator).to(device, getattr(torch, dtype))
+    b = torch.randn(k, n, generator=generator).to(device, getattr(torch, dtype))
+    best = float("inf")
+    with torch.inference_mode():
+        for i in range(repeat + 1):
+            start = time.perf_counter()
+            a @ b
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            if i:  # the first call is the warm-up
+                best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best

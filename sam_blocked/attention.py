@@ -29,7 +29,19 @@ Tensor = torch.Tensor
 
 DEFAULT_CHUNKS = 16
 DEFAULT_GROUP_BYTES = 4 * 2**20
+# On the CPU a step's working set (a bias block, q'/k'/v', a chunk of tokens) is kept to this
+# even when max_block_mb allows more: larger steps ran no faster here (a block that stays in
+# cache between being written and read is cheaper), and glibc keeps the freed blocks of a
+# few such steps in its heap, so they would count twice in the resident set.
+CPU_STEP_BYTES = 8 * 2**20
 _FP32_BYTES = 4
+
+
+def step_budget(budget: int, device: Optional[torch.device | str]) -> int:
+    """The bytes a step may hold: `budget`, capped at CPU_STEP_BYTES on the CPU (None: no cap)."""
+    if device is not None and torch.device(device).type == "cpu":
+        return min(budget, CPU_STEP_BYTES)
+    return budget
 
 
 @dataclass(frozen=True)
@@ -163,6 +175,16 @@ def rel_pos_tables(
     return table_h, rel_w_table
 
 
+def kernel_output(out: Optional[Tensor], q: Tensor, v: Tensor) -> Tensor:
+    """The kernels' (B*heads, N, Cv) result: `out` when given (any strides), checked, else new."""
+    shape = (q.shape[0], q.shape[1], v.shape[-1])
+    if out is None:
+        return q.new_empty(shape)
+    if tuple(out.shape) != shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be {shape} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+    return out
+
+
 def row_groups(batch_heads: int, group: int) -> list[Tuple[int, int]]:
     """[start, end) ranges of `group` batch*head rows at a time (the last may be shorter)."""
     return [(g0, min(batch_heads, g0 + group)) for g0 in range(0, batch_heads, group)]
@@ -199,6 +221,7 @@ def blocked_attention(
     chunks: int = DEFAULT_CHUNKS,
     max_block_mb: Optional[float] = None,
     plan: Optional[BlockPlan] = None,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
     """softmax(q k^T * scale + rel_h + rel_w) v, exactly, block by block.
 
@@ -209,9 +232,10 @@ def blocked_attention(
             length is not 2*H-1 / 2*W-1 are resized as segment_anything's get_rel_pos does.
         scale: multiplies q k^T; default C**-0.5.
         chunks, max_block_mb: the blocking, see plan_blocks; `plan` overrides both.
+        out: where to write the result, (B*heads, H*W, Cv), any strides; default new.
 
     Returns:
-        (B*heads, H*W, C) in q's dtype.
+        (B*heads, H*W, C) in q's dtype (`out` when given).
     """
     check_attention_inputs(q, k, v, grid, rel_pos_h, rel_pos_w)
     H, W = grid
@@ -226,7 +250,7 @@ def blocked_attention(
     mm_dtype = torch.float32 if q.device.type == "cpu" else q.dtype
     tables = rel_pos_tables(rel_pos_h, rel_pos_w, grid)
 
-    out = q.new_empty(BH, N, v.shape[-1])  # (B*heads, N, Cv)
+    out = kernel_output(out, q, v)  # (B*heads, N, Cv)
     q_ranges = band_rows(H, plan.q_bands)
     k_ranges = band_rows(H, plan.k_bands)
     # One float32 score buffer for every block (written by bmm in place when the matmul runs in float32).

@@ -150,6 +150,7 @@ def plan_backend(
     head_dim: int,
     chunks: int = DEFAULT_CHUNKS,
     max_block_mb: Optional[float] = None,
+    device: Optional[torch.device | str] = None,
 ) -> BlockPlan:
     """How `backend` cuts one call into steps; `group` (batch*head rows per step) is what
     BlockedAttention projects at once. blocked: attention.plan_blocks; sdpa: fused.plan_sdpa;
@@ -161,13 +162,15 @@ def plan_backend(
         grid: (H, W) token grid.
         head_dim: C.
         chunks, max_block_mb: as patch_sam takes them.
+        device: where it runs: on the CPU, steps stay within attention.CPU_STEP_BYTES
+            (None: no cap).
     """
     check_backend_name(backend)  # each plan_* checks the grid and max_block_mb
     if backend == "blocked":
         return plan_blocks(batch_heads, grid, chunks, max_block_mb)
     if backend == "sdpa":
-        return plan_sdpa(batch_heads, grid, chunks, max_block_mb)
-    return plan_fused(backend, batch_heads, grid, head_dim, max_block_mb)
+        return plan_sdpa(batch_heads, grid, chunks, max_block_mb, device)
+    return plan_fused(backend, batch_heads, grid, head_dim, max_block_mb, device)
 
 
 ATTENTION = {
@@ -191,13 +194,15 @@ def backend_attention(
     chunks: int = DEFAULT_CHUNKS,
     max_block_mb: Optional[float] = None,
     plan: Optional[BlockPlan] = None,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
-    """Run one backend, or "auto"'s choice for these inputs; arguments as blocked_attention.
+    """Run one backend, or "auto"'s choice for these inputs; arguments as blocked_attention
+    (`out`, if given, receives the result).
 
     Raises:
         ValueError: the named backend cannot run these inputs (see not_supported_reasons).
     """
     name = resolve_backend(backend, q.device, q.dtype, grid, q.shape[-1], max_block_mb)
     if plan is None:
-        plan = plan_backend(name, q.shape[0], grid, q.shape[-1], chunks, max_block_mb)
-    return ATTENTION[name](q, k, v, grid, rel_pos_h, rel_pos_w, scale=scale, plan=plan)
+        plan = plan_backend(name, q.shape[0], grid, q.shape[-1], chunks, max_block_mb, q.device)
+    return ATTENTION[name](q, k, v, grid, rel_pos_h, rel_pos_w, scale=scale, plan=plan, out=out)

@@ -84,9 +84,9 @@ def encoder_block(
         (B, H, W, dim), a new contiguous tensor in x's dtype.
     """
     dim = x.shape[-1]
-    chunk = mlp_chunk(dim, mlp.lin1.out_features, config.max_block_mb)
+    chunk = mlp_chunk(dim, mlp.lin1.out_features, config.max_block_mb, x.device)
     if window_size > 0:
-        y = windowed_attention_residual(x, norm1, attn, window_size, config, window_chunk(dim, config.max_block_mb))
+        y = windowed_attention_residual(x, norm1, attn, window_size, config, window_chunk(dim, config.max_block_mb, x.device))
     else:
         heads = attention_heads(norm1(x), attn.qkv, attn.num_heads, attn.scale, attn.rel_pos_h, attn.rel_pos_w, config)
         y = linear_residual_(x, heads, attn.proj, chunk)  # (B, H, W, dim): the heads' buffer, now x + proj(heads)

@@ -29,25 +29,26 @@ import torch.nn.functional as F
 
 from sam_blocked.attention import (
     DEFAULT_CHUNKS,
+    CPU_STEP_BYTES,
     DEFAULT_GROUP_BYTES,
     BlockPlan,
     band_rows,
     check_attention_inputs,
+    kernel_output,
     check_plan_args,
     chunk_bands,
     decomposed_rel_pos,
     rel_pos_tables,
     row_groups,
+    step_budget,
 )
 
 Tensor = torch.Tensor
 
 # flashbias / flex hold no score block; their per-step working set (q', k', v' or the
-# rel-pos terms) is kept under this many bytes unless max_block_mb says otherwise.
+# rel-pos terms) is kept under this many bytes unless max_block_mb says otherwise (on the
+# CPU, within attention.CPU_STEP_BYTES either way).
 DEFAULT_FUSED_BYTES = 16 * 2**20
-# Under max_block_mb, sdpa's bias blocks are kept to this size when the budget allows more:
-# a block that stays in cache between being written and read is cheaper than a larger one.
-SDPA_BAND_BYTES = 8 * 2**20
 HEAD_DIM_MULTIPLE = 8
 FLEX_CPU_REASON = (
     "flex on the CPU: inductor compiles flex_attention once per input shape (15-60 s each; dynamic "
@@ -152,15 +153,17 @@ def plan_sdpa(
     grid: Tuple[int, int],
     chunks: int = DEFAULT_CHUNKS,
     max_block_mb: Optional[float] = None,
+    device: Optional[torch.device | str] = None,
 ) -> BlockPlan:
     """sdpa's steps: `chunks` query bands (k_bands 1), or under max_block_mb the fewest bands
-    whose float32 bias block fits min(max_block_mb, SDPA_BAND_BYTES) (one token row at least);
-    then as many batch*head rows per step as the bytes allow.
+    whose float32 bias block fits it (on the CPU, also attention.CPU_STEP_BYTES; one token
+    row at least); then as many batch*head rows per step as the bytes allow.
 
     Args:
         batch_heads: B*heads.
         grid: (H, W) token grid.
         chunks, max_block_mb: as patch_sam takes them.
+        device: where it runs (None: no CPU cap).
     """
     check_plan_args(grid, max_block_mb)
     H, W = grid
@@ -174,7 +177,7 @@ def plan_sdpa(
         reasons = sdpa_reasons(grid, max_block_mb)
         if reasons:
             raise ValueError(f"{reasons[0]}: raise max_block_mb or use backend 'blocked'")
-        budget = max(row_bytes, min(int(max_block_mb * 2**20), SDPA_BAND_BYTES))
+        budget = max(row_bytes, step_budget(int(max_block_mb * 2**20), device))
         q_bands = next(b for b in range(1, H + 1) if math.ceil(H / b) * row_bytes <= budget)
     per_row = math.ceil(H / q_bands) * row_bytes
     group = max(1, min(batch_heads, budget // per_row))
@@ -187,9 +190,11 @@ def plan_fused(
     grid: Tuple[int, int],
     head_dim: int,
     max_block_mb: Optional[float] = None,
+    device: Optional[torch.device | str] = None,
 ) -> BlockPlan:
     """flashbias's or flex's steps: one band, and as many batch*head rows as keep q', k', v'
-    (flashbias) or q, k, v and the rel-pos terms (flex) within max_block_mb or DEFAULT_FUSED_BYTES.
+    (flashbias) or q, k, v and the rel-pos terms (flex) within max_block_mb or
+    DEFAULT_FUSED_BYTES (on the CPU, within attention.CPU_STEP_BYTES too).
 
     Args:
         backend: "flashbias" or "flex".
@@ -197,6 +202,7 @@ def plan_fused(
         grid: (H, W) token grid.
         head_dim: C.
         max_block_mb: the patch's block budget, if any.
+        device: where it runs (None: no CPU cap).
     """
     check_plan_args(grid, max_block_mb)
     H, W = grid
@@ -205,7 +211,7 @@ def plan_fused(
         per_row = 3 * n * augmented_head_dim(grid, head_dim) * _FP32_BYTES  # q', k', v'
     else:
         per_row = n * (3 * head_dim + H + W) * _FP32_BYTES  # q, k, v, rel_h, rel_w
-    budget = DEFAULT_FUSED_BYTES if max_block_mb is None else int(max_block_mb * 2**20)
+    budget = step_budget(DEFAULT_FUSED_BYTES if max_block_mb is None else int(max_block_mb * 2**20), device)
     group = max(1, min(batch_heads, budget // per_row))
     return BlockPlan(1, 1, group, group * per_row)
 
@@ -225,6 +231,7 @@ def sdpa_attention(
     chunks: int = DEFAULT_CHUNKS,
     max_block_mb: Optional[float] = None,
     plan: Optional[BlockPlan] = None,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
     """SDPA per query band, each band with its own (G, band tokens, N) rel-pos bias.
 
@@ -234,6 +241,7 @@ def sdpa_attention(
         rel_pos_h, rel_pos_w: SAM's tables (resized like get_rel_pos), or both None.
         scale: multiplies q k^T; default C**-0.5.
         chunks, max_block_mb: see plan_sdpa; `plan` overrides both.
+        out: where to write the result, (B*heads, H*W, Cv), any strides; default new.
 
     Returns:
         (B*heads, H*W, Cv) in q's dtype.
@@ -242,7 +250,7 @@ def sdpa_attention(
     H, W = grid
     BH, N, C = q.shape
     scale = C**-0.5 if scale is None else scale
-    plan = plan or plan_sdpa(BH, grid, chunks, max_block_mb)
+    plan = plan or plan_sdpa(BH, grid, chunks, max_block_mb, q.device)
     tables = rel_pos_tables(rel_pos_h, rel_pos_w, grid)
 
     n_pad = N + -N % _bias_row_alignment(q.device)
@@ -250,15 +258,22 @@ def sdpa_attention(
     # one bias buffer for every step, written in place: (1, G, band tokens, N) at most
     mask_buffer = None if tables is None else q.new_empty(min(plan.group, BH) * band * W * n_pad)
 
-    out = q.new_empty(BH, N, v.shape[-1])  # (B*heads, N, Cv)
+    out = kernel_output(out, q, v)  # (B*heads, N, Cv)
+    # the rel-pos terms of a whole group at once when they are small (fewer, larger einsums)
+    whole_group = tables is not None and min(plan.group, BH) * N * (H + W) * _FP32_BYTES <= CPU_STEP_BYTES
     for g0, g1 in row_groups(BH, plan.group):
         G = g1 - g0
+        if whole_group:
+            rel_group = decomposed_rel_pos(q[g0:g1].float().view(G, H, W, C), *tables, 0)  # (G, H, W, H), (G, H, W, W)
         for qa, qb in band_rows(H, plan.q_bands):
             rows = qb - qa
             q_blk = q[g0:g1, qa * W : qb * W]  # (G, Nq, C)
             mask = None
             if tables is not None:
-                rel_h, rel_w = decomposed_rel_pos(q_blk.float().view(G, rows, W, C), *tables, qa)
+                if whole_group:
+                    rel_h, rel_w = (t[:, qa:qb] for t in rel_group)
+                else:
+                    rel_h, rel_w = decomposed_rel_pos(q_blk.float().view(G, rows, W, C), *tables, qa)
                 mask = mask_buffer[: G * rows * W * n_pad].view(1, G, rows * W, n_pad)[..., :N]  # this band's bias only
                 # (G, rows, W, H, 1) + (G, rows, W, 1, W) -> (G, rows, W, H, W), written in place
                 torch.add(rel_h.to(q.dtype)[..., :, None], rel_w.to(q.dtype)[..., None, :], out=mask.view(G, rows, W, H, W))
@@ -287,6 +302,7 @@ def flashbias_attention(
     chunks: int = DEFAULT_CHUNKS,
     max_block_mb: Optional[float] = None,
     plan: Optional[BlockPlan] = None,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
     """The bias folded into the dot product; SDPA's fused kernels only, no bias tensor.
 
@@ -299,6 +315,7 @@ def flashbias_attention(
         rel_pos_h, rel_pos_w: SAM's tables (resized like get_rel_pos), or both None.
         scale: multiplies q k^T; default C**-0.5.
         chunks: unused (one query band); max_block_mb: see plan_fused; `plan` overrides it.
+        out: where to write the result, (B*heads, H*W, Cv), any strides; default new.
 
     Returns:
         (B*heads, H*W, Cv) in q's dtype.
@@ -314,7 +331,7 @@ def flashbias_attention(
     reasons = flashbias_reasons(q.device, q.dtype, grid, C)
     if reasons:
         raise ValueError(f"flashbias: {'; '.join(reasons)}")
-    plan = plan or plan_fused("flashbias", BH, grid, C, max_block_mb)
+    plan = plan or plan_fused("flashbias", BH, grid, C, max_block_mb, q.device)
     tables = rel_pos_tables(rel_pos_h, rel_pos_w, grid)
     dim = max(augmented_head_dim(grid, C) if tables is not None else C, Cv)
     dim = -(-dim // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
@@ -329,7 +346,7 @@ def flashbias_attention(
     if tables is not None:
         k_aug[:, token, C + token // W] = 1
         k_aug[:, token, C + H + token % W] = 1
-    out = q.new_empty(BH, N, Cv)  # (B*heads, N, Cv)
+    out = kernel_output(out, q, v)  # (B*heads, N, Cv)
     for g0, g1 in row_groups(BH, plan.group):
         G = g1 - g0
         qa_, ka_ = q_aug[:G], k_aug[:G]
@@ -364,6 +381,7 @@ def flex_attention(
     chunks: int = DEFAULT_CHUNKS,
     max_block_mb: Optional[float] = None,
     plan: Optional[BlockPlan] = None,
+    out: Optional[Tensor] = None,
     compiled: bool = True,
 ) -> Tensor:
     """torch's flex_attention with a score_mod adding the two rel-pos terms.
@@ -374,6 +392,7 @@ def flex_attention(
         rel_pos_h, rel_pos_w: SAM's tables (resized like get_rel_pos), or both None.
         scale: multiplies q k^T; default C**-0.5.
         chunks: unused (one query band); max_block_mb: see plan_fused; `plan` overrides it.
+        out: where to write the result, (B*heads, H*W, Cv), any strides; default new.
         compiled: False runs flex_attention eagerly, which materializes the full score
             matrix: for checking the score_mod on small inputs only.
 
@@ -386,11 +405,11 @@ def flex_attention(
     H, W = grid
     BH, N, C = q.shape
     scale = C**-0.5 if scale is None else scale
-    plan = plan or plan_fused("flex", BH, grid, C, max_block_mb)
+    plan = plan or plan_fused("flex", BH, grid, C, max_block_mb, q.device)
     tables = rel_pos_tables(rel_pos_h, rel_pos_w, grid)
     run = _compiled_flex() if compiled else _flex_call
 
-    out = q.new_empty(BH, N, v.shape[-1])  # (B*heads, N, Cv)
+    out = kernel_output(out, q, v)  # (B*heads, N, Cv)
     for g0, g1 in row_groups(BH, plan.group):
         G = g1 - g0
         rel_h = rel_w = None

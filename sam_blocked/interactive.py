@@ -25,8 +25,9 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 
 from sam_blocked.attention import DEFAULT_CHUNKS
-from sam_blocked.memory import MIB, blocked_attention_bytes, current_bytes, peak_bytes, reset_peak, stock_attention_bytes
-from sam_blocked.models import PATCH_SIZE
+from sam_blocked.encoder_memory import EncoderShape
+from sam_blocked.memory import MIB, current_bytes, format_bytes, peak_bytes, reset_peak
+from sam_blocked.planner import encoder_extra_bytes
 from sam_blocked.patch import patched, stock
 from sam_blocked.images import InputError, read_image
 
@@ -150,8 +151,8 @@ class MemoryReport:
     patched_bytes: int  # measured
     stock_bytes: int  # measured, or estimated when stock_measured is False
     stock_measured: bool
-    stock_attention_bytes: int  # estimate of the largest stock attention call
-    blocked_attention_bytes: int  # estimate of the same call patched
+    stock_planned_bytes: int  # the planner's estimate of stock's encoder peak (sam-blocked plan)
+    patched_planned_bytes: int  # the same, patched
     reason: str = ""  # why stock was estimated rather than run
     seconds: float = 0.0  # of the patched encode
 
@@ -170,9 +171,9 @@ def encode(
         sam: a stock (unpatched) Sam; it is patched for the encode and restored after.
         image: (H, W, 3) uint8 RGB.
         chunks, max_block_mb: the blocking (see `patch_sam`).
-        stock_limit_bytes: run stock too, on the same image, when its largest attention call
-            is estimated below this and below half the free memory; otherwise (and when None)
-            stock's peak is estimated from the attention shapes.
+        stock_limit_bytes: run stock too, on the same image, when the planner's estimate of
+            its encoder peak is below this and below half the free memory; otherwise (and
+            when None) stock's peak is the planner's estimate.
     """
     device = sam.device
     predictor = SamPredictor(sam)
@@ -182,18 +183,18 @@ def encode(
         seconds = time.perf_counter() - start
     embedding = Embedding(predictor.features, predictor.original_size, predictor.input_size)
 
-    stock_att, blocked_att = attention_estimates(sam, chunks, max_block_mb)
+    stock_plan, patched_plan = encoder_estimates(sam, chunks, max_block_mb)
     limit = None if stock_limit_bytes is None else min(stock_limit_bytes, _free_bytes(device) // 2)
-    if limit is not None and stock_att <= limit:
+    if limit is not None and stock_plan <= limit:
         with stock(sam):
             stock_bytes = _measure(device, lambda: SamPredictor(sam).set_image(image))
         reason = ""
     else:
-        # Everything but the attention is the same in both: swap the one for the other.
-        stock_bytes = max(stock_att, patched_bytes - blocked_att + stock_att)
-        reason = "stock comparison is off" if limit is None else f"stock's attention would need {format_bytes(stock_att)}, over the {format_bytes(limit)} allowed here"
+        # Everything but the encoder (the image's preprocessing) is the same in both: swap the one for the other.
+        stock_bytes = max(stock_plan, patched_bytes - patched_plan + stock_plan)
+        reason = "stock comparison is off" if limit is None else f"stock's encoder would need {format_bytes(stock_plan)}, over the {format_bytes(limit)} allowed here"
     blocking = f"chunks {chunks}" if max_block_mb is None else f"blocks <= {max_block_mb:g} MiB"
-    report = MemoryReport(str(device), sam.image_encoder.img_size, blocking, patched_bytes, stock_bytes, not reason, stock_att, blocked_att, reason, seconds)
+    report = MemoryReport(str(device), sam.image_encoder.img_size, blocking, patched_bytes, stock_bytes, not reason, stock_plan, patched_plan, reason, seconds)
     return embedding, report
 
 
@@ -204,23 +205,14 @@ def _measure(device: torch.device, fn: Callable[[], object]) -> int:
     return max(0, peak_bytes(device) - before)
 
 
-def attention_estimates(sam: Sam, chunks: int = DEFAULT_CHUNKS, max_block_mb: Optional[float] = None) -> tuple[int, int]:
-    """Estimated (stock, patched) extra bytes of the encoder's largest attention call, global or windowed."""
+def encoder_estimates(sam: Sam, chunks: int = DEFAULT_CHUNKS, max_block_mb: Optional[float] = None) -> tuple[int, int]:
+    """The planner's (stock, patched) extra peak of `sam`'s encoder at its input size, dtype and device."""
     encoder = sam.image_encoder
-    grid = encoder.img_size // PATCH_SIZE
-    itemsize = next(encoder.parameters()).element_size()
-    stock_max = blocked_max = 0
-    for block in encoder.blocks:
-        attn = block.attn
-        heads = attn.num_heads
-        head_dim = attn.qkv.out_features // (3 * heads)
-        if block.window_size == 0:
-            batch, tokens = 1, (grid, grid)
-        else:
-            batch, tokens = math.ceil(grid / block.window_size) ** 2, (block.window_size, block.window_size)
-        stock_max = max(stock_max, stock_attention_bytes(batch, heads, tokens, head_dim, itemsize))
-        blocked_max = max(blocked_max, blocked_attention_bytes(batch, heads, tokens, head_dim, chunks, max_block_mb, itemsize))
-    return stock_max, blocked_max
+    dtype = str(next(encoder.parameters()).dtype).removeprefix("torch.")
+    patched_bytes, stock_bytes, _ = encoder_extra_bytes(
+        EncoderShape.from_encoder(encoder), encoder.img_size, dtype, str(sam.device), 1, chunks, max_block_mb
+    )
+    return stock_bytes, patched_bytes
 
 
 def _free_bytes(device: torch.device) -> int:
@@ -355,10 +347,3 @@ def label_image(records: list[dict], size: tuple[int, int]) -> Image.Image:
     for i, record in enumerate(sorted(records, key=lambda r: -r["area"])):
         labels[record["segmentation"]] = i + 1
     return Image.fromarray(labels)
-
-
-def format_bytes(n: float) -> str:
-    """Bytes as MiB or GiB, e.g. "381.0 MiB"."""
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    return f"{sign}{n / 2**30:.2f} GiB" if n >= 2**30 else f"{sign}{n / MIB:.1f} MiB"

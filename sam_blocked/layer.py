@@ -67,17 +67,18 @@ def attention_layer(
     Returns:
         (B, H, W, dim) in x's dtype.
     """
-    return proj(attention_heads(x, qkv, num_heads, scale, rel_pos_h, rel_pos_w, config))
+    return proj(attention_heads(x, qkv, num_heads, scale, rel_pos_h, rel_pos_w, config, q_norm, k_norm))
 
 
-def projected_heads(batch: int, tokens: int, heads: int, head_dim: int, group: int, max_block_mb: Optional[float] = None) -> int:
-    """Heads whose q, k, v are projected at once: the kernel's `group` of batch*head rows,
-    and no more than a third of the heads (q, k, v within one activation) unless they fit
-    a token step's bytes (tokenwise.token_chunk's budget) anyway."""
-    step = max(1, min(heads, group // batch))
-    if 3 * batch * tokens * step * head_dim * 4 > token_chunk(1, max_block_mb) * 4:
-        step = max(1, min(step, heads // 3))
-    return step
+def projected_heads(
+    batch: int, tokens: int, heads: int, head_dim: int, max_block_mb: Optional[float] = None, device: Optional[torch.device | str] = "cpu"
+) -> int:
+    """Heads whose q, k, v are projected at once: all of them when their float32 q, k, v
+    fit a token step (tokenwise.token_chunk's budget), else as many as fit, at least one
+    and at most a third of the heads (q, k, v within one activation)."""
+    per_head = 3 * batch * tokens * head_dim * 4
+    fit = token_chunk(1, max_block_mb, device) * 4 // per_head
+    return heads if fit >= heads else max(1, min(fit, heads // 3))
 
 
 def attention_heads(
@@ -88,6 +89,8 @@ def attention_heads(
     rel_pos_h: Optional[Tensor],
     rel_pos_w: Optional[Tensor],
     config: BlockConfig,
+    q_norm: Optional[Callable[[Tensor], Tensor]] = None,
+    k_norm: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
     """attention_layer before its output projection: the heads side by side.
 
@@ -100,11 +103,11 @@ def attention_heads(
     heads = num_heads
     head_dim = qkv.out_features // (3 * heads)
     backend = resolve_backend(config.backend, x.device, x.dtype, (H, W), head_dim, config.max_block_mb)
-    plan = plan_backend(backend, B * heads, (H, W), head_dim, config.chunks, config.max_block_mb)
+    plan = plan_backend(backend, B * heads, (H, W), head_dim, config.chunks, config.max_block_mb, x.device)
 
     # q, k, v are projected for a few heads at a time, so the full (3, B*heads, N, C)
     # projection never exists either: only `heads_per_step` of it at once.
-    heads_per_step = projected_heads(B, H * W, heads, head_dim, plan.group, config.max_block_mb)
+    heads_per_step = projected_heads(B, H * W, heads, head_dim, config.max_block_mb, x.device)
     out = x.new_empty(B, H * W, heads, head_dim)  # (B, N, heads, C)
     weight = qkv.weight.view(3, heads, head_dim, dim)
     bias = None if qkv.bias is None else qkv.bias.view(3, heads, head_dim)
@@ -126,7 +129,11 @@ def attention_heads(
             q = q_norm(q)
         if k_norm is not None:
             k = k_norm(k)
-        o = ATTENTION[backend](q, k, v, (H, W), rel_pos_h, rel_pos_w, scale=scale, plan=plan)  # (B*g, N, C)
-        out[:, :, h0:h1] = o.view(B, g, H * W, head_dim).transpose(1, 2)
-        del qkv_g, q, k, v, o
+        if B == 1:  # the kernel writes straight into this step's heads: (g, N, C), strided
+            ATTENTION[backend](q, k, v, (H, W), rel_pos_h, rel_pos_w, scale=scale, plan=plan, out=out[0, :, h0:h1].transpose(0, 1))
+        else:
+            o = ATTENTION[backend](q, k, v, (H, W), rel_pos_h, rel_pos_w, scale=scale, plan=plan)  # (B*g, N, C)
+            out[:, :, h0:h1] = o.view(B, g, H * W, head_dim).transpose(1, 2)
+            del o
+        del qkv_g, q, k, v
     return out.view(B, H, W, heads * head_dim)

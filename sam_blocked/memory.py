@@ -1,13 +1,10 @@
-"""Peak-memory measurement (CPU resident high-water mark, CUDA allocator) and stock estimates."""
+"""Peak-memory measurement: the CPU resident high-water mark, the CUDA allocator's peak."""
 
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
-
-from sam_blocked.attention import plan_blocks
 
 MIB = 2**20
 
@@ -47,28 +44,6 @@ def _proc_status_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise OSError(f"/proc/self/status has no {field}: peak memory is measured on Linux only")
-
-
-def stock_attention_bytes(batch: int, heads: int, grid: tuple[int, int], head_dim: int, itemsize: int = 4) -> int:
-    """Estimated extra peak of one stock global Attention call: three live (B*heads, N, N)
-    tensors while the bias is added (scores, scores+rel_h, +rel_w), plus qkv and its copy."""
-    n = grid[0] * grid[1]
-    scores = batch * heads * n * n * itemsize
-    qkv = 3 * batch * heads * n * head_dim * itemsize
-    return 3 * scores + 2 * qkv
-
-
-def blocked_attention_bytes(
-    batch: int, heads: int, grid: tuple[int, int], head_dim: int, chunks: int = 16, max_block_mb: Optional[float] = None, itemsize: int = 4
-) -> int:
-    """Estimated extra peak of one patched Attention call: the output, one head group's
-    q, k, v (projected and permuted), and two float32 score blocks."""
-    n = grid[0] * grid[1]
-    plan = plan_blocks(batch * heads, grid, chunks, max_block_mb)
-    heads_per_step = max(1, min(heads, plan.group // batch))
-    out = batch * n * heads * head_dim * itemsize
-    qkv = 2 * 3 * batch * heads_per_step * n * head_dim * itemsize
-    return 2 * out + qkv + 2 * plan.block_bytes
 
 
 def format_bytes(n: float) -> str:

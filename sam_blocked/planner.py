@@ -28,18 +28,14 @@ the tile size `--tile auto` uses.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 
 from sam_blocked.attention import DEFAULT_CHUNKS, chunk_bands
-from sam_blocked.backends import choose_backend, plan_backend
-from sam_blocked.fused import augmented_head_dim
-from sam_blocked.layer import projected_heads
+from sam_blocked.encoder_memory import EncoderShape, encoder_phases
 from sam_blocked.models import ENCODER_CONFIGS, PATCH_SIZE, PROMPT_EMBED_DIM
-from sam_blocked.tokenwise import mlp_chunk, window_chunk, windows_per_step
 
 MIB = 2**20
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -47,9 +43,11 @@ CHECKPOINT_SIZE = 1024  # the official checkpoints' input size: global rel-pos t
 MLP_RATIO = 4
 PROMPT_DECODER_PARAMS = 6476 + 4058340 + 6  # prompt encoder, mask decoder, pixel mean/std (same for every model type)
 DECODER_ACTIVATIONS = 7.5  # a decoder batch peaks at about this many (prompts, 256, tokens) float32 tensors
-# Measured resident peak / counted peak of the patched encoder on the CPU (glibc keeps freed
-# blocks): provisional, see README "Memory planner".
-CPU_RESIDENT_FACTOR = 1.3
+# On the CPU, measured resident peak = CPU_RESIDENT_FACTOR x counted + CPU_FIXED_BYTES for the
+# patched encoder (glibc keeps freed step buffers; a first encode maps kernels' code and
+# buffers): provisional, fitted in README "Memory planner".
+CPU_RESIDENT_FACTOR = 1.0
+CPU_FIXED_BYTES = 40 * MIB
 MAX_INPUT_SIZE = 16384
 
 
@@ -118,15 +116,8 @@ def plan_memory(
             set at a time).
     """
     _check(model_type, img_size, dtype, device, batch, chunks, max_block_mb, points_per_batch)
-    dim, depth, heads, global_idx, window = ENCODER_CONFIGS[model_type]
-    e = DTYPE_BYTES[dtype]
-    grid = img_size // PATCH_SIZE
-    tokens = grid * grid
-    scale = CPU_RESIDENT_FACTOR if torch.device(device).type == "cpu" else 1.0
-    shape = _Shape(dim, heads, dim * MLP_RATIO, window, grid, batch, e)
-    patched_phases = _patched_phases(shape, bool(global_idx), depth > len(global_idx), dtype, device, chunks, max_block_mb)
-    stock_phases = _stock_phases(shape, bool(global_idx), depth > len(global_idx))
-    phase = max(patched_phases, key=patched_phases.get)
+    tokens = (img_size // PATCH_SIZE) ** 2
+    patched, stock, phase = encoder_extra_bytes(EncoderShape.of(model_type), img_size, dtype, device, batch, chunks, max_block_mb)
     embedding = batch * PROMPT_EMBED_DIM * tokens * 4
     decoder = DECODER_ACTIVATIONS * points_per_batch * PROMPT_EMBED_DIM * tokens * 4
     return MemoryPlan(
@@ -141,12 +132,37 @@ def plan_memory(
         tokens=tokens,
         weights_bytes=weight_bytes(model_type, img_size, dtype),
         input_bytes=batch * 3 * img_size * img_size * 4,
-        encoder_stock_bytes=int(max(stock_phases.values())),
-        encoder_patched_bytes=int(scale * patched_phases[phase]),
+        encoder_stock_bytes=stock,
+        encoder_patched_bytes=patched,
         encoder_peak_phase=phase,
         embedding_bytes=embedding,
         decoder_bytes=int(decoder),
     )
+
+
+def encoder_extra_bytes(
+    shape: EncoderShape,
+    img_size: int,
+    dtype: str = "float32",
+    device: str = "cpu",
+    batch: int = 1,
+    chunks: int = DEFAULT_CHUNKS,
+    max_block_mb: Optional[float] = None,
+) -> tuple[int, int, str]:
+    """The encoder's extra peak, (patched, stock, the phase of the patched peak), as measured:
+    the counted phases (encoder_memory), plus on the CPU what the process adds (module doc).
+
+    Args:
+        shape: the encoder (EncoderShape.of(model_type), or .from_encoder(a built encoder)).
+        img_size, dtype, device, batch, chunks, max_block_mb: as plan_memory.
+    """
+    torch_dtype = getattr(torch, dtype)
+    patched = encoder_phases(shape, img_size, torch_dtype, device, batch, chunks, max_block_mb, patched=True)
+    stock = encoder_phases(shape, img_size, torch_dtype, device, batch, patched=False)
+    phase = max(patched, key=patched.get)
+    if torch.device(device).type != "cpu":
+        return patched[phase], max(stock.values()), phase
+    return int(CPU_RESIDENT_FACTOR * patched[phase] + CPU_FIXED_BYTES), max(stock.values()) + CPU_FIXED_BYTES, phase
 
 
 def largest_input_size(
@@ -208,83 +224,6 @@ def weight_bytes(model_type: str, img_size: int, dtype: str = "float32") -> int:
     embed = 3 * PATCH_SIZE * PATCH_SIZE * dim + dim + grid * grid * dim
     encoder = embed + depth * block + rel_pos + neck
     return encoder * DTYPE_BYTES[dtype] + PROMPT_DECODER_PARAMS * 4
-
-
-# --- the phases ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Shape:
-    dim: int
-    heads: int
-    mlp_dim: int
-    window: int
-    grid: int
-    batch: int
-    itemsize: int
-
-    @property
-    def activation(self) -> int:  # one (batch, tokens, dim) tensor
-        return self.batch * self.grid * self.grid * self.dim * self.itemsize
-
-
-def _patched_phases(s: _Shape, has_global: bool, has_windows: bool, dtype: str, device: str, chunks: int, max_block_mb) -> dict[str, int]:
-    a, e, head_dim = s.activation, s.itemsize, s.dim // s.heads
-    chunk = mlp_chunk(s.dim, s.mlp_dim, max_block_mb)
-    phases = {
-        "patch embedding": 2 * a + (s.batch * 3 * (s.grid * PATCH_SIZE) ** 2 * e if e != 4 else 0),
-        "MLP": 2 * a + min(chunk, s.batch * s.grid**2) * (2 * s.dim + 2 * s.mlp_dim) * e,
-        "neck": a + 4 * s.batch * s.grid**2 * PROMPT_EMBED_DIM * max(e, 4),
-    }
-    if has_global:
-        grid = (s.grid, s.grid)
-        work, heads_per_step = _attention_workspace(s.batch, s.heads, grid, head_dim, e, dtype, device, chunks, max_block_mb)
-        qkv = 3 * s.batch * heads_per_step * s.grid**2 * head_dim * e * (2 if s.batch > 1 else 1)
-        phases["global attention"] = 3 * a + qkv + work
-    if has_windows:
-        ws = s.window
-        k = windows_per_step(s.batch, ws, window_chunk(s.dim, max_block_mb))
-        k = min(k, math.ceil(s.grid / ws))
-        step_tokens = s.batch * k * ws * ws
-        work, heads_per_step = _attention_workspace(s.batch * k, s.heads, (ws, ws), head_dim, e, dtype, device, chunks, max_block_mb)
-        qkv = 2 * 3 * s.batch * k * heads_per_step * ws * ws * head_dim * e  # projection and its (3, B*g, N, C) copy
-        phases["windowed attention"] = 2 * a + 4 * step_tokens * s.dim * e + qkv + work
-    return phases
-
-
-def _attention_workspace(batch, heads, grid, head_dim, e, dtype, device, chunks, max_block_mb) -> tuple[int, int]:
-    """Bytes a backend's kernel holds beyond q, k, v and the output, and the heads projected per step."""
-    torch_dtype = getattr(torch, dtype)
-    backend = choose_backend(device, torch_dtype, grid, head_dim, max_block_mb)
-    plan = plan_backend(backend, batch * heads, grid, head_dim, chunks, max_block_mb)
-    H, W = grid
-    n = H * W
-    rows = math.ceil(H / plan.q_bands)
-    rel = plan.group * rows * W * (H + W) * 4  # rel_h, rel_w in float32
-    if backend == "sdpa":
-        work = plan.block_bytes // 4 * e + rel  # the band's bias, in the input dtype
-    elif backend == "flashbias":
-        dim = augmented_head_dim(grid, head_dim)
-        work = 4 * plan.group * n * dim * e + 2 * rel  # q', k', v' and the output; rel-pos terms
-    else:  # blocked: the score block and its exp, float32 k/v copies off float32
-        work = 2 * plan.block_bytes + rel + (2 * plan.group * n * head_dim * 4 if e != 4 else 0)
-    return work, projected_heads(batch, n, heads, head_dim, plan.group, max_block_mb)
-
-
-def _stock_phases(s: _Shape, has_global: bool, has_windows: bool) -> dict[str, int]:
-    a, e = s.activation, s.itemsize
-    n = s.grid * s.grid
-    phases = {"patch embedding": 2 * a, "MLP": 3 * a + 2 * s.batch * n * s.mlp_dim * e, "neck": a + 4 * s.batch * n * PROMPT_EMBED_DIM * max(e, 4)}
-    if has_global:
-        scores = s.batch * s.heads * n * n * e
-        phases["global attention"] = 8 * a + 3 * scores
-    if has_windows:
-        ws = s.window
-        windows = math.ceil(s.grid / ws) ** 2
-        padded = a * windows * ws * ws // n
-        scores = s.batch * windows * s.heads * (ws * ws) ** 2 * e
-        phases["windowed attention"] = a + 7 * padded + 3 * scores
-    return phases
 
 
 def _check(model_type, img_size, dtype, device, batch, chunks, max_block_mb, points_per_batch) -> None:

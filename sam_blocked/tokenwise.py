@@ -23,39 +23,42 @@ from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
+from sam_blocked.attention import step_budget
+
 Tensor = torch.Tensor
 Module = Callable[[Tensor], Tensor]
 
-# A token step's working set: at most this (or max_block_mb when smaller). Larger steps
-# gain nothing on the CPU (GEMMs of ~1000 tokens already run at full rate) and would sit in
-# the allocator's heap as long-lived free blocks after the step.
-DEFAULT_TOKEN_BYTES = 16 * 2**20
+# A token step's working set under `chunks` (no max_block_mb); on the CPU at most
+# attention.CPU_STEP_BYTES either way (GEMMs of a few hundred tokens already run at full
+# rate there, and larger freed steps linger in glibc's heap).
+DEFAULT_TOKEN_BYTES = 32 * 2**20
 _FP32_BYTES = 4
 
 
-def token_chunk(width: int, max_block_mb: Optional[float] = None) -> int:
+def token_chunk(width: int, max_block_mb: Optional[float] = None, device: Optional[torch.device | str] = "cpu") -> int:
     """Tokens per chunk: as many as keep a float32 (tokens, width) working set within
-    min(max_block_mb, DEFAULT_TOKEN_BYTES), at least 1.
+    max_block_mb (or DEFAULT_TOKEN_BYTES), on the CPU within CPU_STEP_BYTES; at least 1.
 
     Args:
         width: what one token of the step holds at once, in float32 numbers.
         max_block_mb: the patch's budget in MiB, or None (under `chunks`).
+        device: where the step runs.
     """
-    budget = DEFAULT_TOKEN_BYTES if max_block_mb is None else min(DEFAULT_TOKEN_BYTES, max_block_mb * 2**20)
-    return max(1, int(budget // (width * _FP32_BYTES)))
+    budget = step_budget(DEFAULT_TOKEN_BYTES if max_block_mb is None else int(max_block_mb * 2**20), device)
+    return max(1, budget // (width * _FP32_BYTES))
 
 
-def mlp_chunk(dim: int, mlp_dim: int, max_block_mb: Optional[float] = None) -> int:
+def mlp_chunk(dim: int, mlp_dim: int, max_block_mb: Optional[float] = None, device: Optional[torch.device | str] = "cpu") -> int:
     """Tokens per MLP step: the norm or the output beside the hidden layer (GELU runs in
     place), dim + mlp_dim a token."""
-    return token_chunk(dim + mlp_dim, max_block_mb)
+    return token_chunk(dim + mlp_dim, max_block_mb, device)
 
 
-def window_chunk(dim: int, max_block_mb: Optional[float] = None) -> int:
+def window_chunk(dim: int, max_block_mb: Optional[float] = None, device: Optional[torch.device | str] = "cpu") -> int:
     """Tokens per windowed-attention step: the windows, their norm, the heads and the
     projection, 4 * dim a token (q, k, v and the kernel's workspace are the attention's,
     bounded by its own plan)."""
-    return token_chunk(4 * dim, max_block_mb)
+    return token_chunk(4 * dim, max_block_mb, device)
 
 
 def token_rows(x: Tensor) -> Tensor:

@@ -53,12 +53,29 @@ def test_bench_backends_writes_rows_and_plot(tmp_path):
 @pytest.mark.slow
 def test_bench_resolution_writes_rows_and_plot(tmp_path):
     run_script("bench_resolution.py", "--models", "tiny", "--sizes", "64", "128", "--modes", "stock", "budget",
-               "--threads", "1", "--out-dir", str(tmp_path), "--machine", "test")  # fmt: skip
+               "--dtypes", "float32", "bfloat16", "--threads", "1", "--out-dir", str(tmp_path), "--machine", "test")  # fmt: skip
 
     rows = read_csv(tmp_path / "resolution_test.csv")
-    assert {(r["size"], r["mode"]) for r in rows} == {("64", "stock"), ("64", "budget"), ("128", "stock"), ("128", "budget")}
+    assert {(r["size"], r["dtype"], r["mode"]) for r in rows} == {
+        (size, dtype, mode) for size in ("64", "128") for dtype in ("float32", "bfloat16") for mode in ("stock", "budget")
+    }
     assert all(r["status"] == "ok" for r in rows), rows
+    for r in rows:  # the planner's prediction and the floor ratio beside each measurement
+        assert float(r["planned_mb"]) > 0 and float(r["gemm_gflops"]) > 0 and float(r["floor_ratio"]) > 0 and float(r["gflop"]) > 0
     assert (tmp_path / "resolution_test.png").stat().st_size > 0
+    table = run_script("bench_resolution.py", "--table", "--out-dir", str(tmp_path), "--machine", "test")
+    assert table.startswith("| model | size | tokens | dtype | mode | status | extra peak MiB | planned MiB |")
+    assert "| tiny | 128 | 64 | bfloat16 | budget 32 MiB | ok |" in table
+
+
+@pytest.mark.slow
+def test_bench_memory_writes_rows_with_the_floor_ratio(tmp_path):
+    run_script("bench_memory.py", "--targets", "layer", "encoder", "--grid", "8", "--img-size", "128", "--chunks", "4",
+               "--repeat", "1", "--threads", "1", "--out", str(tmp_path))  # fmt: skip
+    rows = read_csv(tmp_path / "memory_cpu.csv")
+    assert {(r["target"], r["mode"]) for r in rows} == {(t, m) for t in ("layer", "encoder") for m in ("stock", "patched")}
+    assert all(float(r["floor_ratio"]) > 0 and float(r["gemm_gflops"]) > 0 for r in rows), rows
+    assert (tmp_path / "memory_cpu.png").stat().st_size > 0
 
 
 def test_bench_backends_refuses_bad_arguments():

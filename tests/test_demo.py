@@ -241,14 +241,14 @@ def test_memory_panel_measures_stock_when_it_fits_else_estimates(photo):
     sam = demo.load_model(SETTINGS.model).sam
     _, measured = interactive.encode(sam, photo, stock_limit_bytes=2**30)
     assert measured.stock_measured and measured.reason == "" and measured.blocking == "chunks 16"
-    assert measured.stock_attention_bytes > measured.blocked_attention_bytes > 0
+    assert measured.stock_planned_bytes > measured.patched_planned_bytes > 0
     assert "| stock |" in demo.format_memory(measured) and "estimate**" not in demo.format_memory(measured)
     _, estimated = interactive.encode(sam, photo, chunks=4, stock_limit_bytes=2**19)
     assert not estimated.stock_measured and estimated.blocking == "chunks 4"
-    assert "stock's attention would need" in estimated.reason and "over the 0.5 MiB allowed here" in estimated.reason
-    assert estimated.stock_bytes >= estimated.stock_attention_bytes
+    assert "stock's encoder would need" in estimated.reason and "over the 0.5 MiB allowed here" in estimated.reason
+    assert estimated.stock_bytes >= estimated.stock_planned_bytes
     text = demo.format_memory(estimated)
-    assert "**estimate**" in text and "computed from the attention shapes" in text
+    assert "**estimate**" in text and "memory planner" in text
     _, off = interactive.encode(sam, photo, max_block_mb=1.0)
     assert off.reason == "stock comparison is off" and off.blocking == "blocks <= 1 MiB"
     assert not any(isinstance(m, BlockedAttention) for _, m in sam_attentions(sam))  # the cached model stays stock

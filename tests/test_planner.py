@@ -105,3 +105,22 @@ def test_cli_plan_json_is_one_object(capsys):
 def test_cli_plan_refuses_bad_input(capsys):
     assert cli_main(["plan", "--img-size", "1000"]) == 2
     assert "multiple of the patch size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, size, batch", [("tiny", 256, 2), ("tiny", 592, 1)])
+def test_flop_count_is_torch_flop_counter_on_stock(model, size, batch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sam_blocked.flops import encoder_flops
+
+    encoder = set_image_size(build_sam(model), size).image_encoder
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        encoder(torch.randn(batch, 3, size, size))
+    assert encoder_flops(model, size, batch) == counter.get_total_flops()
+    assert round(encoder_flops("vit_b", 1024) / 1e9) == 972
+
+
+def test_encoder_shape_of_a_built_encoder_is_its_registry_shape(tiny_sam):
+    from sam_blocked.encoder_memory import EncoderShape
+
+    assert EncoderShape.from_encoder(tiny_sam.image_encoder) == EncoderShape.of("tiny")
