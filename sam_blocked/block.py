@@ -60,6 +60,12 @@ class AttentionParts(NamedTuple):
     rel_pos_w: Optional[Tensor]
 
 
+def needs_grad(module: torch.nn.Module, x: Tensor) -> bool:
+    """True when autograd would record `module` on `x`: the in-place token steps would
+    overwrite what backward needs, so the block runs stock's forward then."""
+    return x.requires_grad or any(p.requires_grad for p in module.parameters())
+
+
 def encoder_block(
     x: Tensor,
     norm1: Module,

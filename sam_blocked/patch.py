@@ -3,7 +3,8 @@
 Each supported layer found in the model (sam_blocked.adapters: segment_anything,
 segment_anything_hq, transformers, timm) has its class swapped for the adapter's patched
 subclass, whose only change is `forward`; its settings live in `blocked_config`, and the
-attention runs on the backend they name. Nothing else is touched: parameters, buffers
+attention runs on the backend they name. The encoder blocks around them are patched
+alongside: their norms and MLP run a chunk of tokens at a time (sam_blocked.block). Nothing else is touched: parameters, buffers
 and state_dict keys stay as they were, so a checkpoint loads before or after patching,
 and unpatching swaps the class back. For every model of the process at once, without the
 model object, see sam_blocked.switch (enable / disable).
@@ -22,10 +23,10 @@ from sam_blocked.adapters.base import ATTENTION, STOCK_FLAG, ClassPatch
 from sam_blocked.attention import DEFAULT_CHUNKS
 from sam_blocked.layer import BlockConfig, check_config
 
-__all__ = ["BlockConfig", "BlockedAttention", "is_patched", "patch_sam", "patched", "sam_attentions", "stock", "unpatch_sam"]
+__all__ = ["BlockConfig", "BlockedAttention", "BlockedBlock", "is_patched", "patch_sam", "patched", "sam_attentions", "stock", "unpatch_sam"]
 
-# segment_anything's patched Attention (the adapters' registry knows every library's).
-BlockedAttention = adapters.patches_of(_sam_image_encoder)[0].patched
+# segment_anything's patched Attention and Block (the adapters' registry knows every library's).
+BlockedAttention, BlockedBlock = (p.patched for p in adapters.patches_of(_sam_image_encoder))
 
 
 def sam_attentions(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -83,10 +84,12 @@ def unpatch_sam(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_patched(model: torch.nn.Module) -> bool:
-    """True when every SAM attention in `model` runs blocked: patched by patch_sam, or by enable()."""
+    """True when every SAM attention in `model`, and every encoder block around one, runs
+    blocked: patched by patch_sam, or by enable()."""
+    adapters.attention_layers(model)  # a ValueError when there is none
     return all(
         type(module) is patch.patched or switch.runs_blocked(module, patch)
-        for _, module, patch in adapters.attention_layers(model)
+        for _, module, patch in adapters.find(model)[0]
     )
 
 

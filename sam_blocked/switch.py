@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from sam_blocked import adapters
-from sam_blocked.adapters.base import STOCK_FLAG, WRAPPED_FORWARD, ClassPatch, warn_once
+from sam_blocked.adapters.base import ATTENTION, BLOCK, STOCK_FLAG, WRAPPED_FORWARD, ClassPatch, warn_once
 from sam_blocked.attention import DEFAULT_CHUNKS
 from sam_blocked.import_hooks import PostImportFinder
 from sam_blocked.layer import BlockConfig, check_config
@@ -171,9 +171,11 @@ def _switched_forward(patch: ClassPatch) -> Callable[..., Any]:
                 f"switch-{patch.name}-{why[0]}",
                 f"sam_blocked left a {patch.name} stock: {'; '.join(why)}",
             )
-            _report.count(patch.library, self, blocked=False)
+            if patch.kind == ATTENTION:  # a block left stock calls its attention, which reports itself
+                _report.count(patch.library, self, blocked=False)
             return stock_forward(self, *args, **kwargs)
-        _report.count(patch.library, self, blocked=True)
+        if patch.kind in (ATTENTION, BLOCK):  # a BLOCK computes its attention itself; an MLP block calls it
+            _report.count(patch.library, self, blocked=True)
         return patch.blocked_forward(self, config, *args, **kwargs)
 
     setattr(forward, WRAPPED_FORWARD, stock_forward)

@@ -8,14 +8,16 @@ module is, so sam_blocked never imports transformers, timm or segment_anything_h
 
 | library | module | classes |
 |---|---|---|
-| segment_anything | segment_anything.modeling.image_encoder | Attention |
-| segment_anything_hq | segment_anything_hq.modeling.image_encoder | Attention |
-| transformers | transformers.models.sam.modeling_sam | SamVisionAttention, SamVisionSdpaAttention |
-| transformers | transformers.models.sam_hq.modeling_sam_hq | SamHQVisionAttention, SamHQVisionSdpaAttention |
+| segment_anything | segment_anything.modeling.image_encoder | Attention, Block |
+| segment_anything_hq | segment_anything_hq.modeling.image_encoder | Attention, Block |
+| transformers | transformers.models.sam.modeling_sam | SamVisionAttention, SamVisionSdpaAttention, SamVisionLayer |
+| transformers | transformers.models.sam_hq.modeling_sam_hq | SamHQVisionAttention, SamHQVisionSdpaAttention, SamHQVisionLayer |
 | timm | timm.models.vision_transformer_sam | Attention |
 
-`find(model)` walks a model of any of them and returns each supported layer with its
-ClassPatch. To support another class, return one more ClassPatch from the adapter's
+The encoder blocks (Block, Sam*VisionLayer) are patched alongside their attention: their
+token-wise half (norms, MLP, residual adds) runs a chunk of tokens at a time
+(sam_blocked.block, sam_blocked.tokenwise). `find(model)` walks a model of any of them
+and returns each supported layer with its ClassPatch. To support another class, return one more ClassPatch from the adapter's
 `class_patches`; another library: one more file and one more ADAPTERS entry.
 """
 
@@ -92,7 +94,7 @@ def find(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Module, Class
             found.append((name, module, patch))
             continue
         base = next((p for p in stocks if isinstance(module, p.stock)), None)
-        if base is not None:
+        if base is not None and base.kind == ATTENTION:  # a block's subclass keeps its forward around patched attention
             refused.append(
                 f"{name or 'model'} is {type(module).__qualname__}, a subclass of {base.name}: "
                 "sam_blocked only patches the stock class"

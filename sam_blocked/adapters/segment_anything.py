@@ -3,8 +3,14 @@
 Stock forward: qkv -> (q * scale) k^T + decomposed rel-pos (get_rel_pos interpolates a table
 only when its length differs from 2*size-1) -> softmax in the input dtype -> v -> proj,
 on x of shape (B, H, W, dim). The blocked forward is sam_blocked.layer.attention_layer on
-the module's own weights. Also used by the segment_anything_hq adapter: its encoder is a
-copy of this one.
+the module's own weights.
+
+The encoder's `Block` (norm1, attention in windows or global, residual, norm2, MLP,
+residual) is patched alongside (kind BLOCK): sam_blocked.block.encoder_block computes it
+with the same arithmetic a chunk of tokens at a time, its attention included, under the
+settings of its patched attention (or of the switch). It runs stock's Block forward, around
+the attention as it is, while autograd records or when its attention runs stock. Also used
+by the segment_anything_hq adapter: its encoder is a copy of this one.
 """
 
 from __future__ import annotations
@@ -16,13 +22,16 @@ from typing import Optional
 
 import torch
 
-from sam_blocked.adapters.base import ClassPatch, EncoderCall, class_patch, patched_class_named, missing_attributes, qkv_reasons
+from sam_blocked import switch
+from sam_blocked.adapters.base import BLOCK, ClassPatch, EncoderCall, class_patch, missing_attributes, patched_class_named, qkv_reasons
+from sam_blocked.block import AttentionParts, MLPParts, encoder_block, needs_grad
 from sam_blocked.layer import BlockConfig, attention_layer
 
 LIBRARY = "segment_anything"
 MODULES = ("segment_anything.modeling.image_encoder",)
 
 _ATTRIBUTES = ("qkv", "proj", "num_heads", "scale", "use_rel_pos")
+_BLOCK_ATTRIBUTES = ("norm1", "attn", "norm2", "mlp", "window_size")
 
 
 def attention_reasons(module: torch.nn.Module) -> list[str]:
@@ -40,8 +49,32 @@ def blocked_attention_forward(module: torch.nn.Module, config: BlockConfig, x: t
 
 
 def class_patches(module: ModuleType, library: str = LIBRARY, home: str = __name__) -> list[ClassPatch]:
-    """The ClassPatches for a loaded image_encoder module of segment_anything (or a copy of it)."""
-    return [class_patch(library, module.Attention, blocked_attention_forward, attention_reasons, home=home)]
+    """The ClassPatches for a loaded image_encoder module of segment_anything (or a copy of it):
+    its Attention, and its Block alongside."""
+    attention = class_patch(library, module.Attention, blocked_attention_forward, attention_reasons, home=home)
+
+    def block_reasons(block: torch.nn.Module) -> list[str]:
+        why = missing_attributes(block, _BLOCK_ATTRIBUTES) or missing_attributes(block.mlp, ("lin1", "act", "lin2"))
+        if not why and type(block.attn) not in (attention.stock, attention.patched):
+            why = [f"its attn is {type(block.attn).__qualname__}, not {attention.name}: the block leaves it its own forward"]
+        return why or attention.reasons(block.attn)
+
+    def block_forward(block: torch.nn.Module, config: BlockConfig, x: torch.Tensor) -> torch.Tensor:
+        """Block.forward, a chunk of tokens at a time. x: (B, H, W, dim) -> (B, H, W, dim)."""
+        attn = block.attn
+        if torch.is_grad_enabled() and needs_grad(block, x):
+            return block_patch.stock_forward(block, x)  # around the attention, blocked or not
+        if type(attn) is attention.patched:
+            config = attn.blocked_config
+        elif not switch.runs_blocked(attn, attention):
+            return block_patch.stock_forward(block, x)  # its attention runs stock: so does the block
+        rel_h, rel_w = (attn.rel_pos_h, attn.rel_pos_w) if attn.use_rel_pos else (None, None)
+        parts = AttentionParts(attn.qkv, attn.proj, attn.num_heads, attn.scale, rel_h, rel_w)
+        mlp = MLPParts(block.mlp.lin1, block.mlp.act, block.mlp.lin2)
+        return encoder_block(x, block.norm1, parts, block.norm2, mlp, block.window_size, config)
+
+    block_patch = class_patch(library, module.Block, block_forward, block_reasons, home=home, kind=BLOCK)
+    return [attention, block_patch]
 
 
 def encoder_call(model: torch.nn.Module, package: str = LIBRARY) -> Optional[EncoderCall]:
