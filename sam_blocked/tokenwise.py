@@ -88,9 +88,12 @@ def mlp_residual_(x: Tensor, norm: Module, lin1: Module, act: Module, lin2: Modu
 
 
 def activate_(act: Module, x: Tensor) -> Tensor:
-    """act(x), in x's storage when act is a plain nn.GELU (aten's in-place gelu, same kernel)."""
+    """act(x), in x's storage when act is a plain nn.GELU or transformers' GELUActivation
+    running F.gelu (aten's in-place gelu, same kernel)."""
     if type(act) is torch.nn.GELU:
         return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    if type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is torch.nn.functional.gelu:
+        return torch.ops.aten.gelu_(x)
     return act(x)
 
 

@@ -257,3 +257,70 @@ def test_encoder_at_high_resolution_matches_stock(dtype, tol):
             with patched(low, max_block_mb=0.5):
                 ours = (low(x.to(dtype)).double() - oracle).abs().max().item()
             assert ours <= 2 * stock_err, f"bfloat16 at 1280 px: {ours:.3e} vs stock's {stock_err:.3e}"
+
+
+# --- every library's encoder blocks, through patch_sam and the switch -----------------------
+
+
+def _layers_of(model, kind):
+    from sam_blocked import adapters
+
+    return [m for _, m, p in adapters.find(model)[0] if p.kind == kind]
+
+
+@pytest.mark.parametrize("name", ["segment_anything_hq", "transformers-sdpa", "transformers-eager", "transformers-hq-sdpa"])
+def test_every_library_block_is_patched_and_restored(name):
+    from sam_libraries import ENCODERS, flat, pixels
+
+    from sam_blocked.adapters.base import ATTENTION
+
+    model, run = ENCODERS[name](seed=0)
+    x = pixels()
+    with torch.no_grad():
+        ref = flat(run(model, x))
+        blocks = [m for _, m, p in sam_blocked.adapters.find(model)[0] if p.kind != ATTENTION]
+        assert len(blocks) == len(_layers_of(model, ATTENTION)), f"{name}: a block patch per attention"
+        stock_classes = [type(b) for b in blocks]
+        with patched(model, max_block_mb=0.01):  # several token chunks
+            assert all(type(b) is not c and isinstance(b, c) for b, c in zip(blocks, stock_classes))
+            out = flat(run(model, x))
+        assert [type(b) for b in blocks] == stock_classes
+        with sam_blocked.enabled(max_block_mb=0.01):
+            assert sam_blocked.is_patched(model)
+            switched = flat(run(model, x))
+            with stock(model):
+                assert torch.equal(flat(run(model, x)), ref)
+    assert rel_error(out, ref) < FP32_RTOL and rel_error(switched, ref) < FP32_RTOL, name
+
+
+def test_transformers_layer_holds_no_whole_hidden_layer():
+    # stock's MLP holds (tokens, mlp_dim); the patched layer's MLP only a chunk of it
+    from sam_libraries import transformers_vision
+
+    model, _ = transformers_vision("sdpa")
+    layer = model.vision_encoder.layers[1]  # the global one
+    grid, dim = 40, layer.layer_norm1.normalized_shape[0]
+    x = tokens((grid, grid), dim=dim)
+    mlp_numel = grid * grid * layer.mlp.lin1.out_features
+    with torch.no_grad():
+        with LargestTensor() as probe:
+            ref = layer(x)
+        assert probe.largest >= mlp_numel
+        with patched(model, max_block_mb=0.05), LargestTensor() as probe:
+            out = layer(x)
+    assert probe.largest < mlp_numel and rel_error(out, ref) < FP32_RTOL
+
+
+def test_switch_reports_blocks_as_their_attention():
+    from sam_blocked import switch
+    from sam_blocked.models import build_sam
+
+    model = build_sam("tiny", seed=0, img_size=256)
+    try:
+        sam_blocked.enable(chunks=4)
+        with torch.no_grad():
+            model.image_encoder(torch.randn(1, 3, 256, 256))
+        assert switch.report().layers["segment_anything"] == len(model.image_encoder.blocks)
+        assert switch.report().calls["segment_anything"] == len(model.image_encoder.blocks)
+    finally:
+        sam_blocked.disable()

@@ -16,23 +16,33 @@ tensor. When weights are asked for (output_attentions=True, passed or recorded t
 model's output capture) the eager class runs its stock forward for that call and warns
 once; the SDPA class returns None as its stock forward does. Eager's attention dropout
 has no blocked counterpart: training with dropout > 0 is refused.
+
+The encoder layers around them (SamVisionLayer, SamHQVisionLayer; kind MLP) keep their
+attention call and run their token-wise half a chunk of tokens at a time: the residual
+added in place to the attention's fresh output, then x + mlp(layer_norm2(x)) in that
+buffer (sam_blocked.tokenwise.mlp_residual_), stock's arithmetic on fewer tokens at once.
+While autograd records they run their stock forward.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from types import ModuleType
 from typing import Any, Callable, Optional
 
 import torch
 
-from sam_blocked.adapters.base import ClassPatch, EncoderCall, class_patch, patched_class_named, dropout_reasons, missing_attributes, qkv_reasons, stock_forward_of, warn_once
+from sam_blocked.adapters.base import MLP, ClassPatch, EncoderCall, class_patch, patched_class_named, dropout_reasons, missing_attributes, qkv_reasons, stock_forward_of, warn_once
+from sam_blocked.block import needs_grad
 from sam_blocked.layer import BlockConfig, attention_layer
+from sam_blocked.tokenwise import mlp_chunk, mlp_residual_
 
 LIBRARY = "transformers"
 MODULES = ("transformers.models.sam.modeling_sam", "transformers.models.sam_hq.modeling_sam_hq")
 
 _ATTRIBUTES = ("qkv", "proj", "num_attention_heads", "scale", "use_rel_pos", "dropout", "training")
+_LAYER_ATTRIBUTES = ("layer_norm1", "attn", "layer_norm2", "mlp", "window_size", "window_partition", "window_unpartition")
 
 
 def _layer(module: torch.nn.Module, config: BlockConfig, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -92,8 +102,34 @@ def _sdpa_forward(module: torch.nn.Module, config: BlockConfig, hidden_states: t
     return _layer(module, config, hidden_states), None
 
 
+def _layer_reasons(module: torch.nn.Module) -> list[str]:
+    return missing_attributes(module, _LAYER_ATTRIBUTES) or missing_attributes(module.mlp, ("lin1", "act", "lin2"))
+
+
+def _layer_forward(stock_forward: Callable[..., Any]) -> Callable[..., Any]:
+    def forward(module: torch.nn.Module, config: BlockConfig, hidden_states: torch.Tensor) -> torch.Tensor:
+        """SamVisionLayer.forward with its MLP a chunk of tokens at a time. (B, H, W, dim) -> (B, H, W, dim)."""
+        if torch.is_grad_enabled() and needs_grad(module, hidden_states):
+            return stock_forward(module, hidden_states)
+        B, H, W, dim = hidden_states.shape
+        x = module.layer_norm1(hidden_states)
+        if module.window_size > 0:
+            x, padding_shape = module.window_partition(x, module.window_size)
+        x = module.attn(hidden_states=x)[0]
+        if module.window_size > 0:
+            x = module.window_unpartition(x, module.window_size, padding_shape, (H, W))
+        x = x.contiguous().add_(hidden_states)  # stock: residual + attn, in the attention's fresh output
+        mlp = module.mlp
+        chunk = mlp_chunk(dim, mlp.lin1.out_features, config.max_block_mb, x.device)
+        return mlp_residual_(x, module.layer_norm2, mlp.lin1, mlp.act, mlp.lin2, chunk)
+
+    return forward
+
+
 def class_patches(module: ModuleType) -> list[ClassPatch]:
-    """The ClassPatches for a loaded modeling_sam or modeling_sam_hq: eager and SDPA, those that exist."""
+    """The ClassPatches for a loaded modeling_sam or modeling_sam_hq: eager and SDPA attention,
+    those that exist, and the encoder layer (when its forward takes hidden_states alone, as
+    transformers 5's does)."""
     prefix = "SamHQ" if module.__name__.endswith("sam_hq") else "Sam"
     patches = []
     eager = getattr(module, f"{prefix}VisionAttention", None)
@@ -103,6 +139,9 @@ def class_patches(module: ModuleType) -> list[ClassPatch]:
     sdpa = getattr(module, f"{prefix}VisionSdpaAttention", None)
     if sdpa is not None:
         patches.append(class_patch(LIBRARY, sdpa, _sdpa_forward, _sdpa_reasons, home=__name__))
+    layer = getattr(module, f"{prefix}VisionLayer", None)
+    if layer is not None and list(inspect.signature(stock_forward_of(layer)).parameters) == ["self", "hidden_states"]:
+        patches.append(class_patch(LIBRARY, layer, _layer_forward(stock_forward_of(layer)), _layer_reasons, home=__name__, kind=MLP))
     return patches
 
 
