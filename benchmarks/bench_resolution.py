@@ -58,7 +58,7 @@ MODELS = ["vit_b", "vit_h"]
 MODES = ["stock", "chunks", "budget"]
 DTYPES = ["float32"]
 FIELDS = [
-    "machine", "device", "model", "size", "tokens", "dtype", "mode", "chunks", "max_block_mb", "status", "seconds",
+    "machine", "device", "model", "size", "tokens", "dtype", "mode", "chunks", "max_block_mb", "blocks", "status", "seconds",
     "baseline_mb", "peak_extra_mb", "planned_mb", "gflop", "gemm_gflops", "floor_ratio", "cap_mb", "threads", "torch", "note",
 ]  # fmt: skip
 
@@ -93,6 +93,8 @@ def run_child(args: argparse.Namespace) -> int:
     }  # fmt: skip
     try:
         sam = set_image_size(build_sam(args.model), args.size)
+        if args.blocks:  # every block has the same shapes: the peak is one block's over the residual stream
+            sam.image_encoder.blocks = sam.image_encoder.blocks[: args.blocks]
         if args.mode == "chunks":
             patch_sam(sam, chunks=args.chunks)
         elif args.mode == "budget":
@@ -118,7 +120,7 @@ def run_child(args: argparse.Namespace) -> int:
         except (RuntimeError, MemoryError) as error:
             row.update(note=oom_note(error), status="OOM")
         row["peak_extra_mb"] = round((peak_bytes(device) - baseline) / MIB, 1)
-        if row["status"] == "ok":
+        if row["status"] == "ok" and not args.blocks:  # the FLOP count is the whole encoder's
             rate = gemm_rate(args.dtype, args.device)  # after the encode: its peak is measured without it
             row["gemm_gflops"] = round(rate / 1e9, 1)
             row["floor_ratio"] = round(min(times) * rate / flops, 2)
@@ -136,6 +138,7 @@ def run_one(args: argparse.Namespace, model: str, size: int, dtype: str, mode: s
         "--model", model, "--size", str(size), "--dtype", dtype, "--mode", mode, "--device", args.device,
         "--chunks", str(args.chunks), "--max-block-mb", str(args.max_block_mb),
         "--mem-cap-gb", str(args.mem_cap_gb), "--threads", str(args.threads), "--repeat", str(args.repeat),
+        "--blocks", str(args.blocks or 0),
     ]  # fmt: skip
     return run_in_child(__file__, command, args.timeout)
 
@@ -148,6 +151,7 @@ def sweep(args: argparse.Namespace) -> Path:
             "machine": out.label, "device": args.device, "model": model, "size": size, "tokens": (size // 16) ** 2,
             "dtype": dtype, "mode": mode, "chunks": args.chunks if mode == "chunks" else "",
             "max_block_mb": args.max_block_mb if mode == "budget" else "",
+            "blocks": f"0-{args.blocks - 1} + neck" if args.blocks else "",
             "cap_mb": cap_mb(args.mem_cap_gb, args.device),
             "torch": out.info["torch"], **result,
         }  # fmt: skip
@@ -162,11 +166,11 @@ def sweep(args: argparse.Namespace) -> Path:
 
 
 def _key(row: dict) -> tuple:
-    return (row["device"], row["model"], int(row["size"]), row.get("dtype") or "float32", row["mode"])
+    return (row["device"], row["model"], int(row["size"]), row.get("dtype") or "float32", row["mode"], row.get("blocks") or "")
 
 
 def _order(row: dict) -> tuple:
-    return (row["device"], row["model"], int(row["size"]), row.get("dtype") or "float32", MODES.index(row["mode"]))
+    return (row["device"], row["model"], int(row["size"]), row.get("dtype") or "float32", MODES.index(row["mode"]), row.get("blocks") or "")
 
 
 def _fmt(value, unit: str) -> str:
@@ -190,11 +194,11 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(13, 5.2))
     series: dict[tuple, list[dict]] = {}
     for row in rows:
-        series.setdefault((row["model"], row.get("dtype") or "float32", row["mode"]), []).append(row)
-    for (model, dtype, mode), group in sorted(series.items(), key=lambda kv: (kv[0][:2], MODES.index(kv[0][2]))):
+        series.setdefault((row["model"], row.get("dtype") or "float32", row["mode"], row.get("blocks") or ""), []).append(row)
+    for (model, dtype, mode, blocks), group in sorted(series.items(), key=lambda kv: (kv[0][:2], MODES.index(kv[0][2]), kv[0][3])):
         group.sort(key=lambda r: int(r["size"]))
         marker, line = styles.get(model, ("o", "-"))
-        name = _series_name(model, mode, group[0]) + ("" if dtype == "float32" else f", {dtype}")
+        name = _series_name(model, mode, group[0]) + ("" if dtype == "float32" else f", {dtype}") + (f", blocks {blocks}" if blocks else "")
         line = line if dtype == "float32" else ":"
         ok = [r for r in group if r["status"] == "ok"]
         ax_mem.plot([int(r["tokens"]) for r in ok], [float(r["peak_extra_mb"]) for r in ok],
@@ -275,8 +279,8 @@ def markdown_table(rows: list[dict]) -> str:
     """A Markdown table, a row per configuration: status, extra peak MiB beside the planner's
     prediction and their ratio, seconds and the floor ratio."""
     lines = [
-        "| model | size | tokens | dtype | mode | status | extra peak MiB | planned MiB | measured / planned | time s | floor ratio |",
-        "|---" * 11 + "|",
+        "| model | size | tokens | dtype | mode | blocks run | status | extra peak MiB | planned MiB | measured / planned | time s | floor ratio |",
+        "|---" * 12 + "|",
     ]
     for r in sorted(rows, key=_order):
         mode = _mode_name(r)
@@ -284,7 +288,7 @@ def markdown_table(rows: list[dict]) -> str:
         ratio = f"{float(peak) / float(planned):.2f}" if peak and planned and r["status"] == "ok" else ""
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('note', '')}"
         lines.append(
-            f"| {r['model']} | {r['size']} | {r['tokens']} | {r.get('dtype') or 'float32'} | {mode} | {status} | "
+            f"| {r['model']} | {r['size']} | {r['tokens']} | {r.get('dtype') or 'float32'} | {mode} | {r.get('blocks') or 'all'} | {status} | "
             f"{peak if r['status'] == 'ok' else ''} | {planned} | {ratio} | {r.get('seconds') or ''} | {r.get('floor_ratio') or ''} |"
         )
     return "\n".join(lines)
@@ -314,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mem-cap-gb", type=float, default=None, help="private-memory cap per child on the CPU (default: 20, or 85%% of RAM)")
     parser.add_argument("--timeout", type=int, default=None, help="seconds per configuration (default 10800; --quick 600)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--blocks", type=int, default=None, help="run only the encoder's first N blocks and the neck (memory of long runs: "
+                        "every block has the same shapes, so the peak is a block's; rows say 'blocks 0-(N-1) + neck', no floor ratio)")
     parser.add_argument("--repeat", type=int, default=1, help="forwards per configuration; the fastest is recorded (default %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice, one per core)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the CSV and PNG go (default benchmarks/results)")

@@ -25,9 +25,8 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 
 from sam_blocked.attention import DEFAULT_CHUNKS
-from sam_blocked.encoder_memory import EncoderShape
 from sam_blocked.memory import MIB, current_bytes, format_bytes, peak_bytes, reset_peak
-from sam_blocked.planner import encoder_extra_bytes
+from sam_blocked.planner import planned_encoder_bytes
 from sam_blocked.patch import patched, stock
 from sam_blocked.images import InputError, read_image
 
@@ -183,7 +182,7 @@ def encode(
         seconds = time.perf_counter() - start
     embedding = Embedding(predictor.features, predictor.original_size, predictor.input_size)
 
-    stock_plan, patched_plan = encoder_estimates(sam, chunks, max_block_mb)
+    stock_plan, patched_plan = planned_encoder_bytes(sam.image_encoder, chunks, max_block_mb)
     limit = None if stock_limit_bytes is None else min(stock_limit_bytes, _free_bytes(device) // 2)
     if limit is not None and stock_plan <= limit:
         with stock(sam):
@@ -203,16 +202,6 @@ def _measure(device: torch.device, fn: Callable[[], object]) -> int:
     before = current_bytes(device)
     fn()
     return max(0, peak_bytes(device) - before)
-
-
-def encoder_estimates(sam: Sam, chunks: int = DEFAULT_CHUNKS, max_block_mb: Optional[float] = None) -> tuple[int, int]:
-    """The planner's (stock, patched) extra peak of `sam`'s encoder at its input size, dtype and device."""
-    encoder = sam.image_encoder
-    dtype = str(next(encoder.parameters()).dtype).removeprefix("torch.")
-    patched_bytes, stock_bytes, _ = encoder_extra_bytes(
-        EncoderShape.from_encoder(encoder), encoder.img_size, dtype, str(sam.device), 1, chunks, max_block_mb
-    )
-    return stock_bytes, patched_bytes
 
 
 def _free_bytes(device: torch.device) -> int:

@@ -165,6 +165,20 @@ def encoder_extra_bytes(
     return int(CPU_RESIDENT_FACTOR * patched[phase] + CPU_FIXED_BYTES), max(stock.values()) + CPU_FIXED_BYTES, phase
 
 
+def planned_encoder_bytes(encoder: torch.nn.Module, chunks: int = DEFAULT_CHUNKS, max_block_mb: Optional[float] = None) -> tuple[int, int]:
+    """The planner's (stock, patched) extra peak of a built segment_anything image encoder at
+    its input size, dtype and device (what the demo's memory panel shows).
+
+    Args:
+        encoder: an ImageEncoderViT, patched or not.
+        chunks, max_block_mb: the patch's blocking.
+    """
+    weight = next(encoder.parameters())
+    dtype = str(weight.dtype).removeprefix("torch.")
+    patched, stock, _ = encoder_extra_bytes(EncoderShape.from_encoder(encoder), encoder.img_size, dtype, str(weight.device), 1, chunks, max_block_mb)
+    return stock, patched
+
+
 def largest_input_size(
     model_type: str,
     max_memory_mb: float,

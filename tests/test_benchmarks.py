@@ -64,8 +64,16 @@ def test_bench_resolution_writes_rows_and_plot(tmp_path):
         assert float(r["planned_mb"]) > 0 and float(r["gemm_gflops"]) > 0 and float(r["floor_ratio"]) > 0 and float(r["gflop"]) > 0
     assert (tmp_path / "resolution_test.png").stat().st_size > 0
     table = run_script("bench_resolution.py", "--table", "--out-dir", str(tmp_path), "--machine", "test")
-    assert table.startswith("| model | size | tokens | dtype | mode | status | extra peak MiB | planned MiB |")
-    assert "| tiny | 128 | 64 | bfloat16 | budget 32 MiB | ok |" in table
+    assert table.startswith("| model | size | tokens | dtype | mode | blocks run | status | extra peak MiB | planned MiB |")
+    assert "| tiny | 128 | 64 | bfloat16 | budget 32 MiB | all | ok |" in table
+
+    # a long run's memory from the first blocks and the neck: its own rows, no floor ratio
+    run_script("bench_resolution.py", "--models", "tiny", "--sizes", "128", "--modes", "budget", "--blocks", "1",
+               "--threads", "1", "--out-dir", str(tmp_path), "--machine", "test")  # fmt: skip
+    rows = read_csv(tmp_path / "resolution_test.csv")
+    truncated = [r for r in rows if r["blocks"]]
+    assert len(rows) == 9 and [r["blocks"] for r in truncated] == ["0-0 + neck"]
+    assert truncated[0]["status"] == "ok" and truncated[0]["floor_ratio"] == "" and float(truncated[0]["planned_mb"]) > 0
 
 
 @pytest.mark.slow
