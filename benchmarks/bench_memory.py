@@ -10,6 +10,13 @@ at the rate of a plain GEMM measured in the same process (common.gemm_rate).
 
     python benchmarks/bench_memory.py                 # CSV + PNG under benchmarks/results/
     python benchmarks/bench_memory.py --targets layer --chunks 16
+    python benchmarks/bench_memory.py --ab --repeat 5 # speed A/B of the vit_b encoder in one process
+
+--ab times, in one process and alternating round by round (so a loaded machine slows all
+alike), the vit_b encoder at --img-size: stock, "attention" (patched attention inside stock
+blocks: the path before the token-chunked blocks) and "patched" (max_block_mb=32), with a
+plain GEMM's rate measured in every round; it prints and writes ab_<device>.csv with each
+mode's fastest time and its floor ratio (fastest time x fastest GEMM rate / FLOPs).
 """
 
 from __future__ import annotations
@@ -91,6 +98,56 @@ def run_child(config: dict) -> dict:
     }
 
 
+def ab(args) -> list[dict]:
+    """Stock, attention-only and patched vit_b encoder, alternating in this process; the fastest of each."""
+    from sam_blocked import build_sam, patch_sam, set_image_size
+    from sam_blocked.adapters.base import ATTENTION
+    from sam_blocked.adapters import find
+    from sam_blocked.flops import encoder_flops
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    encoder = set_image_size(build_sam("vit_b"), args.img_size).image_encoder.to(device).eval()
+    x = torch.randn(1, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0)).to(device)
+    flops = encoder_flops("vit_b", args.img_size)
+
+    def mode(name: str) -> None:
+        from sam_blocked import unpatch_sam
+
+        unpatch_sam(encoder)
+        if name != "stock":
+            patch_sam(encoder, max_block_mb=32)
+        if name == "attention":  # the blocks back to their stock class, around the patched attention
+            for _, module, patch in find(encoder)[0]:
+                if patch.kind != ATTENTION:
+                    module.__class__ = patch.stock
+
+    modes = ["stock", "attention", "patched"]
+    best = {m: float("inf") for m in modes}
+    rate = 0.0
+    with torch.inference_mode():
+        for name in modes:  # warm-up
+            mode(name)
+            encoder(x)
+        for round_ in range(args.repeat):
+            for name in modes:
+                mode(name)
+                start = time.perf_counter()
+                encoder(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                best[name] = min(best[name], time.perf_counter() - start)
+            rate = max(rate, gemm_rate("float32", args.device))
+            print(f"round {round_ + 1}: " + ", ".join(f"{m} {best[m]:.2f} s" for m in modes) + f"; GEMM {rate / 1e9:.0f} GFLOP/s", flush=True)
+    return [
+        {"device": args.device, "img_size": args.img_size, "mode": m, "time_s": round(best[m], 3), "gflop": round(flops / 1e9, 1),
+         "gemm_gflops": round(rate / 1e9, 1), "floor_ratio": round(best[m] * rate / flops, 2), "threads": torch.get_num_threads(),
+         "repeat": args.repeat, "load_avg": round(os.getloadavg()[0], 2)}
+        for m in modes
+    ]  # fmt: skip
+
+
 def configurations(args) -> list[dict]:
     configs = []
     for target in args.targets:
@@ -146,10 +203,22 @@ def main(argv=None) -> int:
     parser.add_argument("--img-size", type=int, default=1024, help="input size of the encoder target, a multiple of 16 (default %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the CSV in --out")
+    parser.add_argument("--ab", action="store_true", help="speed A/B of the vit_b encoder in one process (module doc)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))))
+        return 0
+    if args.ab:
+        rows = ab(args)
+        machine = machine_name(args.device)
+        for row in rows:
+            row["machine"] = machine
+            print(f"{row['mode']:9} {row['time_s']:8.2f} s   floor ratio {row['floor_ratio']}")
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"ab_{'cuda' if args.device.startswith('cuda') else 'cpu'}.csv"
+        write_rows(path, rows, ["machine", "device", "img_size", "mode", "time_s", "gflop", "gemm_gflops", "floor_ratio", "threads", "repeat", "load_avg"])
+        print(f"wrote {path}")
         return 0
     if args.replot:
         tag = "cuda" if args.device.startswith("cuda") else "cpu"
