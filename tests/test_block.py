@@ -8,7 +8,8 @@ import pytest
 import torch
 from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Block, ImageEncoderViT, window_partition, window_unpartition
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from test_attention import LargestTensor  # the probe of the attention tests
 
 import sam_blocked
 from sam_blocked.patch import BlockedBlock, is_patched, patch_sam, patched, stock, unpatch_sam
@@ -162,19 +163,6 @@ def test_autograd_runs_stock_forward_with_blocked_attention():
         out = block(x)
         out.sum().backward()
     assert rel_error(out, ref) < FP32_RTOL and rel_error(x.grad, grad_ref) < 1e-4
-
-
-class LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("window", [0, 7])
