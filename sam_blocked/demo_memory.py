@@ -26,7 +26,7 @@ def format_memory(report: Optional[MemoryReport]) -> str:
     else:
         verdict = (
             f"No clear saving at this size: the difference is within measurement noise ({format_bytes(NOISE_BYTES)}); "
-            f"stock's largest attention call needs only {format_bytes(report.stock_attention_bytes)}. Raise the input size to see it."
+            f"stock's encoder is planned at only {format_bytes(report.stock_planned_bytes)}. Raise the input size to see it."
         )
     return "\n".join(
         [
@@ -38,10 +38,10 @@ def format_memory(report: Optional[MemoryReport]) -> str:
             f"| patched ({report.blocking}) | {format_bytes(report.patched_bytes)}, measured |",
             f"| stock | {format_bytes(report.stock_bytes)}, {stock_how} |",
             "",
-            *([] if report.stock_measured else [f"\\* Estimated, computed from the attention shapes: {report.reason}.", ""]),
+            *([] if report.stock_measured else [f"\\* Estimated by the memory planner (`sam-blocked plan`): {report.reason}.", ""]),
             verdict,
             "",
-            f"Largest attention call (estimates): stock {format_bytes(report.stock_attention_bytes)}, "
-            f"patched {format_bytes(report.blocked_attention_bytes)}.",
+            f"Planner's encoder estimates (`sam-blocked plan`): stock {format_bytes(report.stock_planned_bytes)}, "
+            f"patched {format_bytes(report.patched_planned_bytes)}.",
         ]
     )

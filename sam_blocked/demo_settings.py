@@ -52,7 +52,7 @@ class DemoSettings:
     model: ModelSettings = ModelSettings("vit_b", img_size=1024)  # the demo always names its input size
     chunks: int = DEFAULT_CHUNKS
     max_block_mb: Optional[float] = None
-    measure_stock: bool = True  # run stock too when its attention estimate is below the limit
+    measure_stock: bool = True  # run stock too when its planned encoder peak is below the limit
     stock_limit_mb: float = STOCK_LIMIT_MB
     max_pixels: int = MAX_PIXELS
     max_upload_mb: float = MAX_UPLOAD_MB
