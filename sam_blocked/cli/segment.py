@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sam_blocked.cli.common import add_model_args, blocking_from_args, model_from_args, settings_from_args
 from sam_blocked.images import DEFAULT_MAX_PIXELS, collect_images
+from sam_blocked import planner
 from sam_blocked.options import AMG_SETTINGS, SegmentOptions
 from sam_blocked.prompts import load_prompts
 from sam_blocked.segment import available_bytes, segment_images
@@ -256,17 +257,13 @@ def _tile_flag(args: argparse.Namespace) -> int | str | None:
 
 def _auto_tile(args: argparse.Namespace, loaded, amg: dict) -> int:
     """The largest input size (a multiple of 16) whose memory fits --max-memory-mb, from sam_blocked.planner."""
-    try:
-        from sam_blocked.planner import largest_input_size
-    except ImportError:
-        raise ValueError("--tile auto needs sam_blocked.planner, which this installation lacks: give --tile SIZE (e.g. 1024)") from None
     device = next(loaded.sam.parameters()).device
     if args.max_memory_mb is None:
         free = available_bytes(device)
         if free is None:
             raise ValueError(f"--tile auto cannot tell how much memory {device} has free: give --max-memory-mb")
         args.max_memory_mb = free / 2**20
-    size = largest_input_size(
+    size = planner.largest_input_size(
         loaded.model_type,
         args.max_memory_mb,
         dtype=args.dtype,
