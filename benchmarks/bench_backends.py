@@ -48,9 +48,8 @@ from common import (  # noqa: E402
     default_cap_gb,
     oom_note,
     print_result,
-    read_rows,
+    print_table,
     run_in_child,
-    sweep_csv_path,
 )
 
 SCOPES = ["layer", "window", "encoder"]
@@ -393,11 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return run_child(args)
     if args.table:
-        path = sweep_csv_path(args, "backends")
-        if not path.exists():
-            parser.error(f"--table: no results at {path}; run the sweep first, or name the machine with --machine")
-        print(markdown_table(read_rows(path)))
-        return 0
+        return print_table(parser, args, "backends", markdown_table)
     args.scopes = args.scopes or (["layer"] if args.quick else SCOPES)
     args.models = args.models or (["vit_b"] if args.quick else MODELS)
     args.sizes = args.sizes or ([1024] if args.quick else SIZES)

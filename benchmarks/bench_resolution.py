@@ -48,9 +48,8 @@ from common import (  # noqa: E402
     gemm_rate,
     oom_note,
     print_result,
-    read_rows,
+    print_table,
     run_in_child,
-    sweep_csv_path,
 )
 
 SIZES = [1024, 1536, 2048, 3072, 4096]
@@ -346,12 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     args.modes = args.modes or MODES
     args.dtypes = args.dtypes or DTYPES
     if args.table:
-        path = sweep_csv_path(args, "resolution")
-        rows = read_rows(path)
-        if not rows:
-            parser.error(f"--table: no results at {path}; run the sweep first, or name the machine with --machine")
-        print(markdown_table(rows))
-        return 0
+        return print_table(parser, args, "resolution", markdown_table)
     args.timeout = args.timeout or (600 if args.quick else 10800)
     check_sweep_args(parser, args.sizes, args.device)
     if args.mem_cap_gb <= 0 or args.max_block_mb <= 0 or args.timeout <= 0 or args.chunks < 1 or args.repeat < 1:

@@ -52,9 +52,8 @@ from common import (  # noqa: E402
     default_cap_gb,
     oom_note,
     print_result,
-    read_rows,
+    print_table,
     run_in_child,
-    sweep_csv_path,
 )
 
 MODES = ["prompts", "auto"]
@@ -399,11 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device != "cpu":
         parser.error("--device: this benchmark measures the CPU (the process's resident peak); use --device cpu")
     if args.table:
-        path = sweep_csv_path(args, "tiles")
-        if not path.exists():
-            parser.error(f"--table: no results at {path}; run the sweep first, or name the machine with --machine")
-        print(markdown_table(read_rows(path)))
-        return 0
+        return print_table(parser, args, "tiles", markdown_table)
     try:
         for size in args.sizes + [args.picture_size]:
             parse_size(size)

@@ -41,9 +41,8 @@ from common import (  # noqa: E402
     default_cap_gb,
     oom_note,
     print_result,
-    read_rows,
+    print_table,
     run_in_child,
-    sweep_csv_path,
 )
 
 # name -> SamVisionConfig overrides, as the facebook/sam-vit-* checkpoints' configs
@@ -268,11 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return run_child(args)
     if args.table:
-        path = sweep_csv_path(args, "transformers")
-        if not path.exists():
-            parser.error(f"--table: no results at {path}; run the sweep first, or name the machine with --machine")
-        print(markdown_table(read_rows(path)))
-        return 0
+        return print_table(parser, args, "transformers", markdown_table)
     check_sweep_args(parser, args.sizes, args.device)
     if args.mem_cap_gb <= 0 or args.timeout <= 0 or args.repeat < 1 or args.batch < 1:
         parser.error("--mem-cap-gb and --timeout must be > 0, --repeat and --batch >= 1")

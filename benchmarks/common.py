@@ -165,6 +165,16 @@ def sweep_csv_path(args, prefix: str, info: Optional[dict[str, str]] = None) -> 
     return args.out_dir / f"{prefix}_{args.machine or machine_slug(info or machine_info(args.device))}.csv"
 
 
+def print_table(parser, args, prefix: str, markdown_table: Callable[[list[dict]], str]) -> int:
+    """--table: print the sweep's CSV (sweep_csv_path) as the README's Markdown table; 0, or a parser error if there is none."""
+    path = sweep_csv_path(args, prefix)
+    rows = read_rows(path)
+    if not rows:
+        parser.error(f"--table: no results at {path}; run the sweep first, or name the machine with --machine")
+    print(markdown_table(rows))
+    return 0
+
+
 @dataclass
 class SweepCSV:
     """A sweep's CSV, benchmarks/results/<prefix>_<machine>.csv: rows keyed by `key`, written after each one.
