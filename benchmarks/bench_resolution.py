@@ -58,7 +58,7 @@ MODES = ["stock", "chunks", "budget"]
 DTYPES = ["float32"]
 FIELDS = [
     "machine", "device", "model", "size", "tokens", "dtype", "mode", "chunks", "max_block_mb", "blocks", "status", "seconds",
-    "baseline_mb", "peak_extra_mb", "planned_mb", "gflop", "gemm_gflops", "floor_ratio", "cap_mb", "threads", "torch", "note",
+    "baseline_mb", "peak_extra_mb", "planned_mb", "tensor_peak_mb", "planned_tensor_mb", "gflop", "gemm_gflops", "floor_ratio", "cap_mb", "threads", "torch", "note",
 ]  # fmt: skip
 
 
@@ -72,10 +72,10 @@ def run_child(args: argparse.Namespace) -> int:
     import torch
 
     from sam_blocked.flops import encoder_flops
-    from sam_blocked.memory import current_bytes, peak_bytes, reset_peak
+    from sam_blocked.memory import current_bytes, peak_bytes, reset_peak, tensor_peak_bytes
     from sam_blocked.models import build_sam
     from sam_blocked.patch import patch_sam
-    from sam_blocked.planner import plan_memory
+    from sam_blocked.planner import CPU_FIXED_BYTES, plan_memory
     from sam_blocked.resolution import set_image_size
 
     if args.threads:
@@ -84,11 +84,13 @@ def run_child(args: argparse.Namespace) -> int:
     budget = args.max_block_mb if args.mode == "budget" else None
     plan = plan_memory(args.model, args.size, args.dtype, args.device, 1, args.chunks, budget)
     planned = plan.encoder_stock_bytes if args.mode == "stock" else plan.encoder_patched_bytes
+    # The planner's count of tensors alone (on the CPU its resident figure adds what the process keeps).
+    planned_tensors = plan.encoder_tensor_bytes if args.mode != "stock" else plan.encoder_stock_bytes - (CPU_FIXED_BYTES if device.type == "cpu" else 0)
     flops = encoder_flops(args.model, args.size)
     row = {
-        "status": "error", "seconds": "", "baseline_mb": "", "peak_extra_mb": "", "note": "", "gemm_gflops": "", "floor_ratio": "",
-        "planned_mb": round(planned / MIB, 1), "gflop": round(flops / 1e9, 3),
-        "threads": torch.get_num_threads(),
+        "status": "error", "seconds": "", "baseline_mb": "", "peak_extra_mb": "", "tensor_peak_mb": "", "note": "", "gemm_gflops": "",
+        "floor_ratio": "", "planned_mb": round(planned / MIB, 1), "planned_tensor_mb": round(planned_tensors / MIB, 1),
+        "gflop": round(flops / 1e9, 3), "threads": torch.get_num_threads(),
     }  # fmt: skip
     try:
         sam = set_image_size(build_sam(args.model), args.size)
@@ -104,17 +106,31 @@ def run_child(args: argparse.Namespace) -> int:
         reset_peak(device)
         baseline = current_bytes(device)
         row["baseline_mb"] = round(baseline / MIB, 1)  # CPU: resident set; CUDA: allocated
+
+        def encode() -> None:
+            with torch.inference_mode():
+                encoder(x)  # the output is dropped at once, as in the peak's accounting
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
         try:
             times = []
-            for _ in range(args.repeat):
+            for i in range(args.repeat):
                 start = time.perf_counter()
-                with torch.inference_mode():
-                    out = encoder(x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                if i == 0 and device.type == "cpu":
+                    # The first (cold) encode also counts its tensors (the profiler's memory
+                    # events): the planner's count is of those; its time is the profiler's too.
+                    row["tensor_peak_mb"] = round(tensor_peak_bytes(encode)[1] / MIB, 1)
+                else:
+                    encode()
                 times.append(time.perf_counter() - start)
-                del out
-            row["seconds"] = round(min(times), 2)
+            if device.type == "cuda":
+                row["tensor_peak_mb"] = round((peak_bytes(device) - baseline) / MIB, 1)
+            profiled = row["tensor_peak_mb"] != "" and device.type == "cpu"
+            timed = times[1:] if profiled and len(times) > 1 else times
+            row["seconds"] = round(min(timed), 2)
+            if profiled and len(times) == 1:
+                row["note"] = "time with the profiler on (--repeat 1)"
             row["status"] = "ok"
         except (RuntimeError, MemoryError) as error:
             row.update(note=oom_note(error), status="OOM")
@@ -122,7 +138,7 @@ def run_child(args: argparse.Namespace) -> int:
         if row["status"] == "ok" and not args.blocks:  # the FLOP count is the whole encoder's
             rate = gemm_rate(args.dtype, args.device)  # after the encode: its peak is measured without it
             row["gemm_gflops"] = round(rate / 1e9, 1)
-            row["floor_ratio"] = round(min(times) * rate / flops, 2)
+            row["floor_ratio"] = round(min(timed) * rate / flops, 2)
     except Exception as error:  # recorded, not raised: one bad configuration must not end the sweep
         row["note"] = f"{type(error).__name__}: {str(error)[:160]}"
     print_result(row)
@@ -275,20 +291,25 @@ def _series_name(model: str, mode: str, row: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """A Markdown table, a row per configuration: status, extra peak MiB beside the planner's
-    prediction and their ratio, seconds and the floor ratio."""
+    """A Markdown table, a row per configuration: status; the extra peak (resident set on the
+    CPU) and the tensors' peak, each beside the planner's prediction and their ratio; seconds
+    and the floor ratio."""
     lines = [
-        "| model | size | tokens | dtype | mode | blocks run | status | extra peak MiB | planned MiB | measured / planned | time s | floor ratio |",
-        "|---" * 12 + "|",
+        "| model | size | dtype | mode | blocks run | status | extra peak MiB | planned | ratio | tensors' peak MiB | planned | ratio "
+        "| time s | floor ratio |",
+        "|---" * 14 + "|",
     ]
     for r in sorted(rows, key=_order):
-        mode = _mode_name(r)
-        peak, planned = r.get("peak_extra_mb") or "", r.get("planned_mb") or ""
-        ratio = f"{float(peak) / float(planned):.2f}" if peak and planned and r["status"] == "ok" else ""
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('note', '')}"
+        ok = r["status"] == "ok"
+        status = r["status"] if ok else f"{r['status']}: {r.get('note', '')}"
+        cells = []
+        for measured, planned in (("peak_extra_mb", "planned_mb"), ("tensor_peak_mb", "planned_tensor_mb")):
+            got, want = (r.get(measured) or "") if ok else "", r.get(planned) or ""
+            cells += [got, want, f"{float(got) / float(want):.2f}" if got and want else ""]
         lines.append(
-            f"| {r['model']} | {r['size']} | {r['tokens']} | {r.get('dtype') or 'float32'} | {mode} | {r.get('blocks') or 'all'} | {status} | "
-            f"{peak if r['status'] == 'ok' else ''} | {planned} | {ratio} | {r.get('seconds') or ''} | {r.get('floor_ratio') or ''} |"
+            f"| {r['model']} | {r['size']} | {r.get('dtype') or 'float32'} | {_mode_name(r)} | {r.get('blocks') or 'all'} | {status} | "
+            + " | ".join(str(c) for c in cells)
+            + f" | {r.get('seconds') or ''} | {r.get('floor_ratio') or ''} |"
         )
     return "\n".join(lines)
 

@@ -14,8 +14,10 @@ Stock (segment_anything's Block.forward): global attention holds the input, norm
 v and their permuted copy (8 a) and three (batch * heads, N, N) score tensors while the
 rel-pos terms are added; windowed attention the padded and partitioned copies and the
 windows' scores; the MLP the input, the sum, the norm, the hidden layer and GELU's copy
-(11 a). Both: the patch embedding (its output and the sum with pos_embed, 2 a) and the
-neck (its input and a few (batch, 256, g, g) maps).
+(11 a). Both: the patch embedding (its output and the sum with pos_embed, 2 a; patched, its
+convolution runs in bands of rows, as tokenwise.patch_embedding: stock's whole-image
+convolution in bfloat16 on the CPU also takes oneDNN's workspace, 8 KiB a token, not
+counted here) and the neck (its input and a few (batch, 256, g, g) maps).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from sam_blocked.attention import CPU_STEP_BYTES
 from sam_blocked.backends import choose_backend, plan_backend
 from sam_blocked.fused import augmented_head_dim
 from sam_blocked.layer import projected_heads
@@ -128,6 +131,11 @@ def _attention(batch, heads, grid, head_dim, e, dtype, device, chunks, max_block
     rows = min(plan.group, batch * g)  # batch*head rows per kernel step
     band = math.ceil(H / plan.q_bands) * W  # query tokens per step
     rel = rows * band * (H + W) * _FP32  # rel_h, rel_w
+    if backend == "sdpa":  # fused.sdpa_attention: the resized tables, the float32 q its einsums read, their terms
+        whole_group = rows * n * (H + W) * _FP32 <= CPU_STEP_BYTES  # the terms of every band at once
+        q_rows = rows * (n if whole_group else band)
+        tables = (H * H + W * W) * head_dim * _FP32
+        rel = tables + q_rows * (head_dim + H + W + max(H, W)) * _FP32 + (rows * band * (H + W) * e if e != _FP32 else 0)
     out = 0 if batch == 1 else batch * g * n * head_dim * e  # the kernel's own output before the heads' buffer
     if backend == "sdpa":
         work = rows * band * n * e + rel + rows * band * head_dim * e  # the band's bias, the band's output

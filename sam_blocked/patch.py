@@ -23,10 +23,10 @@ from sam_blocked.adapters.base import ATTENTION, STOCK_FLAG, ClassPatch
 from sam_blocked.attention import DEFAULT_CHUNKS
 from sam_blocked.layer import BlockConfig, check_config
 
-__all__ = ["BlockConfig", "BlockedAttention", "BlockedBlock", "is_patched", "patch_sam", "patched", "sam_attentions", "stock", "unpatch_sam"]
+__all__ = ["BlockConfig", "BlockedAttention", "BlockedBlock", "BlockedPatchEmbed", "is_patched", "patch_sam", "patched", "sam_attentions", "stock", "unpatch_sam"]
 
-# segment_anything's patched Attention and Block (the adapters' registry knows every library's).
-BlockedAttention, BlockedBlock = (p.patched for p in adapters.patches_of(_sam_image_encoder))
+# segment_anything's patched Attention, Block and PatchEmbed (the adapters' registry knows every library's).
+BlockedAttention, BlockedBlock, BlockedPatchEmbed = (p.patched for p in adapters.patches_of(_sam_image_encoder))
 
 
 def sam_attentions(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

@@ -69,6 +69,7 @@ class MemoryPlan:
     encoder_stock_bytes: int  # extra peak of stock segment_anything's encoder, over weights and input
     encoder_patched_bytes: int  # the same, patched
     encoder_peak_phase: str  # where the patched peak is
+    encoder_tensor_bytes: int  # the patched extra peak in tensors alone (the allocator's view; on CUDA = encoder_patched_bytes)
     embedding_bytes: int  # the image embedding a predictor keeps
     decoder_bytes: int  # extra peak of one decoder batch of points_per_batch prompts
 
@@ -86,7 +87,7 @@ class MemoryPlan:
         """Settings, bytes and the same figures in MiB (weights_mib, encoder_extra_mib, ...)."""
         out = asdict(self)
         out.update(total_bytes=self.total_bytes, stock_total_bytes=self.stock_total_bytes)
-        for key in ("weights", "input", "encoder_stock", "encoder_patched", "embedding", "decoder", "total", "stock_total"):
+        for key in ("weights", "input", "encoder_stock", "encoder_patched", "encoder_tensor", "embedding", "decoder", "total", "stock_total"):
             out[f"{key}_mib"] = round(out[f"{key}_bytes"] / MIB, 1)
         out["encoder_extra_mib"] = out["encoder_patched_mib"]
         out["encoder_stock_extra_mib"] = out["encoder_stock_mib"]
@@ -117,7 +118,9 @@ def plan_memory(
     """
     _check(model_type, img_size, dtype, device, batch, chunks, max_block_mb, points_per_batch)
     tokens = (img_size // PATCH_SIZE) ** 2
-    patched, stock, phase = encoder_extra_bytes(EncoderShape.of(model_type), img_size, dtype, device, batch, chunks, max_block_mb)
+    shape = EncoderShape.of(model_type)
+    patched, stock, phase = encoder_extra_bytes(shape, img_size, dtype, device, batch, chunks, max_block_mb)
+    tensors = max(encoder_phases(shape, img_size, getattr(torch, dtype), device, batch, chunks, max_block_mb, patched=True).values())
     embedding = batch * PROMPT_EMBED_DIM * tokens * 4
     decoder = DECODER_ACTIVATIONS * points_per_batch * PROMPT_EMBED_DIM * tokens * 4
     return MemoryPlan(
@@ -135,6 +138,7 @@ def plan_memory(
         encoder_stock_bytes=stock,
         encoder_patched_bytes=patched,
         encoder_peak_phase=phase,
+        encoder_tensor_bytes=tensors,
         embedding_bytes=embedding,
         decoder_bytes=int(decoder),
     )

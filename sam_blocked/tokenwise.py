@@ -10,7 +10,10 @@ copy). The residual adds then go straight into a buffer the block owns:
   output, whose chunk is read before it is overwritten);
 - window geometry: which token rectangles hold a step's windows (window_steps), and the
   strided views that move them between the (B, H, W, D) grid and (B * k, ws, ws, D)
-  windows without padded copies (window_parts, grid_parts).
+  windows without padded copies (window_parts, grid_parts);
+- patch_embedding: the patch embedding's convolution a band of patch rows at a time, into
+  the (B, H, W, D) buffer the encoder reads (oneDNN's half-precision convolution of a
+  whole image otherwise takes a workspace of 8 KiB a token on the CPU: 512 MiB at 4096 px).
 
 `token_chunk` sizes the chunks from the same budget as the attention blocks: a step's
 float32 working set, (chunk, width), within max_block_mb and DEFAULT_TOKEN_BYTES.
@@ -59,6 +62,44 @@ def window_chunk(dim: int, max_block_mb: Optional[float] = None, device: Optiona
     projection, 4 * dim a token (q, k, v and the kernel's workspace are the attention's,
     bounded by its own plan)."""
     return token_chunk(4 * dim, max_block_mb, device)
+
+
+def embed_chunk(dim: int, pixels: int, max_block_mb: Optional[float] = None, device: Optional[torch.device | str] = "cpu") -> int:
+    """Tokens per patch-embedding step: a band's pixels and its convolution's output,
+    pixels + 2 * dim a token (the output, and its copy into the encoder's layout)."""
+    return token_chunk(pixels + 2 * dim, max_block_mb, device)
+
+
+def patch_embedding(x: Tensor, proj: torch.nn.Conv2d, chunk: int) -> Tensor:
+    """proj(x).permute(0, 2, 3, 1), as SAM's PatchEmbed, a band of patch rows at a time.
+
+    Output row r reads input rows [r * stride, r * stride + kernel), so a band of rows is
+    the same convolution on a slice of x; the bands are copied into one contiguous
+    (B, H', W', dim) buffer, the layout the encoder's blocks read.
+
+    Args:
+        x: (B, C, H, W) image.
+        proj: the embedding's Conv2d, without padding or dilation.
+        chunk: tokens per band, about (embed_chunk).
+
+    Returns:
+        (B, H', W', dim), contiguous, in the convolution's output dtype.
+    """
+    if proj.padding != (0, 0) or proj.dilation != (1, 1):
+        raise ValueError(f"patch_embedding takes a convolution without padding or dilation, got padding {proj.padding}, dilation {proj.dilation}")
+    (kh, kw), (sh, sw) = proj.kernel_size, proj.stride
+    B, _, H, W = x.shape
+    rows_out, cols_out = (H - kh) // sh + 1, (W - kw) // sw + 1
+    per_band = max(1, chunk // (B * cols_out))
+    out: Optional[Tensor] = None
+    for r0 in range(0, rows_out, per_band):
+        r1 = min(rows_out, r0 + per_band)
+        band = proj(x[:, :, r0 * sh : (r1 - 1) * sh + kh])  # (B, dim, r1 - r0, W')
+        if out is None:  # in the convolution's output dtype (autocast may change it)
+            out = band.new_empty(B, rows_out, cols_out, band.shape[1])  # (B, H', W', dim)
+        out[:, r0:r1] = band.permute(0, 2, 3, 1)
+        del band
+    return out
 
 
 def token_rows(x: Tensor) -> Tensor:

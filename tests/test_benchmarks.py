@@ -60,12 +60,13 @@ def test_bench_resolution_writes_rows_and_plot(tmp_path):
         (size, dtype, mode) for size in ("64", "128") for dtype in ("float32", "bfloat16") for mode in ("stock", "budget")
     }
     assert all(r["status"] == "ok" for r in rows), rows
-    for r in rows:  # the planner's prediction and the floor ratio beside each measurement
+    for r in rows:  # the planner's predictions and the floor ratio beside each measurement
         assert float(r["planned_mb"]) > 0 and float(r["gemm_gflops"]) > 0 and float(r["floor_ratio"]) > 0 and float(r["gflop"]) > 0
+        assert float(r["tensor_peak_mb"]) > 0 and float(r["planned_tensor_mb"]) > 0  # the tensors alone, counted by the profiler
     assert (tmp_path / "resolution_test.png").stat().st_size > 0
     table = run_script("bench_resolution.py", "--table", "--out-dir", str(tmp_path), "--machine", "test")
-    assert table.startswith("| model | size | tokens | dtype | mode | blocks run | status | extra peak MiB | planned MiB |")
-    assert "| tiny | 128 | 64 | bfloat16 | budget 32 MiB | all | ok |" in table
+    assert table.startswith("| model | size | dtype | mode | blocks run | status | extra peak MiB | planned | ratio | tensors' peak MiB |")
+    assert "| tiny | 128 | bfloat16 | budget 32 MiB | all | ok |" in table
 
     # a long run's memory from the first blocks and the neck: its own rows, no floor ratio
     run_script("bench_resolution.py", "--models", "tiny", "--sizes", "128", "--modes", "budget", "--blocks", "1",

@@ -260,13 +260,14 @@ def _layers_of(model, kind):
 def test_every_library_block_is_patched_and_restored(name):
     from sam_libraries import ENCODERS, flat, pixels
 
-    from sam_blocked.adapters.base import ATTENTION
+    from sam_blocked.adapters.base import ATTENTION, EMBED
 
     model, run = ENCODERS[name](seed=0)
     x = pixels()
     with torch.no_grad():
         ref = flat(run(model, x))
-        blocks = [m for _, m, p in sam_blocked.adapters.find(model)[0] if p.kind != ATTENTION]
+        blocks = [m for _, m, p in sam_blocked.adapters.find(model)[0] if p.kind not in (ATTENTION, EMBED)]
+        assert len(_layers_of(model, EMBED)) == (1 if name == "segment_anything_hq" else 0)  # its PatchEmbed rides along
         assert len(blocks) == len(_layers_of(model, ATTENTION)), f"{name}: a block patch per attention"
         stock_classes = [type(b) for b in blocks]
         with patched(model, max_block_mb=0.01):  # several token chunks

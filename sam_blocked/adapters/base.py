@@ -28,10 +28,12 @@ WRAPPED_FORWARD = "_sam_blocked_stock_forward"
 
 # Kinds of ClassPatch. "attention" layers are what patch_sam must find in a model; the others
 # ride along: a "block" computes its own attention (the switch reports it as its attention
-# layer), an "mlp" block only runs its token-wise half in chunks and calls its attention.
+# layer), an "mlp" block only runs its token-wise half in chunks and calls its attention, an
+# "embed" (the patch embedding) runs its convolution a band of rows at a time.
 ATTENTION = "attention"
 BLOCK = "block"
 MLP = "mlp"
+EMBED = "embed"
 
 BlockedForward = Callable[..., Any]  # (module, config: BlockConfig, *args, **kwargs) -> the stock forward's output
 Reasons = Callable[[torch.nn.Module], "list[str]"]
@@ -43,8 +45,8 @@ class ClassPatch:
 
     Attributes:
         library: the library's import name, for messages ("segment_anything", "timm", ...).
-        kind: ATTENTION, or an encoder block patched alongside: BLOCK (attention included)
-            or MLP (its token-wise half only).
+        kind: ATTENTION, or a module patched alongside: an encoder block, BLOCK (attention
+            included) or MLP (its token-wise half only), or the patch embedding, EMBED.
         stock: the library's class, exactly as the library defines it.
         patched: its subclass with the blocked forward (patch_sam swaps an instance's class to it).
         stock_forward: stock's own `forward` function, as found before anything was changed.

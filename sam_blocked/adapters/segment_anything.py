@@ -9,8 +9,10 @@ The encoder's `Block` (norm1, attention in windows or global, residual, norm2, M
 residual) is patched alongside (kind BLOCK): sam_blocked.block.encoder_block computes it
 with the same arithmetic a chunk of tokens at a time, its attention included, under the
 settings of its patched attention (or of the switch). It runs stock's Block forward, around
-the attention as it is, while autograd records or when its attention runs stock. Also used
-by the segment_anything_hq adapter: its encoder is a copy of this one.
+the attention as it is, while autograd records or when its attention runs stock. So is the
+`PatchEmbed` (kind EMBED): its convolution runs a band of patch rows at a time
+(sam_blocked.tokenwise.patch_embedding), the same kernel on fewer rows. Also used by the
+segment_anything_hq adapter: its encoder is a copy of this one.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from typing import Optional
 import torch
 
 from sam_blocked import switch
-from sam_blocked.adapters.base import BLOCK, ClassPatch, EncoderCall, class_patch, missing_attributes, patched_class_named, qkv_reasons
+from sam_blocked.adapters.base import BLOCK, EMBED, ClassPatch, EncoderCall, class_patch, missing_attributes, patched_class_named, qkv_reasons
 from sam_blocked.block import AttentionParts, MLPParts, encoder_block, needs_grad
 from sam_blocked.layer import BlockConfig, attention_layer
+from sam_blocked.tokenwise import embed_chunk, patch_embedding
 
 LIBRARY = "segment_anything"
 MODULES = ("segment_anything.modeling.image_encoder",)
@@ -48,9 +51,17 @@ def blocked_attention_forward(module: torch.nn.Module, config: BlockConfig, x: t
     return attention_layer(x, module.qkv, module.proj, module.num_heads, module.scale, rel_h, rel_w, config)
 
 
+def banded_embed_runs(embed: torch.nn.Module, x: torch.Tensor) -> bool:
+    """True when a PatchEmbed can run in bands: its proj a plain Conv2d without padding or
+    dilation, and autograd not recording it."""
+    proj = getattr(embed, "proj", None)
+    plain = type(proj) is torch.nn.Conv2d and proj.padding == (0, 0) and proj.dilation == (1, 1) and proj.groups == 1
+    return plain and not (torch.is_grad_enabled() and needs_grad(embed, x))
+
+
 def class_patches(module: ModuleType, library: str = LIBRARY, home: str = __name__) -> list[ClassPatch]:
     """The ClassPatches for a loaded image_encoder module of segment_anything (or a copy of it):
-    its Attention, and its Block alongside."""
+    its Attention, and its Block and PatchEmbed alongside."""
     attention = class_patch(library, module.Attention, blocked_attention_forward, attention_reasons, home=home)
 
     def block_reasons(block: torch.nn.Module) -> list[str]:
@@ -74,7 +85,18 @@ def class_patches(module: ModuleType, library: str = LIBRARY, home: str = __name
         return encoder_block(x, block.norm1, parts, block.norm2, mlp, block.window_size, config)
 
     block_patch = class_patch(library, module.Block, block_forward, block_reasons, home=home, kind=BLOCK)
-    return [attention, block_patch]
+
+    def embed_forward(embed: torch.nn.Module, config: BlockConfig, x: torch.Tensor) -> torch.Tensor:
+        """PatchEmbed.forward, a band of patch rows at a time. x: (B, 3, H, W) -> (B, H/16, W/16, dim)."""
+        if not banded_embed_runs(embed, x):
+            return embed_patch.stock_forward(embed, x)  # another convolution, or autograd recording
+        proj = embed.proj
+        chunk = embed_chunk(proj.out_channels, proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1], config.max_block_mb, x.device)
+        return patch_embedding(x, proj, chunk)
+
+    # No reasons: a PatchEmbed that cannot run in bands runs stock's forward, never refusing the model.
+    embed_patch = class_patch(library, module.PatchEmbed, embed_forward, lambda embed: [], home=home, kind=EMBED)
+    return [attention, block_patch, embed_patch]
 
 
 def encoder_call(model: torch.nn.Module, package: str = LIBRARY) -> Optional[EncoderCall]:
