@@ -115,30 +115,25 @@ def run_child(args: argparse.Namespace) -> int:
 
         try:
             times = []
-            for i in range(args.repeat):
+            for _ in range(args.repeat):
                 start = time.perf_counter()
-                if i == 0 and device.type == "cpu":
-                    # The first (cold) encode also counts its tensors (the profiler's memory
-                    # events): the planner's count is of those; its time is the profiler's too.
-                    row["tensor_peak_mb"] = round(tensor_peak_bytes(encode)[1] / MIB, 1)
-                else:
-                    encode()
+                encode()
                 times.append(time.perf_counter() - start)
-            if device.type == "cuda":
-                row["tensor_peak_mb"] = round((peak_bytes(device) - baseline) / MIB, 1)
-            profiled = row["tensor_peak_mb"] != "" and device.type == "cpu"
-            timed = times[1:] if profiled and len(times) > 1 else times
-            row["seconds"] = round(min(timed), 2)
-            if profiled and len(times) == 1:
-                row["note"] = "time with the profiler on (--repeat 1)"
+            row["seconds"] = round(min(times), 2)
             row["status"] = "ok"
         except (RuntimeError, MemoryError) as error:
             row.update(note=oom_note(error), status="OOM")
         row["peak_extra_mb"] = round((peak_bytes(device) - baseline) / MIB, 1)
+        if row["status"] == "ok":
+            # The tensors alone: CUDA's allocator peak, or on the CPU one more encode under the
+            # profiler's memory events (after the resident peak is read: the profiler's own
+            # records of every op would add to it).
+            tensors = peak_bytes(device) - baseline if device.type == "cuda" else tensor_peak_bytes(encode)[1]
+            row["tensor_peak_mb"] = round(tensors / MIB, 1)
         if row["status"] == "ok" and not args.blocks:  # the FLOP count is the whole encoder's
             rate = gemm_rate(args.dtype, args.device)  # after the encode: its peak is measured without it
             row["gemm_gflops"] = round(rate / 1e9, 1)
-            row["floor_ratio"] = round(min(timed) * rate / flops, 2)
+            row["floor_ratio"] = round(min(times) * rate / flops, 2)
     except Exception as error:  # recorded, not raised: one bad configuration must not end the sweep
         row["note"] = f"{type(error).__name__}: {str(error)[:160]}"
     print_result(row)

@@ -93,12 +93,14 @@ def test_cli_plan_prints_the_table_and_what_fits(capsys):
     for text in ("vit_h at 2048 px", "weights", "image encoder, extra peak", "mask decoder, 64 prompts", "total", "within 6144 MiB"):
         assert text in out
     assert "vit_b " in out and "up to" in out
+    assert "of the patched encoder's extra peak, tensors:" in out  # the CPU's resident figure, split
 
 
 def test_cli_plan_json_is_one_object(capsys):
     assert cli_main(["plan", "--model-type", "vit_b", "--img-size", "1536", "--dtype", "bfloat16", "--json", "--max-memory-mb", "4000"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["weights_mib"] > 0 and out["encoder_extra_mib"] > 0 and out["img_size"] == 1536
+    assert 0 < out["encoder_tensor_mib"] < out["encoder_extra_mib"]  # on the CPU a process keeps more than its tensors
     assert out["largest_input_size"] == out["largest_input_sizes"]["vit_b"]
 
 

@@ -93,6 +93,11 @@ def report(plan: MemoryPlan, max_memory_mb: float | None = None, fits: dict[str,
         _row("total", plan.total_bytes, plan.stock_total_bytes),
         f"patched encoder peaks in: {plan.encoder_peak_phase}",
     ]
+    if plan.encoder_tensor_bytes != plan.encoder_patched_bytes:  # the CPU: a process keeps more than its tensors
+        lines.append(
+            f"  of the patched encoder's extra peak, tensors: {format_bytes(plan.encoder_tensor_bytes)}; the rest is what a "
+            "process keeps on the CPU (kernels' code, threads, freed memory glibc holds)"
+        )
     decoder = plan.decoder_bytes + plan.embedding_bytes
     if decoder > plan.input_bytes + plan.encoder_patched_bytes:
         lines.append(f"the decoder batch sets the patched total: lower --points-per-batch ({plan.points_per_batch} now) to need less")
