@@ -27,6 +27,7 @@ tokens and time against size, log-log, titled with the machine.
     python benchmarks/bench_resolution.py --models vit_h --sizes 4096 --modes budget
     python benchmarks/bench_resolution.py --dtypes bfloat16 --sizes 1024 1536 2048 --modes budget
     python benchmarks/bench_resolution.py --table
+    python benchmarks/bench_resolution.py --replan                 # the planner's columns again, after the planner changed
 """
 
 from __future__ import annotations
@@ -75,21 +76,16 @@ def run_child(args: argparse.Namespace) -> int:
     from sam_blocked.memory import current_bytes, peak_bytes, reset_peak, tensor_peak_bytes
     from sam_blocked.models import build_sam
     from sam_blocked.patch import patch_sam
-    from sam_blocked.planner import CPU_FIXED_BYTES, plan_memory
     from sam_blocked.resolution import set_image_size
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     budget = args.max_block_mb if args.mode == "budget" else None
-    plan = plan_memory(args.model, args.size, args.dtype, args.device, 1, args.chunks, budget)
-    planned = plan.encoder_stock_bytes if args.mode == "stock" else plan.encoder_patched_bytes
-    # The planner's count of tensors alone (on the CPU its resident figure adds what the process keeps).
-    planned_tensors = plan.encoder_tensor_bytes if args.mode != "stock" else plan.encoder_stock_bytes - (CPU_FIXED_BYTES if device.type == "cpu" else 0)
     flops = encoder_flops(args.model, args.size)
     row = {
         "status": "error", "seconds": "", "baseline_mb": "", "peak_extra_mb": "", "tensor_peak_mb": "", "note": "", "gemm_gflops": "",
-        "floor_ratio": "", "planned_mb": round(planned / MIB, 1), "planned_tensor_mb": round(planned_tensors / MIB, 1),
+        "floor_ratio": "", **planned(args.model, args.size, args.dtype, args.device, args.mode, args.chunks, budget),
         "gflop": round(flops / 1e9, 3), "threads": torch.get_num_threads(),
     }  # fmt: skip
     try:
@@ -137,6 +133,33 @@ def run_child(args: argparse.Namespace) -> int:
     except Exception as error:  # recorded, not raised: one bad configuration must not end the sweep
         row["note"] = f"{type(error).__name__}: {str(error)[:160]}"
     print_result(row)
+    return 0
+
+
+def planned(model: str, size: int, dtype: str, device: str, mode: str, chunks: int, budget) -> dict:
+    """The planner's predictions for one row: planned_mb (its extra peak: on the CPU the
+    resident set) and planned_tensor_mb (the tensors alone), in MiB."""
+    import torch
+
+    from sam_blocked.planner import cpu_process_bytes, plan_memory
+
+    plan = plan_memory(model, size, dtype, device, 1, chunks, budget)
+    process = cpu_process_bytes(dtype) if torch.device(device).type == "cpu" else 0
+    peak = plan.encoder_stock_bytes if mode == "stock" else plan.encoder_patched_bytes
+    tensors = plan.encoder_stock_bytes - process if mode == "stock" else plan.encoder_tensor_bytes
+    return {"planned_mb": round(peak / MIB, 1), "planned_tensor_mb": round(tensors / MIB, 1)}
+
+
+def replan(args: argparse.Namespace) -> int:
+    """--replan: the planner's columns of every row of the machine's CSV recomputed by the
+    planner as it is now (predictions, not measurements), and the PNG redrawn."""
+    out = SweepCSV.open(args, "resolution", _key, FIELDS, _order)
+    for row in list(out.rows.values()):
+        budget = float(row["max_block_mb"]) if row["mode"] == "budget" else None
+        chunks = int(row.get("chunks") or 16)
+        row.update(planned(row["model"], int(row["size"]), row.get("dtype") or "float32", row["device"], row["mode"], chunks, budget))
+        out.add(row)
+    out.finish(plot)
     return 0
 
 
@@ -327,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", nargs="+", default=None, choices=MODES, help=f"default {MODES}")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16", "float16"], help=f"encoder dtypes (default {DTYPES})")
     parser.add_argument("--table", action="store_true", help="print the CSV of --machine (or this machine) as a Markdown table and exit")
+    parser.add_argument("--replan", action="store_true", help="recompute the planner's columns of the CSV's rows with the planner as it is now, redraw the PNG, and exit")
     parser.add_argument("--quick", action="store_true", help="smoke run: vit_b at 1024 and 1536 px, 10-minute timeout")
     parser.add_argument("--chunks", type=int, default=16, help="blocks per score matrix in mode 'chunks' (default %(default)s)")
     parser.add_argument("--max-block-mb", type=float, default=32.0, help="score-block budget in MiB in mode 'budget' (default %(default)s)")
@@ -363,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         return print_table(parser, args, "resolution", markdown_table)
     args.timeout = args.timeout or (600 if args.quick else 10800)
+    if args.replan:
+        return replan(args)
     check_sweep_args(parser, args.sizes, args.device)
     if args.mem_cap_gb <= 0 or args.max_block_mb <= 0 or args.timeout <= 0 or args.chunks < 1 or args.repeat < 1:
         parser.error("--mem-cap-gb, --max-block-mb and --timeout must be > 0; --chunks and --repeat >= 1")

@@ -15,12 +15,13 @@ and the blocking rules the patched code itself uses (backends.plan_backend, toke
 - total: weights + the larger of (input + encoder) and (embedding + decoder).
 
 The counts are what the tensors hold (the allocator's view, as CUDA's max_memory_allocated
-reports it); on the CPU the process's resident high-water mark also holds what glibc keeps
-after a free, so CPU figures are scaled by a factor measured on this project's benchmark
-(CPU_RESIDENT_FACTOR, for the patched encoder, whose blocks are small enough for glibc
-to keep; stock's and the decoder's large tensors are returned at once; README, "Memory
-planner", has the comparison). On CUDA the driver's
-context (a few hundred MiB) comes on top and is not counted.
+reports it: MemoryPlan.encoder_tensor_bytes; torch's profiler counts the same on the CPU,
+sam_blocked.memory.tensor_peak_bytes). On the CPU the process's resident high-water mark
+also holds what a process keeps beside its tensors during a first encode (glibc's free
+lists of freed step buffers, kernels' code, thread stacks): CPU figures add
+cpu_process_bytes(dtype), fitted to this project's benchmark (README, "Memory planner",
+has the comparison). On CUDA the driver's context (a few
+hundred MiB) comes on top and is not counted.
 
 largest_input_size(...) is the largest input side (a multiple of 16) whose total fits a budget:
 the tile size `--tile auto` uses.
@@ -43,11 +44,17 @@ CHECKPOINT_SIZE = 1024  # the official checkpoints' input size: global rel-pos t
 MLP_RATIO = 4
 PROMPT_DECODER_PARAMS = 6476 + 4058340 + 6  # prompt encoder, mask decoder, pixel mean/std (same for every model type)
 DECODER_ACTIVATIONS = 7.5  # a decoder batch peaks at about this many (prompts, 256, tokens) float32 tensors
-# On the CPU, measured resident peak = CPU_RESIDENT_FACTOR x counted + CPU_FIXED_BYTES for the
-# patched encoder (glibc keeps freed step buffers; a first encode maps kernels' code and
-# buffers): provisional, fitted in README "Memory planner".
-CPU_RESIDENT_FACTOR = 1.0
-CPU_FIXED_BYTES = 40 * MIB
+# On the CPU, resident extra peak = the tensors counted + cpu_process_bytes(dtype): a first
+# encode's process kept 35-77 MiB beside its tensors in float32, 17-50 MiB in bfloat16
+# (bench_resolution, 1 and 2 threads, vit_b and vit_h at 1024-4096 px); the fit is the
+# middle of what puts every float32 row within 15%.
+CPU_PROCESS_BYTES = 16 * MIB
+CPU_PROCESS_BYTES_PER_ITEM = 5 * MIB
+
+
+def cpu_process_bytes(dtype: str) -> int:
+    """What a CPU process holds beside the encoder's tensors at its peak, for an encoder in `dtype`."""
+    return CPU_PROCESS_BYTES + CPU_PROCESS_BYTES_PER_ITEM * DTYPE_BYTES[dtype]
 MAX_INPUT_SIZE = 16384
 
 
@@ -166,7 +173,8 @@ def encoder_extra_bytes(
     phase = max(patched, key=patched.get)
     if torch.device(device).type != "cpu":
         return patched[phase], max(stock.values()), phase
-    return int(CPU_RESIDENT_FACTOR * patched[phase] + CPU_FIXED_BYTES), max(stock.values()) + CPU_FIXED_BYTES, phase
+    process = cpu_process_bytes(dtype)
+    return patched[phase] + process, max(stock.values()) + process, phase
 
 
 def planned_encoder_bytes(encoder: torch.nn.Module, chunks: int = DEFAULT_CHUNKS, max_block_mb: Optional[float] = None) -> tuple[int, int]:
