@@ -44,12 +44,13 @@ CHECKPOINT_SIZE = 1024  # the official checkpoints' input size: global rel-pos t
 MLP_RATIO = 4
 PROMPT_DECODER_PARAMS = 6476 + 4058340 + 6  # prompt encoder, mask decoder, pixel mean/std (same for every model type)
 DECODER_ACTIVATIONS = 7.5  # a decoder batch peaks at about this many (prompts, 256, tokens) float32 tensors
-# On the CPU, resident extra peak = the tensors counted + cpu_process_bytes(dtype): a first
-# encode's process kept 35-77 MiB beside its tensors in float32, 17-50 MiB in bfloat16
-# (bench_resolution, 1 and 2 threads, vit_b and vit_h at 1024-4096 px); the fit is the
-# middle of what puts every float32 row within 15%.
-CPU_PROCESS_BYTES = 16 * MIB
-CPU_PROCESS_BYTES_PER_ITEM = 5 * MIB
+# On the CPU, resident extra peak = the tensors counted + cpu_process_bytes(dtype). A first
+# whole-encoder run's process kept 54-81 MiB beside its tensors in float32 and 27-78 MiB in
+# bfloat16 (bench_resolution, vit_b at 1024-2048 px, vit_h at 1024 px); runs of the first
+# blocks alone keep less (35-77 and 17-50). The fit puts every float32 whole-encoder run
+# within 15%; bfloat16's share varies more than a constant can follow.
+CPU_PROCESS_BYTES = 32 * MIB
+CPU_PROCESS_BYTES_PER_ITEM = 8 * MIB
 
 
 def cpu_process_bytes(dtype: str) -> int:
