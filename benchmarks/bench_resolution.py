@@ -139,14 +139,11 @@ def run_child(args: argparse.Namespace) -> int:
 def planned(model: str, size: int, dtype: str, device: str, mode: str, chunks: int, budget) -> dict:
     """The planner's predictions for one row: planned_mb (its extra peak: on the CPU the
     resident set) and planned_tensor_mb (the tensors alone), in MiB."""
-    import torch
-
-    from sam_blocked.planner import cpu_process_bytes, plan_memory
+    from sam_blocked.planner import plan_memory, process_bytes
 
     plan = plan_memory(model, size, dtype, device, 1, chunks, budget)
-    process = cpu_process_bytes(dtype) if torch.device(device).type == "cpu" else 0
     peak = plan.encoder_stock_bytes if mode == "stock" else plan.encoder_patched_bytes
-    tensors = plan.encoder_stock_bytes - process if mode == "stock" else plan.encoder_tensor_bytes
+    tensors = plan.encoder_stock_bytes - process_bytes(dtype, device) if mode == "stock" else plan.encoder_tensor_bytes
     return {"planned_mb": round(peak / MIB, 1), "planned_tensor_mb": round(tensors / MIB, 1)}
 
 

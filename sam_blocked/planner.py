@@ -19,7 +19,7 @@ reports it: MemoryPlan.encoder_tensor_bytes; torch's profiler counts the same on
 sam_blocked.memory.tensor_peak_bytes). On the CPU the process's resident high-water mark
 also holds what a process keeps beside its tensors during a first encode (glibc's free
 lists of freed step buffers, kernels' code, thread stacks): CPU figures add
-cpu_process_bytes(dtype), fitted to this project's benchmark (README, "Memory planner",
+process_bytes(dtype, device), fitted to this project's benchmark (README, "Memory planner",
 has the comparison). On CUDA the driver's context (a few
 hundred MiB) comes on top and is not counted.
 
@@ -44,19 +44,23 @@ CHECKPOINT_SIZE = 1024  # the official checkpoints' input size: global rel-pos t
 MLP_RATIO = 4
 PROMPT_DECODER_PARAMS = 6476 + 4058340 + 6  # prompt encoder, mask decoder, pixel mean/std (same for every model type)
 DECODER_ACTIVATIONS = 7.5  # a decoder batch peaks at about this many (prompts, 256, tokens) float32 tensors
-# On the CPU, resident extra peak = the tensors counted + cpu_process_bytes(dtype). A first
+# On the CPU, resident extra peak = the tensors counted + process_bytes(dtype, device). A first
 # whole-encoder run's process kept 54-81 MiB beside its tensors in float32 and 27-78 MiB in
 # bfloat16 (bench_resolution, vit_b at 1024-2048 px, vit_h at 1024 px); runs of the first
 # blocks alone keep less (35-77 and 17-50). The fit puts every float32 whole-encoder run
 # within 15%; bfloat16's share varies more than a constant can follow.
 CPU_PROCESS_BYTES = 32 * MIB
 CPU_PROCESS_BYTES_PER_ITEM = 8 * MIB
-
-
-def cpu_process_bytes(dtype: str) -> int:
-    """What a CPU process holds beside the encoder's tensors at its peak, for an encoder in `dtype`."""
-    return CPU_PROCESS_BYTES + CPU_PROCESS_BYTES_PER_ITEM * DTYPE_BYTES[dtype]
 MAX_INPUT_SIZE = 16384
+
+
+def process_bytes(dtype: str, device: str = "cpu") -> int:
+    """What a process holds beside the encoder's tensors at its peak, for an encoder in
+    `dtype` on `device`: the CPU's allowance above, 0 on CUDA (where the planner counts the
+    allocator's view)."""
+    if torch.device(device).type != "cpu":
+        return 0
+    return CPU_PROCESS_BYTES + CPU_PROCESS_BYTES_PER_ITEM * DTYPE_BYTES[dtype]
 
 
 @dataclass(frozen=True)
@@ -126,9 +130,8 @@ def plan_memory(
     """
     _check(model_type, img_size, dtype, device, batch, chunks, max_block_mb, points_per_batch)
     tokens = (img_size // PATCH_SIZE) ** 2
-    shape = EncoderShape.of(model_type)
-    patched, stock, phase = encoder_extra_bytes(shape, img_size, dtype, device, batch, chunks, max_block_mb)
-    tensors = max(encoder_phases(shape, img_size, getattr(torch, dtype), device, batch, chunks, max_block_mb, patched=True).values())
+    patched, stock, phase = encoder_extra_bytes(EncoderShape.of(model_type), img_size, dtype, device, batch, chunks, max_block_mb)
+    tensors = patched - process_bytes(dtype, device)
     embedding = batch * PROMPT_EMBED_DIM * tokens * 4
     decoder = DECODER_ACTIVATIONS * points_per_batch * PROMPT_EMBED_DIM * tokens * 4
     return MemoryPlan(
@@ -172,9 +175,7 @@ def encoder_extra_bytes(
     patched = encoder_phases(shape, img_size, torch_dtype, device, batch, chunks, max_block_mb, patched=True)
     stock = encoder_phases(shape, img_size, torch_dtype, device, batch, patched=False)
     phase = max(patched, key=patched.get)
-    if torch.device(device).type != "cpu":
-        return patched[phase], max(stock.values()), phase
-    process = cpu_process_bytes(dtype)
+    process = process_bytes(dtype, device)
     return patched[phase] + process, max(stock.values()) + process, phase
 
 
