@@ -15,7 +15,8 @@ un-permuted copy, then the MLP's input, its 4 x dim hidden layer and GELU's copy
 The input is never written: callers (sam_hq's encoder keeps the global blocks' outputs)
 see stock's semantics. Every step is stock's own arithmetic on fewer tokens at a time, so
 the output equals stock's to float rounding. With autograd recording, the patched Block
-runs stock's forward instead (in-place steps would overwrite what backward needs).
+runs stock's forward instead (in-place steps would overwrite what backward needs): the
+adapters check that (adapters.base.records_autograd) before calling in.
 """
 
 from __future__ import annotations
@@ -58,12 +59,6 @@ class AttentionParts(NamedTuple):
     scale: float
     rel_pos_h: Optional[Tensor]
     rel_pos_w: Optional[Tensor]
-
-
-def needs_grad(module: torch.nn.Module, x: Tensor) -> bool:
-    """True when autograd would record `module` on `x`: the in-place token steps would
-    overwrite what backward needs, so the block runs stock's forward then."""
-    return x.requires_grad or any(p.requires_grad for p in module.parameters())
 
 
 def encoder_block(

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from sam_blocked import adapters
-from sam_blocked.adapters.base import ATTENTION, BLOCK, STOCK_FLAG, WRAPPED_FORWARD, ClassPatch, warn_once
+from sam_blocked.adapters.base import ATTENTION, BLOCK, STOCK_FLAG, WRAPPED_FORWARD, ClassPatch, records_autograd, warn_once
 from sam_blocked.attention import DEFAULT_CHUNKS
 from sam_blocked.import_hooks import PostImportFinder
 from sam_blocked.layer import BlockConfig, check_config
@@ -164,6 +164,8 @@ def _switched_forward(patch: ClassPatch) -> Callable[..., Any]:
     def forward(self, *args, **kwargs):
         config = _config
         if config is None or type(self) is not patch.stock or self.__dict__.get(STOCK_FLAG):
+            return stock_forward(self, *args, **kwargs)
+        if records_autograd(self, args, kwargs, patch.name):
             return stock_forward(self, *args, **kwargs)
         why = patch.reasons(self)
         if why:

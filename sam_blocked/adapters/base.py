@@ -107,6 +107,8 @@ def class_patch(
         why = reasons(self)
         if why:
             raise ValueError(f"{label}: blocked attention cannot run this call: {'; '.join(why)}")
+        if records_autograd(self, args, kwargs, label):
+            return stock_forward(self, *args, **kwargs)
         return blocked_forward(self, self.blocked_config, *args, **kwargs)
 
     name = f"Blocked{stock.__name__}"
@@ -179,6 +181,24 @@ def dropout_reasons(module: torch.nn.Module, p: float) -> list[str]:
             "attention weights; call model.eval(), set the dropout to 0, or leave this model stock"
         ]
     return []
+
+
+def records_autograd(module: torch.nn.Module, args: tuple, kwargs: dict, label: str) -> bool:
+    """True when autograd records this call (grad mode on, and the module's parameters or a
+    tensor argument require grad): it then runs stock's forward, warning once. Blocked
+    forwards write their steps into buffers in place, which autograd cannot differentiate;
+    and a graph keeps every block's scores for backward, so blocking would save nothing."""
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if not any(t.requires_grad for t in tensors) and not any(p.requires_grad for p in module.parameters()):
+        return False
+    warn_once(
+        "autograd",
+        f"sam_blocked: autograd is recording ({label} first), so patched layers run stock's forward (exact "
+        "gradients, stock's memory); run inference under torch.no_grad() or torch.inference_mode() for the blocked path",
+    )
+    return True
 
 
 _warned: set[str] = set()

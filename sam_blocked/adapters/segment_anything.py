@@ -8,11 +8,12 @@ the module's own weights.
 The encoder's `Block` (norm1, attention in windows or global, residual, norm2, MLP,
 residual) is patched alongside (kind BLOCK): sam_blocked.block.encoder_block computes it
 with the same arithmetic a chunk of tokens at a time, its attention included, under the
-settings of its patched attention (or of the switch). It runs stock's Block forward, around
-the attention as it is, while autograd records or when its attention runs stock. So is the
+settings of its patched attention (or of the switch). It runs stock's Block forward when its
+attention runs stock. So is the
 `PatchEmbed` (kind EMBED): its convolution runs a band of patch rows at a time
 (sam_blocked.tokenwise.patch_embedding), the same kernel on fewer rows. Also used by the
-segment_anything_hq adapter: its encoder is a copy of this one.
+segment_anything_hq adapter: its encoder is a copy of this one. While autograd records,
+all three run stock's forward (adapters.base.records_autograd).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from sam_blocked import switch
 from sam_blocked.adapters.base import BLOCK, EMBED, ClassPatch, EncoderCall, class_patch, missing_attributes, patched_class_named, qkv_reasons
-from sam_blocked.block import AttentionParts, MLPParts, encoder_block, needs_grad
+from sam_blocked.block import AttentionParts, MLPParts, encoder_block
 from sam_blocked.layer import BlockConfig, attention_layer
 from sam_blocked.tokenwise import embed_chunk, patch_embedding
 
@@ -51,12 +52,10 @@ def blocked_attention_forward(module: torch.nn.Module, config: BlockConfig, x: t
     return attention_layer(x, module.qkv, module.proj, module.num_heads, module.scale, rel_h, rel_w, config)
 
 
-def banded_embed_runs(embed: torch.nn.Module, x: torch.Tensor) -> bool:
-    """True when a PatchEmbed can run in bands: its proj a plain Conv2d without padding or
-    dilation, and autograd not recording it."""
+def banded_embed_runs(embed: torch.nn.Module) -> bool:
+    """True when a PatchEmbed can run in bands: its proj a plain Conv2d without padding or dilation."""
     proj = getattr(embed, "proj", None)
-    plain = type(proj) is torch.nn.Conv2d and proj.padding == (0, 0) and proj.dilation == (1, 1) and proj.groups == 1
-    return plain and not (torch.is_grad_enabled() and needs_grad(embed, x))
+    return type(proj) is torch.nn.Conv2d and proj.padding == (0, 0) and proj.dilation == (1, 1) and proj.groups == 1
 
 
 def class_patches(module: ModuleType, library: str = LIBRARY, home: str = __name__) -> list[ClassPatch]:
@@ -73,8 +72,6 @@ def class_patches(module: ModuleType, library: str = LIBRARY, home: str = __name
     def block_forward(block: torch.nn.Module, config: BlockConfig, x: torch.Tensor) -> torch.Tensor:
         """Block.forward, a chunk of tokens at a time. x: (B, H, W, dim) -> (B, H, W, dim)."""
         attn = block.attn
-        if torch.is_grad_enabled() and needs_grad(block, x):
-            return block_patch.stock_forward(block, x)  # around the attention, blocked or not
         if type(attn) is attention.patched:
             config = attn.blocked_config
         elif not switch.runs_blocked(attn, attention):
@@ -88,8 +85,8 @@ def class_patches(module: ModuleType, library: str = LIBRARY, home: str = __name
 
     def embed_forward(embed: torch.nn.Module, config: BlockConfig, x: torch.Tensor) -> torch.Tensor:
         """PatchEmbed.forward, a band of patch rows at a time. x: (B, 3, H, W) -> (B, H/16, W/16, dim)."""
-        if not banded_embed_runs(embed, x):
-            return embed_patch.stock_forward(embed, x)  # another convolution, or autograd recording
+        if not banded_embed_runs(embed):
+            return embed_patch.stock_forward(embed, x)  # another convolution
         proj = embed.proj
         chunk = embed_chunk(proj.out_channels, proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1], config.max_block_mb, x.device)
         return patch_embedding(x, proj, chunk)

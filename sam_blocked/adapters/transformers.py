@@ -21,7 +21,7 @@ The encoder layers around them (SamVisionLayer, SamHQVisionLayer; kind MLP) keep
 attention call and run their token-wise half a chunk of tokens at a time: the residual
 added in place to the attention's fresh output, then x + mlp(layer_norm2(x)) in that
 buffer (sam_blocked.tokenwise.mlp_residual_), stock's arithmetic on fewer tokens at once.
-While autograd records they run their stock forward.
+While autograd records, every patched layer runs its stock forward (adapters.base.records_autograd).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from typing import Any, Callable, Optional
 import torch
 
 from sam_blocked.adapters.base import MLP, ClassPatch, EncoderCall, class_patch, patched_class_named, dropout_reasons, missing_attributes, qkv_reasons, stock_forward_of, warn_once
-from sam_blocked.block import needs_grad
 from sam_blocked.layer import BlockConfig, attention_layer
 from sam_blocked.tokenwise import mlp_chunk, mlp_residual_
 
@@ -106,24 +105,19 @@ def _layer_reasons(module: torch.nn.Module) -> list[str]:
     return missing_attributes(module, _LAYER_ATTRIBUTES) or missing_attributes(module.mlp, ("lin1", "act", "lin2"))
 
 
-def _layer_forward(stock_forward: Callable[..., Any]) -> Callable[..., Any]:
-    def forward(module: torch.nn.Module, config: BlockConfig, hidden_states: torch.Tensor) -> torch.Tensor:
-        """SamVisionLayer.forward with its MLP a chunk of tokens at a time. (B, H, W, dim) -> (B, H, W, dim)."""
-        if torch.is_grad_enabled() and needs_grad(module, hidden_states):
-            return stock_forward(module, hidden_states)
-        B, H, W, dim = hidden_states.shape
-        x = module.layer_norm1(hidden_states)
-        if module.window_size > 0:
-            x, padding_shape = module.window_partition(x, module.window_size)
-        x = module.attn(hidden_states=x)[0]
-        if module.window_size > 0:
-            x = module.window_unpartition(x, module.window_size, padding_shape, (H, W))
-        x = x.contiguous().add_(hidden_states)  # stock: residual + attn, in the attention's fresh output
-        mlp = module.mlp
-        chunk = mlp_chunk(dim, mlp.lin1.out_features, config.max_block_mb, x.device)
-        return mlp_residual_(x, module.layer_norm2, mlp.lin1, mlp.act, mlp.lin2, chunk)
-
-    return forward
+def _layer_forward(module: torch.nn.Module, config: BlockConfig, hidden_states: torch.Tensor) -> torch.Tensor:
+    """SamVisionLayer.forward with its MLP a chunk of tokens at a time. (B, H, W, dim) -> (B, H, W, dim)."""
+    B, H, W, dim = hidden_states.shape
+    x = module.layer_norm1(hidden_states)
+    if module.window_size > 0:
+        x, padding_shape = module.window_partition(x, module.window_size)
+    x = module.attn(hidden_states=x)[0]
+    if module.window_size > 0:
+        x = module.window_unpartition(x, module.window_size, padding_shape, (H, W))
+    x = x.contiguous().add_(hidden_states)  # stock: residual + attn, in the attention's fresh output
+    mlp = module.mlp
+    chunk = mlp_chunk(dim, mlp.lin1.out_features, config.max_block_mb, x.device)
+    return mlp_residual_(x, module.layer_norm2, mlp.lin1, mlp.act, mlp.lin2, chunk)
 
 
 def class_patches(module: ModuleType) -> list[ClassPatch]:
@@ -141,7 +135,7 @@ def class_patches(module: ModuleType) -> list[ClassPatch]:
         patches.append(class_patch(LIBRARY, sdpa, _sdpa_forward, _sdpa_reasons, home=__name__))
     layer = getattr(module, f"{prefix}VisionLayer", None)
     if layer is not None and list(inspect.signature(stock_forward_of(layer)).parameters) == ["self", "hidden_states"]:
-        patches.append(class_patch(LIBRARY, layer, _layer_forward(stock_forward_of(layer)), _layer_reasons, home=__name__, kind=MLP))
+        patches.append(class_patch(LIBRARY, layer, _layer_forward, _layer_reasons, home=__name__, kind=MLP))
     return patches
 
 
