@@ -137,13 +137,13 @@ def run_child(args: argparse.Namespace) -> int:
 
 
 def planned(model: str, size: int, dtype: str, device: str, mode: str, chunks: int, budget) -> dict:
-    """The planner's predictions for one row: planned_mb (its extra peak: on the CPU the
-    resident set) and planned_tensor_mb (the tensors alone), in MiB."""
-    from sam_blocked.planner import plan_memory, process_bytes
+    """The planner's figures for one row, in MiB: planned_tensor_mb (the tensors, a prediction)
+    and planned_mb (its extra peak: on the CPU a bound on the resident set)."""
+    from sam_blocked.planner import plan_memory
 
     plan = plan_memory(model, size, dtype, device, 1, chunks, budget)
     peak = plan.encoder_stock_bytes if mode == "stock" else plan.encoder_patched_bytes
-    tensors = plan.encoder_stock_bytes - process_bytes(dtype, device) if mode == "stock" else plan.encoder_tensor_bytes
+    tensors = plan.encoder_stock_tensor_bytes if mode == "stock" else plan.encoder_tensor_bytes
     return {"planned_mb": round(peak / MIB, 1), "planned_tensor_mb": round(tensors / MIB, 1)}
 
 
@@ -307,10 +307,10 @@ def _series_name(model: str, mode: str, row: dict) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """A Markdown table, a row per configuration: status; the extra peak (resident set on the
-    CPU) and the tensors' peak, each beside the planner's prediction and their ratio; seconds
-    and the floor ratio."""
+    CPU) beside the planner's figure (on the CPU a bound) and their ratio; the tensors' peak
+    beside the planner's prediction and their ratio; seconds and the floor ratio."""
     lines = [
-        "| model | size | dtype | mode | blocks run | status | extra peak MiB | planned | ratio | tensors' peak MiB | planned | ratio "
+        "| model | size | dtype | mode | blocks run | status | extra peak MiB | planned (CPU: bound) | ratio | tensors' peak MiB | planned | ratio "
         "| time s | floor ratio |",
         "|---" * 14 + "|",
     ]

@@ -41,7 +41,7 @@ def format_memory(report: Optional[MemoryReport]) -> str:
             *([] if report.stock_measured else [f"\\* Estimated by the memory planner (`sam-blocked plan`): {report.reason}.", ""]),
             verdict,
             "",
-            f"Planner's encoder estimates (`sam-blocked plan`): stock {format_bytes(report.stock_planned_bytes)}, "
-            f"patched {format_bytes(report.patched_planned_bytes)}.",
+            f"Planner's encoder figures (`sam-blocked plan`{'' if report.device.startswith('cuda') else '; on the CPU, upper bounds'}): "
+            f"stock {format_bytes(report.stock_planned_bytes)}, patched {format_bytes(report.patched_planned_bytes)}.",
         ]
     )

@@ -16,12 +16,13 @@ and the blocking rules the patched code itself uses (backends.plan_backend, toke
 
 The counts are what the tensors hold (the allocator's view, as CUDA's max_memory_allocated
 reports it: MemoryPlan.encoder_tensor_bytes; torch's profiler counts the same on the CPU,
-sam_blocked.memory.tensor_peak_bytes). On the CPU the process's resident high-water mark
-also holds what a process keeps beside its tensors during a first encode (glibc's free
-lists of freed step buffers, kernels' code, thread stacks): CPU figures add
-process_bytes(dtype, device), fitted to this project's benchmark (README, "Memory planner",
-has the comparison). On CUDA the driver's context (a few
-hundred MiB) comes on top and is not counted.
+sam_blocked.memory.tensor_peak_bytes): a prediction, within 15% wherever it was measured.
+On the CPU the process's resident high-water mark also holds what a process keeps beside
+its tensors (glibc's free lists and holes between freed step buffers, kernels' code, thread
+stacks). That share depends on what the process did before as much as on the encode: it
+cannot be predicted, only bounded. CPU figures add process_bytes(tensors, device), a bound
+over every run of this project's benchmark (README, "Memory planner"). On CUDA the driver's
+context (a few hundred MiB) comes on top and is not counted.
 
 largest_input_size(...) is the largest input side (a multiple of 16) whose total fits a budget:
 the tile size `--tile auto` uses.
@@ -44,23 +45,23 @@ CHECKPOINT_SIZE = 1024  # the official checkpoints' input size: global rel-pos t
 MLP_RATIO = 4
 PROMPT_DECODER_PARAMS = 6476 + 4058340 + 6  # prompt encoder, mask decoder, pixel mean/std (same for every model type)
 DECODER_ACTIVATIONS = 7.5  # a decoder batch peaks at about this many (prompts, 256, tokens) float32 tensors
-# On the CPU, resident extra peak = the tensors counted + process_bytes(dtype, device). A first
-# whole-encoder run's process kept 54-81 MiB beside its tensors in float32 and 27-78 MiB in
-# bfloat16 (bench_resolution, vit_b at 1024-2048 px, vit_h at 1024 px); runs of the first
-# blocks alone keep less (35-77 and 17-50). The fit puts every float32 whole-encoder run
-# within 15%; bfloat16's share varies more than a constant can follow.
-CPU_PROCESS_BYTES = 32 * MIB
-CPU_PROCESS_BYTES_PER_ITEM = 8 * MIB
+# On the CPU, resident extra peak <= the tensors counted + process_bytes(tensors, device). A
+# first run's process kept 9-102 MiB beside the tensors the planner counts, more with larger
+# step buffers (bench_resolution: vit_b and vit_h, 1024-4096 px, float32 and bfloat16, whole
+# encoder or first blocks; stock vit_b 1024 px, 147 MiB beside 2400); with a small encode
+# before it, the same vit_b 1024 px bfloat16 run kept less than its own tensors (freed memory
+# reused). 80 MiB + 5% of the tensors is at or above every measured run.
+CPU_PROCESS_BYTES = 80 * MIB
+CPU_PROCESS_FRACTION = 0.05
 MAX_INPUT_SIZE = 16384
 
 
-def process_bytes(dtype: str, device: str = "cpu") -> int:
-    """What a process holds beside the encoder's tensors at its peak, for an encoder in
-    `dtype` on `device`: the CPU's allowance above, 0 on CUDA (where the planner counts the
-    allocator's view)."""
+def process_bytes(tensor_bytes: int, device: str = "cpu") -> int:
+    """At most what a process holds beside an encoder's `tensor_bytes` at its peak on
+    `device`: the CPU's bound above, 0 on CUDA (where the planner counts the allocator's view)."""
     if torch.device(device).type != "cpu":
         return 0
-    return CPU_PROCESS_BYTES + CPU_PROCESS_BYTES_PER_ITEM * DTYPE_BYTES[dtype]
+    return CPU_PROCESS_BYTES + int(CPU_PROCESS_FRACTION * tensor_bytes)
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,11 @@ class MemoryPlan:
     tokens: int  # per image: (img_size / 16) ** 2
     weights_bytes: int
     input_bytes: int
-    encoder_stock_bytes: int  # extra peak of stock segment_anything's encoder, over weights and input
+    encoder_stock_bytes: int  # extra peak of stock segment_anything's encoder, over weights and input (CPU: a bound)
     encoder_patched_bytes: int  # the same, patched
     encoder_peak_phase: str  # where the patched peak is
     encoder_tensor_bytes: int  # the patched extra peak in tensors alone (the allocator's view; on CUDA = encoder_patched_bytes)
+    encoder_stock_tensor_bytes: int  # the same, stock
     embedding_bytes: int  # the image embedding a predictor keeps
     decoder_bytes: int  # extra peak of one decoder batch of points_per_batch prompts
 
@@ -99,7 +101,7 @@ class MemoryPlan:
         """Settings, bytes and the same figures in MiB (weights_mib, encoder_extra_mib, ...)."""
         out = asdict(self)
         out.update(total_bytes=self.total_bytes, stock_total_bytes=self.stock_total_bytes)
-        for key in ("weights", "input", "encoder_stock", "encoder_patched", "encoder_tensor", "embedding", "decoder", "total", "stock_total"):
+        for key in ("weights", "input", "encoder_stock", "encoder_patched", "encoder_tensor", "encoder_stock_tensor", "embedding", "decoder", "total", "stock_total"):
             out[f"{key}_mib"] = round(out[f"{key}_bytes"] / MIB, 1)
         out["encoder_extra_mib"] = out["encoder_patched_mib"]
         out["encoder_stock_extra_mib"] = out["encoder_stock_mib"]
@@ -122,7 +124,7 @@ def plan_memory(
         model_type: "vit_b", "vit_l", "vit_h" (or "tiny").
         img_size: square input side in pixels, a positive multiple of 16.
         dtype: the image encoder's dtype: "float32", "bfloat16" or "float16".
-        device: "cpu" or "cuda[:N]": the CPU figures include allocator slack (module doc).
+        device: "cpu" or "cuda[:N]": the CPU figures add a bound on what a process keeps (module doc).
         batch: images per encoder call.
         chunks, max_block_mb: the patch's blocking, as patch_sam takes it.
         points_per_batch: prompts per mask-decoder batch (amg.py's flag; 1 for one prompt
@@ -130,8 +132,7 @@ def plan_memory(
     """
     _check(model_type, img_size, dtype, device, batch, chunks, max_block_mb, points_per_batch)
     tokens = (img_size // PATCH_SIZE) ** 2
-    patched, stock, phase = encoder_extra_bytes(EncoderShape.of(model_type), img_size, dtype, device, batch, chunks, max_block_mb)
-    tensors = patched - process_bytes(dtype, device)
+    tensors, stock_tensors, phase = encoder_tensor_bytes(EncoderShape.of(model_type), img_size, dtype, device, batch, chunks, max_block_mb)
     embedding = batch * PROMPT_EMBED_DIM * tokens * 4
     decoder = DECODER_ACTIVATIONS * points_per_batch * PROMPT_EMBED_DIM * tokens * 4
     return MemoryPlan(
@@ -146,16 +147,17 @@ def plan_memory(
         tokens=tokens,
         weights_bytes=weight_bytes(model_type, img_size, dtype),
         input_bytes=batch * 3 * img_size * img_size * 4,
-        encoder_stock_bytes=stock,
-        encoder_patched_bytes=patched,
+        encoder_stock_bytes=stock_tensors + process_bytes(stock_tensors, device),
+        encoder_patched_bytes=tensors + process_bytes(tensors, device),
         encoder_peak_phase=phase,
         encoder_tensor_bytes=tensors,
+        encoder_stock_tensor_bytes=stock_tensors,
         embedding_bytes=embedding,
         decoder_bytes=int(decoder),
     )
 
 
-def encoder_extra_bytes(
+def encoder_tensor_bytes(
     shape: EncoderShape,
     img_size: int,
     dtype: str = "float32",
@@ -164,8 +166,8 @@ def encoder_extra_bytes(
     chunks: int = DEFAULT_CHUNKS,
     max_block_mb: Optional[float] = None,
 ) -> tuple[int, int, str]:
-    """The encoder's extra peak, (patched, stock, the phase of the patched peak), as measured:
-    the counted phases (encoder_memory), plus on the CPU what the process adds (module doc).
+    """The encoder's extra peak in tensors, (patched, stock, the phase of the patched peak):
+    the largest of the counted phases (encoder_memory).
 
     Args:
         shape: the encoder (EncoderShape.of(model_type), or .from_encoder(a built encoder)).
@@ -175,8 +177,7 @@ def encoder_extra_bytes(
     patched = encoder_phases(shape, img_size, torch_dtype, device, batch, chunks, max_block_mb, patched=True)
     stock = encoder_phases(shape, img_size, torch_dtype, device, batch, patched=False)
     phase = max(patched, key=patched.get)
-    process = process_bytes(dtype, device)
-    return patched[phase] + process, max(stock.values()) + process, phase
+    return patched[phase], max(stock.values()), phase
 
 
 def planned_encoder_bytes(encoder: torch.nn.Module, chunks: int = DEFAULT_CHUNKS, max_block_mb: Optional[float] = None) -> tuple[int, int]:
@@ -189,8 +190,9 @@ def planned_encoder_bytes(encoder: torch.nn.Module, chunks: int = DEFAULT_CHUNKS
     """
     weight = next(encoder.parameters())
     dtype = str(weight.dtype).removeprefix("torch.")
-    patched, stock, _ = encoder_extra_bytes(EncoderShape.from_encoder(encoder), encoder.img_size, dtype, str(weight.device), 1, chunks, max_block_mb)
-    return stock, patched
+    device = str(weight.device)
+    patched, stock, _ = encoder_tensor_bytes(EncoderShape.from_encoder(encoder), encoder.img_size, dtype, device, 1, chunks, max_block_mb)
+    return stock + process_bytes(stock, device), patched + process_bytes(patched, device)
 
 
 def largest_input_size(

@@ -65,7 +65,7 @@ def test_bench_resolution_writes_rows_and_plot(tmp_path):
         assert float(r["tensor_peak_mb"]) > 0 and float(r["planned_tensor_mb"]) > 0  # the tensors alone, counted by the profiler
     assert (tmp_path / "resolution_test.png").stat().st_size > 0
     table = run_script("bench_resolution.py", "--table", "--out-dir", str(tmp_path), "--machine", "test")
-    assert table.startswith("| model | size | dtype | mode | blocks run | status | extra peak MiB | planned | ratio | tensors' peak MiB |")
+    assert table.startswith("| model | size | dtype | mode | blocks run | status | extra peak MiB | planned (CPU: bound) | ratio | tensors' peak MiB |")
     assert "| tiny | 128 | bfloat16 | budget 32 MiB | all | ok |" in table
 
     # a long run's memory from the first blocks and the neck: its own rows, no floor ratio

@@ -95,8 +95,9 @@ def report(plan: MemoryPlan, max_memory_mb: float | None = None, fits: dict[str,
     ]
     if plan.encoder_tensor_bytes != plan.encoder_patched_bytes:  # the CPU: a process keeps more than its tensors
         lines.append(
-            f"  of the patched encoder's extra peak, tensors: {format_bytes(plan.encoder_tensor_bytes)}; the rest is what a "
-            "process keeps on the CPU (kernels' code, threads, freed memory glibc holds)"
+            f"  CPU: the encoder rows are bounds on the resident set. Tensors (predicted): {format_bytes(plan.encoder_tensor_bytes)} "
+            f"patched, {format_bytes(plan.encoder_stock_tensor_bytes)} stock; the rest allows for what a process keeps "
+            "(freed memory glibc holds, kernels' code, threads)"
         )
     decoder = plan.decoder_bytes + plan.embedding_bytes
     if decoder > plan.input_bytes + plan.encoder_patched_bytes:
