@@ -256,7 +256,7 @@ def _layers_of(model, kind):
     return [m for _, m, p in adapters.find(model)[0] if p.kind == kind]
 
 
-@pytest.mark.parametrize("name", ["segment_anything_hq", "transformers-sdpa", "transformers-eager", "transformers-hq-sdpa"])
+@pytest.mark.parametrize("name", ["segment_anything_hq", "transformers-sdpa", "transformers-eager", "transformers-hq-sdpa", "timm", "timm-qk-norm"])
 def test_every_library_block_is_patched_and_restored(name):
     from sam_libraries import ENCODERS, flat, pixels
 
@@ -298,6 +298,48 @@ def test_transformers_layer_holds_no_whole_hidden_layer():
         with patched(model, max_block_mb=0.05), LargestTensor() as probe:
             out = layer(x)
     assert probe.largest < mlp_numel and rel_error(out, ref) < FP32_RTOL
+
+
+def timm_block_model(**overrides):
+    from sam_libraries import timm_vit
+
+    model, _ = timm_vit(**overrides)
+    block = model.blocks[1]  # the global one
+    grid, dim = 40, block.norm1.normalized_shape[0]
+    return model, block, tokens((grid, grid), dim=dim), grid * grid * block.mlp.fc1.out_features
+
+
+@pytest.mark.parametrize("init_values", [None, 0.5])  # 0.5: LayerScale on both halves
+def test_timm_block_holds_no_whole_hidden_layer(init_values):
+    model, block, x, mlp_numel = timm_block_model(init_values=init_values)
+    if init_values:
+        assert type(block.ls2).__name__ == "LayerScale"
+        with torch.no_grad():
+            block.ls2.gamma.uniform_(0.5, 2.0)  # a scale per channel, not one number
+    with torch.no_grad():
+        with LargestTensor() as probe:
+            ref = block(x)
+        assert probe.largest >= mlp_numel
+        with patched(model, max_block_mb=0.05), LargestTensor() as probe:
+            out = block(x)
+    assert probe.largest < mlp_numel and rel_error(out, ref) < FP32_RTOL
+
+
+def test_timm_block_with_drop_path_while_training_runs_stock():
+    # drop_path drops whole samples at random: not a token-wise step, so the block runs stock's forward
+    model, block, x, mlp_numel = timm_block_model(drop_path_rate=0.5)
+    model.train()
+    for m in model.modules():
+        if hasattr(m, "attn_drop"):
+            m.attn_drop.p = 0.0  # attention dropout while training is refused outright
+    with torch.no_grad(), patched(model, max_block_mb=0.05):
+        torch.manual_seed(0)
+        with LargestTensor() as probe:
+            out = block(x)
+        torch.manual_seed(0)
+        with stock(model):
+            ref = block(x)
+    assert probe.largest >= mlp_numel and rel_error(out, ref) < FP32_RTOL
 
 
 def test_switch_reports_blocks_as_their_attention():
