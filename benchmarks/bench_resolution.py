@@ -120,16 +120,18 @@ def run_child(args: argparse.Namespace) -> int:
         except (RuntimeError, MemoryError) as error:
             row.update(note=oom_note(error), status="OOM")
         row["peak_extra_mb"] = round((peak_bytes(device) - baseline) / MIB, 1)
+        if row["status"] == "ok" and not args.blocks:  # the FLOP count is the whole encoder's
+            # After the encode (its peak is measured without the GEMM's operands) and before
+            # the profiler runs: a GEMM after a profiled encode ran 20-25% slower here.
+            rate = gemm_rate(args.dtype, args.device)
+            row["gemm_gflops"] = round(rate / 1e9, 1)
+            row["floor_ratio"] = round(min(times) * rate / flops, 2)
         if row["status"] == "ok":
             # The tensors alone: CUDA's allocator peak, or on the CPU one more encode under the
             # profiler's memory events (after the resident peak is read: the profiler's own
             # records of every op would add to it).
             tensors = peak_bytes(device) - baseline if device.type == "cuda" else tensor_peak_bytes(encode)[1]
             row["tensor_peak_mb"] = round(tensors / MIB, 1)
-        if row["status"] == "ok" and not args.blocks:  # the FLOP count is the whole encoder's
-            rate = gemm_rate(args.dtype, args.device)  # after the encode: its peak is measured without it
-            row["gemm_gflops"] = round(rate / 1e9, 1)
-            row["floor_ratio"] = round(min(times) * rate / flops, 2)
     except Exception as error:  # recorded, not raised: one bad configuration must not end the sweep
         row["note"] = f"{type(error).__name__}: {str(error)[:160]}"
     print_result(row)

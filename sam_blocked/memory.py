@@ -62,8 +62,9 @@ def tensor_peak_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
 
     The resident high-water mark (peak_bytes) also holds what a process maps once (kernels'
     code, thread stacks) and what glibc keeps after a free; this counts tensors only, the
-    figure sam_blocked.plan_memory's count predicts. The profiler slows small ops a little:
-    time fn elsewhere.
+    figure sam_blocked.plan_memory's count predicts. The profiler slows small ops a little,
+    and on this project's CPU a GEMM after a profiled run ran 20-25% slower: time fn, and
+    anything else, before it.
     """
     from torch.profiler import ProfilerActivity, profile
 

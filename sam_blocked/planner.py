@@ -46,12 +46,18 @@ MLP_RATIO = 4
 PROMPT_DECODER_PARAMS = 6476 + 4058340 + 6  # prompt encoder, mask decoder, pixel mean/std (same for every model type)
 DECODER_ACTIVATIONS = 7.5  # a decoder batch peaks at about this many (prompts, 256, tokens) float32 tensors
 # On the CPU, resident extra peak <= the tensors counted + process_bytes(tensors, device). A
-# first run's process kept 9-102 MiB beside the tensors the planner counts, more with larger
-# step buffers (bench_resolution: vit_b and vit_h, 1024-4096 px, float32 and bfloat16, whole
-# encoder or first blocks; stock vit_b 1024 px, 147 MiB beside 2400); with a small encode
-# before it, the same vit_b 1024 px bfloat16 run kept less than its own tensors (freed memory
-# reused). 80 MiB + 5% of the tensors is at or above every measured run.
-CPU_PROCESS_BYTES = 80 * MIB
+# first run's process kept 9-107 MiB beside the tensors the planner counts (bench_resolution:
+# vit_b, vit_l and vit_h, 1024-4096 px, float32 and bfloat16, whole encoder or first blocks;
+# stock vit_b at 1024 px 114 MiB beside 2400), and the same run repeated varies by tens of
+# MiB (vit_b 1536 px float32: 153-218 MiB over five runs). Where it comes from: glibc's
+# dynamic thresholds (freed buffers up to 32 MiB go back to its heap, which keeps up to
+# 64 MiB free at its top, and holes between), the kernels' code (~16 MiB, once per process)
+# and ~10 MiB of caches, measured with smaps_rollup and mallinfo2 on vit_b at 1024 px.
+# With a small encode before it, the same vit_b 1024 px bfloat16 run kept less than its own
+# tensors (freed memory reused): it depends on the process's history. 128 MiB + 5% of the
+# tensors is above every measured run; 80 MiB + 5%, fitted to the first sweep, was exceeded
+# by two runs of the second.
+CPU_PROCESS_BYTES = 128 * MIB
 CPU_PROCESS_FRACTION = 0.05
 MAX_INPUT_SIZE = 16384
 
