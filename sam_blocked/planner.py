@@ -20,7 +20,7 @@ sam_blocked.memory.tensor_peak_bytes): a prediction, within 15% wherever it was 
 On the CPU the process's resident high-water mark also holds what a process keeps beside
 its tensors (glibc's free lists and holes between freed step buffers, kernels' code, thread
 stacks). That share depends on what the process did before as much as on the encode: it
-cannot be predicted, only bounded. CPU figures add process_bytes(tensors, device), a bound
+cannot be predicted, only bounded. CPU figures are resident_bound_bytes(tensors, device), a bound
 over every run of this project's benchmark (README, "Memory planner"). On CUDA the driver's
 context (a few hundred MiB) comes on top and is not counted.
 
@@ -45,7 +45,7 @@ CHECKPOINT_SIZE = 1024  # the official checkpoints' input size: global rel-pos t
 MLP_RATIO = 4
 PROMPT_DECODER_PARAMS = 6476 + 4058340 + 6  # prompt encoder, mask decoder, pixel mean/std (same for every model type)
 DECODER_ACTIVATIONS = 7.5  # a decoder batch peaks at about this many (prompts, 256, tokens) float32 tensors
-# On the CPU, resident extra peak <= the tensors counted + process_bytes(tensors, device). A
+# On the CPU, resident extra peak <= resident_bound_bytes(the tensors counted, device). A
 # first run's process kept 9-107 MiB beside the tensors the planner counts (bench_resolution:
 # vit_b, vit_l and vit_h, 1024-4096 px, float32 and bfloat16, whole encoder or first blocks;
 # stock vit_b at 1024 px 114 MiB beside 2400), and the same run repeated varies by tens of
@@ -62,12 +62,13 @@ CPU_PROCESS_FRACTION = 0.05
 MAX_INPUT_SIZE = 16384
 
 
-def process_bytes(tensor_bytes: int, device: str = "cpu") -> int:
-    """At most what a process holds beside an encoder's `tensor_bytes` at its peak on
-    `device`: the CPU's bound above, 0 on CUDA (where the planner counts the allocator's view)."""
+def resident_bound_bytes(tensor_bytes: int, device: str = "cpu") -> int:
+    """The planner's extra peak for an encoder whose tensors peak at `tensor_bytes` on
+    `device`: on the CPU a bound on the resident set (the tensors and what a process keeps
+    beside them, above), on CUDA the tensors (the allocator's view)."""
     if torch.device(device).type != "cpu":
-        return 0
-    return CPU_PROCESS_BYTES + int(CPU_PROCESS_FRACTION * tensor_bytes)
+        return tensor_bytes
+    return tensor_bytes + CPU_PROCESS_BYTES + int(CPU_PROCESS_FRACTION * tensor_bytes)
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,8 @@ def plan_memory(
         tokens=tokens,
         weights_bytes=weight_bytes(model_type, img_size, dtype),
         input_bytes=batch * 3 * img_size * img_size * 4,
-        encoder_stock_bytes=stock_tensors + process_bytes(stock_tensors, device),
-        encoder_patched_bytes=tensors + process_bytes(tensors, device),
+        encoder_stock_bytes=resident_bound_bytes(stock_tensors, device),
+        encoder_patched_bytes=resident_bound_bytes(tensors, device),
         encoder_peak_phase=phase,
         encoder_tensor_bytes=tensors,
         encoder_stock_tensor_bytes=stock_tensors,
@@ -198,7 +199,7 @@ def planned_encoder_bytes(encoder: torch.nn.Module, chunks: int = DEFAULT_CHUNKS
     dtype = str(weight.dtype).removeprefix("torch.")
     device = str(weight.device)
     patched, stock, _ = encoder_tensor_bytes(EncoderShape.from_encoder(encoder), encoder.img_size, dtype, device, 1, chunks, max_block_mb)
-    return stock + process_bytes(stock, device), patched + process_bytes(patched, device)
+    return resident_bound_bytes(stock, device), resident_bound_bytes(patched, device)
 
 
 def largest_input_size(
