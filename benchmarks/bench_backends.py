@@ -7,7 +7,7 @@ image encoder on a (1, 3, size, size) image. All with seeded random weights.
 
 Modes: stock (segment_anything as shipped: three live (B*heads, N, N) tensors), stock-sdpa
 (what transformers and timm do: the full (B*heads, N, N) bias materialized, then
-F.scaled_dot_product_attention), and patch_sam with backend blocked, sdpa, flashbias,
+F.scaled_dot_product_attention), and patch_sam with backend blocked, sdpa, bands, flashbias,
 flex or auto. A backend that cannot run a configuration is recorded as "refused" with
 its reason (sam_blocked.backends.not_supported_reasons).
 
@@ -56,7 +56,7 @@ SCOPES = ["layer", "window", "encoder"]
 MODELS = ["vit_b", "vit_h"]
 SIZES = [1024, 2048]
 DTYPES = ["float32", "bfloat16"]
-BACKEND_MODES = ["blocked", "sdpa", "flashbias", "flex", "auto"]
+BACKEND_MODES = ["blocked", "sdpa", "bands", "flashbias", "flex", "auto"]
 MODES = ["stock", "stock-sdpa", *BACKEND_MODES]
 FIELDS = [
     "machine", "device", "scope", "model", "size", "tokens", "batch", "dtype", "mode", "backend_used", "status",
@@ -273,7 +273,7 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"stock": "tab:red", "stock-sdpa": "tab:orange", "blocked": "tab:blue", "sdpa": "tab:green",
+    colors = {"stock": "tab:red", "stock-sdpa": "tab:orange", "blocked": "tab:blue", "sdpa": "tab:green", "bands": "tab:olive",
               "flashbias": "tab:purple", "flex": "tab:brown", "auto": "black"}  # fmt: skip
     scopes = [s for s in SCOPES if any(r["scope"] == s for r in rows)]
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]

@@ -1,22 +1,28 @@
-"""Attention backends: one exact computation, four ways to run it, and the rule that picks one.
+"""Attention backends: one exact computation, five ways to run it, and the rule that picks one.
 
 Every backend computes softmax(q k^T * scale + rel_h + rel_w) v as stock segment_anything
 does, and none builds an N x N tensor (N = H*W tokens):
 
 - "blocked": attention.blocked_attention, pure PyTorch, online softmax over (query band,
   key band) blocks. Runs everywhere; the reference the others are tested against.
-- "sdpa", "flashbias", "flex": fused or compiled kernels, in sam_blocked.fused, where
-  the module doc says how each folds the bias in and what it needs.
+- "sdpa", "bands", "flashbias", "flex": query bands against every key at once, in
+  sam_blocked.fused, where the module doc says how each folds the bias in and what it
+  needs ("bands" is plain PyTorch GEMMs, "sdpa" and "flashbias" SDPA's fused kernels,
+  "flex" a compiled kernel).
 
 "auto" (choose_backend) takes the first backend of auto_order(...) that can run the call:
-- CPU: flashbias when its augmented head dim C + H + W (padded to 8) is at most 1.5 x C
-  (SAM's 14 x 14 windows: 96 for C = 64), else sdpa, else blocked. On the CPU, cost goes
-  with the head dim for flashbias and with C plus a bias pass for sdpa: flashbias was 13-18%
-  faster at 14-16 token sides and slower from 20 on (2.3x at 64 x 64), fp32, C = 64.
+- CPU, float32: bands, else sdpa, else blocked. Measured here (AMD EPYC, 2 cores, torch
+  2.14, benchmarks/bench_backends.py): one vit_b global layer at 1024 px, 0.50-0.52 s
+  against sdpa's 0.53-0.59 (alternated in one process); vit_b's windows 0.175 s against
+  flashbias 0.191 and sdpa 0.181 (vit_h's: 0.440, 0.446, 0.448); the whole vit_b encoder
+  at 1024 px 5% faster than with sdpa and flashbias.
+- CPU, half precision: flashbias when its augmented head dim C + H + W (padded to 8) is at
+  most 1.5 x C (SAM's 14 x 14 windows: 96 for C = 64), else sdpa, else blocked. bands
+  would compute in float32 there, twice the score bytes of sdpa's half-precision bias.
 - CUDA: flashbias where a fused SDPA kernel takes it, else sdpa, else blocked: the fused
   kernels read no bias from memory at all.
-- blocked last everywhere: it meets any max_block_mb, where sdpa cannot go below one
-  token row of queries against all keys.
+- blocked last everywhere: it meets any max_block_mb, where sdpa and bands cannot go
+  below one token row of queries against all keys.
 benchmarks/bench_backends.py measures the choice.
 """
 
@@ -29,6 +35,7 @@ import torch
 from sam_blocked.attention import DEFAULT_CHUNKS, BlockPlan, blocked_attention, plan_blocks
 from sam_blocked.fused import (
     augmented_head_dim,
+    bands_attention,
     flashbias_attention,
     flashbias_reasons,
     flex_attention,
@@ -41,9 +48,9 @@ from sam_blocked.fused import (
 
 Tensor = torch.Tensor
 
-BACKENDS = ("blocked", "sdpa", "flashbias", "flex")
+BACKENDS = ("blocked", "sdpa", "bands", "flashbias", "flex")
 BACKEND_CHOICES = ("auto", *BACKENDS)
-# "auto" on the CPU takes flashbias up to this augmented / plain head-dim ratio (see above).
+# "auto" on the CPU in half precision takes flashbias up to this augmented / plain head-dim ratio (see above).
 CPU_FLASHBIAS_MAX_RATIO = 1.5
 
 
@@ -78,7 +85,7 @@ def not_supported_reasons(
     check_backend_name(backend)
     if backend == "blocked":
         return []
-    if backend == "sdpa":
+    if backend in ("sdpa", "bands"):
         return sdpa_reasons(grid, max_block_mb)
     if backend == "flashbias":
         return flashbias_reasons(device, dtype, grid, head_dim)
@@ -101,17 +108,19 @@ def choose_backend(
         max_block_mb: the patch's block budget, if any.
     """
     device = torch.device(device)
-    for backend in auto_order(device, grid, head_dim):
+    for backend in auto_order(device, grid, head_dim, dtype):
         if not not_supported_reasons(backend, device, dtype, grid, head_dim, max_block_mb):
             return backend
     return "blocked"
 
 
-def auto_order(device: torch.device | str, grid: Tuple[int, int], head_dim: int) -> Tuple[str, ...]:
-    """Backends "auto" tries, fastest first, for this device type and shape (module doc)."""
+def auto_order(device: torch.device | str, grid: Tuple[int, int], head_dim: int, dtype: torch.dtype = torch.float32) -> Tuple[str, ...]:
+    """Backends "auto" tries, fastest first, for this device type, shape and dtype (module doc)."""
     device = torch.device(device)
     if device.type == "cuda":
         return ("flashbias", "sdpa", "blocked")
+    if device.type == "cpu" and dtype == torch.float32:
+        return ("bands", "sdpa", "blocked")
     if device.type == "cpu" and augmented_head_dim(grid, head_dim) <= CPU_FLASHBIAS_MAX_RATIO * head_dim:
         return ("flashbias", "sdpa", "blocked")
     return ("sdpa", "blocked")
@@ -153,7 +162,7 @@ def plan_backend(
     device: Optional[torch.device | str] = None,
 ) -> BlockPlan:
     """How `backend` cuts one call into steps; `group` (batch*head rows per step) is what
-    BlockedAttention projects at once. blocked: attention.plan_blocks; sdpa: fused.plan_sdpa;
+    BlockedAttention projects at once. blocked: attention.plan_blocks; sdpa, bands: fused.plan_sdpa;
     flashbias, flex: fused.plan_fused.
 
     Args:
@@ -168,7 +177,7 @@ def plan_backend(
     check_backend_name(backend)  # each plan_* checks the grid and max_block_mb
     if backend == "blocked":
         return plan_blocks(batch_heads, grid, chunks, max_block_mb)
-    if backend == "sdpa":
+    if backend in ("sdpa", "bands"):
         return plan_sdpa(batch_heads, grid, chunks, max_block_mb, device)
     return plan_fused(backend, batch_heads, grid, head_dim, max_block_mb, device)
 
@@ -176,6 +185,7 @@ def plan_backend(
 ATTENTION = {
     "blocked": blocked_attention,
     "sdpa": sdpa_attention,
+    "bands": bands_attention,
     "flashbias": flashbias_attention,
     "flex": flex_attention,
 }

@@ -131,14 +131,17 @@ def _attention(batch, heads, grid, head_dim, e, dtype, device, chunks, max_block
     rows = min(plan.group, batch * g)  # batch*head rows per kernel step
     band = math.ceil(H / plan.q_bands) * W  # query tokens per step
     rel = rows * band * (H + W) * _FP32  # rel_h, rel_w
-    if backend == "sdpa":  # fused.sdpa_attention: the resized tables, the float32 q its einsums read, their terms
+    if backend in ("sdpa", "bands"):  # fused.band_terms: the resized tables, the float32 q its einsums read, their terms
         whole_group = rows * n * (H + W) * _FP32 <= CPU_STEP_BYTES  # the terms of every band at once
         q_rows = rows * (n if whole_group else band)
         tables = (H * H + W * W) * head_dim * _FP32
-        rel = tables + q_rows * (head_dim + H + W + max(H, W)) * _FP32 + (rows * band * (H + W) * e if e != _FP32 else 0)
+        rel = tables + q_rows * (head_dim + H + W + max(H, W)) * _FP32
+        rel += rows * band * (H + W) * e if backend == "sdpa" and e != _FP32 else 0  # sdpa: the terms in q's dtype
     out = 0 if batch == 1 else batch * g * n * head_dim * e  # the kernel's own output before the heads' buffer
     if backend == "sdpa":
         work = rows * band * n * e + rel + rows * band * head_dim * e  # the band's bias, the band's output
+    elif backend == "bands":  # the float32 score band, q * scale and the band's output in float32; k and v off float32
+        work = rows * band * n * _FP32 + rel + 2 * rows * band * head_dim * _FP32 + (2 * rows * n * head_dim * _FP32 if e != _FP32 else 0)
     elif backend == "flashbias":
         work = 4 * rows * n * augmented_head_dim(grid, head_dim) * e + rel  # q', k', v' and the output
     else:  # blocked: the float32 score block, the band's accumulators, float32 k and v off float32

@@ -68,8 +68,8 @@ def assert_close(out, ref, rtol, what):
 
 LARGE = pytest.param((64, 64), marks=pytest.mark.slow, id="64x64")  # SAM's global grid: seconds per case on 2 cores
 GRIDS = [(37, 53), (1, 1), (5, 128), (14, 14), (3, 7), LARGE]
-# chunks change the blocking of blocked and sdpa only; flashbias and flex run one band.
-BACKEND_CHUNKS = [(b, c) for b in ("blocked", "sdpa") for c in (1, 3, 7, 16, 64)] + [("flashbias", 16), ("flex", 16)]
+# chunks change the blocking of blocked, sdpa and bands only; flashbias and flex run one band.
+BACKEND_CHUNKS = [(b, c) for b in ("blocked", "sdpa", "bands") for c in (1, 3, 7, 16, 64)] + [("flashbias", 16), ("flex", 16)]
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
@@ -166,13 +166,13 @@ def test_batch_rows_are_independent(backend):
 def test_memory_budget_matches_stock_and_bounds_blocks(backend, budget_mb):
     grid = (40, 48)
     q, k, v, rh, rw = make_inputs(grid, batch_heads=6)
-    if backend == "sdpa" and budget_mb < 0.35:
-        # sdpa's smallest block is one token row against all keys: 48 x 1920 float32 = 0.35 MiB
-        with pytest.raises(ValueError, match="smallest block is one token row"):
+    if backend in ("sdpa", "bands") and budget_mb < 0.35:
+        # their smallest query band is one token row against all keys: 48 x 1920 float32 = 0.35 MiB
+        with pytest.raises(ValueError, match="smallest query band is one token row"):
             attend(backend, q, k, v, grid, rh, rw, max_block_mb=budget_mb)
         return
     plan = plan_backend(backend, 6, grid, 16, max_block_mb=budget_mb)
-    if backend in ("blocked", "sdpa"):
+    if backend in ("blocked", "sdpa", "bands"):
         assert plan.block_bytes <= budget_mb * 2**20
     else:  # no score block: the budget bounds the rows per step, at least one
         assert plan.block_bytes <= budget_mb * 2**20 or plan.group == 1

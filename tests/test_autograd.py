@@ -58,7 +58,7 @@ def test_patched_model_trains_like_stock(name):
     assert all(type(m) is p.patched for _, m, p in adapters.find(model)[0])  # still patched: under no_grad it blocks
 
 
-@pytest.mark.parametrize("backend", ["blocked", "sdpa", "flashbias"])
+@pytest.mark.parametrize("backend", ["blocked", "sdpa", "bands", "flashbias"])
 def test_every_backend_gives_stock_gradients(backend):
     model, run = build("segment_anything")
     x = pixels().requires_grad_()  # the input's gradient too, as for an adversarial or saliency map

@@ -42,7 +42,7 @@ def rel_error(out, ref):
 
 
 def test_cpu_runs_every_backend_but_flex():
-    assert CPU_BACKENDS == ["blocked", "sdpa", "flashbias"]
+    assert CPU_BACKENDS == ["blocked", "sdpa", "bands", "flashbias"]
     assert not_supported_reasons("flex", "cpu", torch.float32, (64, 64), 64) == [FLEX_CPU_REASON]
 
 
@@ -57,7 +57,7 @@ def test_patched_tiny_sam_matches_stock(tiny_sam, backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["sdpa", "flashbias"])
+@pytest.mark.parametrize("backend", ["sdpa", "bands", "flashbias"])
 def test_patched_bfloat16_close_to_stock(tiny_sam, backend):
     ref = encode(tiny_sam)
     cast_image_encoder(tiny_sam, torch.bfloat16)
@@ -82,7 +82,7 @@ def test_default_backend_is_auto(tiny_sam):
 
 @pytest.mark.parametrize("backend", ["fast", "", None, "SDPA"])
 def test_unknown_backend_refused_before_anything_changes(tiny_sam, backend):
-    with pytest.raises(ValueError, match="unknown attention backend.*choose one of auto, blocked, sdpa, flashbias, flex"):
+    with pytest.raises(ValueError, match="unknown attention backend.*choose one of auto, blocked, sdpa, bands, flashbias, flex"):
         sam_blocked.patch_sam(tiny_sam, backend=backend)
     assert all(type(m) is Attention for m in tiny_sam.modules() if isinstance(m, Attention))
 
@@ -95,21 +95,27 @@ def test_patched_restores_previous_backend(tiny_sam):
 
 
 def test_auto_rule_on_cpu():
-    # flashbias where its augmented head dim is at most 1.5 x C (SAM's windows), else sdpa
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for grid in ((14, 14), (16, 16), (1, 1), (3, 7)):
+    grids = ((14, 14), (16, 16), (1, 1), (3, 7), (64, 64), (20, 20), (37, 53), (128, 128), (5, 128))
+    # float32: bands everywhere
+    for grid in grids:
+        assert choose_backend("cpu", torch.float32, grid, 64) == "bands", grid
+    assert auto_order("cpu", (64, 64), 64) == auto_order("cpu", (14, 14), 64, torch.float32) == ("bands", "sdpa", "blocked")
+    # half precision: flashbias where its augmented head dim is at most 1.5 x C (SAM's windows), else sdpa
+    for dtype in (torch.bfloat16, torch.float16):
+        for grid in grids[:4]:
             assert choose_backend("cpu", dtype, grid, 64) == "flashbias", grid
-        for grid in ((64, 64), (20, 20), (37, 53), (128, 128), (5, 128)):
+        for grid in grids[4:]:
             assert choose_backend("cpu", dtype, grid, 64) == "sdpa", grid
-    assert choose_backend("cpu", torch.float32, (20, 20), 80) == "flashbias"  # vit_l / vit_h heads: 120 <= 1.5 x 80
-    assert auto_order("cpu", (64, 64), 64) == ("sdpa", "blocked")
+        assert choose_backend("cpu", dtype, (20, 20), 80) == "flashbias"  # vit_l / vit_h heads: 120 <= 1.5 x 80
+    assert auto_order("cpu", (64, 64), 64, torch.bfloat16) == ("sdpa", "blocked")
     assert auto_order("cuda", (64, 64), 64) == ("flashbias", "sdpa", "blocked")
     assert auto_order("mps", (14, 14), 64)[-1] == "blocked"
     assert choose_backend("meta", torch.float32, (64, 64), 64) == "sdpa"
-    # a budget below one token row against all keys: sdpa cannot meet it, blocked can
+    # a budget below one token row against all keys: bands and sdpa cannot meet it, blocked can
     assert choose_backend("cpu", torch.float32, (128, 128), 64, max_block_mb=4) == "blocked"
-    assert choose_backend("cpu", torch.float32, (128, 128), 64, max_block_mb=8) == "sdpa"
-    assert resolve_backend("auto", "cpu", torch.float32, (64, 64), 64) == "sdpa"
+    assert choose_backend("cpu", torch.float32, (128, 128), 64, max_block_mb=8) == "bands"
+    assert choose_backend("cpu", torch.bfloat16, (128, 128), 64, max_block_mb=8) == "sdpa"
+    assert resolve_backend("auto", "cpu", torch.float32, (64, 64), 64) == "bands"
 
 
 def test_named_backend_that_cannot_run_says_why_and_what_to_do():
@@ -122,6 +128,8 @@ def test_named_backend_that_cannot_run_says_why_and_what_to_do():
     q = torch.zeros(1, 128 * 128, 8)
     with pytest.raises(ValueError, match="raise max_block_mb or use backend 'blocked'"):
         plan_backend("sdpa", 1, (128, 128), 8, max_block_mb=4)
+    with pytest.raises(ValueError, match="'bands' cannot run 128 x 128 tokens.*one token row of queries against all 16384 keys"):
+        resolve_backend("bands", "cpu", torch.float32, (128, 128), 64, max_block_mb=4)
     with pytest.raises(ValueError, match="'flex' cannot run"):
         backend_attention("flex", q, q, q, (128, 128))
 
@@ -149,6 +157,11 @@ def test_augmented_head_dim():
     assert augmented_head_dim((64, 64), 80) == 208  # vit_l / vit_h
     assert augmented_head_dim((14, 14), 64) == 96  # windows: 92 padded to 96
     assert augmented_head_dim((37, 53), 16) == 112  # 106 padded
+
+
+def test_bands_steps_are_sdpas():
+    for args in ((12, (64, 64), 64), (300, (14, 14), 64), (2, (37, 53), 16, 16, 0.5), (1, (5, 128), 16, 64)):
+        assert plan_backend("bands", *args) == plan_backend("sdpa", *args)
 
 
 def test_sdpa_plan_holds_as_many_bias_elements_as_blocked():
