@@ -7,8 +7,9 @@ bytes over the weights and the input. a = one activation, batch x tokens x dim x
 Patched (block.encoder_block):
 - global attention: the input, norm1(x), the heads (3 a), one step's q, k, v and the
   kernel's workspace (its bias block, rel-pos terms and output);
-- windowed attention: input and output (2 a), one step's windows, norm, heads and
-  projection, with their own q, k, v and kernel workspace;
+- windowed attention: input and output (2 a), one step's windows and heads beside their
+  own q, k, v and kernel workspace (or, while it is copied, the projection), then the
+  windows, heads and output projection;
 - MLP: input and output (2 a), one chunk's norm or output beside its hidden layer.
 Stock (segment_anything's Block.forward): global attention holds the input, norm1(x), q, k,
 v and their permuted copy (8 a) and three (batch * heads, N, N) score tensors while the
@@ -116,8 +117,10 @@ def _patched(s: EncoderShape, grid: int, batch: int, e: int, dtype, device, chun
         k = min(windows_per_step(batch, ws, window_chunk(s.dim, max_block_mb, device)), math.ceil(grid / ws))
         step = batch * k * ws * ws  # tokens of one step's windows
         work, g = _attention(batch * k, s.heads, (ws, ws), head_dim, e, dtype, device, chunks, max_block_mb)
-        qkv = 2 * 3 * step * g * head_dim * e  # the projection and its (3, B*g, N, C) copy
-        phases["windowed attention"] = 2 * a + 4 * step * s.dim * e + qkv + work
+        qkv = 3 * step * g * head_dim * e  # the (3, B*g, N, C) copy of the projection, which lives beside it only while copied
+        # the step's windows and heads' output beside q, k, v and the kernel (or the projection); then the output projection
+        kernel = 2 * step * s.dim * e + qkv + max(qkv, work)
+        phases["windowed attention"] = 2 * a + max(kernel, 3 * step * s.dim * e)
     return phases
 
 
@@ -140,8 +143,9 @@ def _attention(batch, heads, grid, head_dim, e, dtype, device, chunks, max_block
     out = 0 if batch == 1 else batch * g * n * head_dim * e  # the kernel's own output before the heads' buffer
     if backend == "sdpa":
         work = rows * band * n * e + rel + rows * band * head_dim * e  # the band's bias, the band's output
-    elif backend == "bands":  # the float32 score band, q * scale and the band's output in float32; k and v off float32
-        work = rows * band * n * _FP32 + rel + 2 * rows * band * head_dim * _FP32 + (2 * rows * n * head_dim * _FP32 if e != _FP32 else 0)
+    elif backend == "bands":  # the float32 score band, q * scale, the band's output unless written in place; k and v off float32
+        in_place = batch > 1 and e == _FP32  # a new contiguous float32 output; batch 1 writes into the strided heads' buffer
+        work = rows * band * n * _FP32 + rel + (1 if in_place else 2) * rows * band * head_dim * _FP32 + (2 * rows * n * head_dim * _FP32 if e != _FP32 else 0)
     elif backend == "flashbias":
         work = 4 * rows * n * augmented_head_dim(grid, head_dim) * e + rel  # q', k', v' and the output
     else:  # blocked: the float32 score block, the band's accumulators, float32 k and v off float32

@@ -120,10 +120,12 @@ def test_tensor_peak_counts_tensors_alive_at_once():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype, size", [("float32", 1024), ("bfloat16", 1024), ("float32", 1536)])
+@pytest.mark.parametrize("dtype, size", [("float32", 256), ("float32", 512), ("float32", 1024), ("bfloat16", 1024), ("float32", 1536)])
 def test_planner_counts_the_tensors_the_patched_encoder_holds(dtype, size):
     # vit_b's first three blocks (two windowed, one global) and the neck, patched under a
-    # 32 MiB budget: the planner's count within 15% of the tensors alive at the peak.
+    # 32 MiB budget: the planner's count within 15% of the tensors alive at the peak. At
+    # 256 and 512 px the windowed blocks hold the peak (the count once summed the window
+    # projection, its copy and the kernel's workspace: 1.45-1.5x the tensors there).
     sam = set_image_size(build_sam("vit_b"), size)
     encoder = sam.image_encoder
     encoder.blocks = encoder.blocks[:3]
