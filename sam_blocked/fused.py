@@ -223,6 +223,14 @@ def plan_fused(
 # --- the kernels ----------------------------------------------------------------------------
 
 
+def _band_settings(q, k, v, grid, rel_pos_h, rel_pos_w, scale, chunks, max_block_mb, plan):
+    """sdpa_attention's and bands_attention's checked inputs: (scale, plan, rel-pos tables or None)."""
+    check_attention_inputs(q, k, v, grid, rel_pos_h, rel_pos_w)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    plan = plan or plan_sdpa(q.shape[0], grid, chunks, max_block_mb, q.device)
+    return scale, plan, rel_pos_tables(rel_pos_h, rel_pos_w, grid)
+
+
 def sdpa_attention(
     q: Tensor,
     k: Tensor,
@@ -250,12 +258,9 @@ def sdpa_attention(
     Returns:
         (B*heads, H*W, Cv) in q's dtype.
     """
-    check_attention_inputs(q, k, v, grid, rel_pos_h, rel_pos_w)
     H, W = grid
     BH, N, C = q.shape
-    scale = C**-0.5 if scale is None else scale
-    plan = plan or plan_sdpa(BH, grid, chunks, max_block_mb, q.device)
-    tables = rel_pos_tables(rel_pos_h, rel_pos_w, grid)
+    scale, plan, tables = _band_settings(q, k, v, grid, rel_pos_h, rel_pos_w, scale, chunks, max_block_mb, plan)
 
     n_pad = N + -N % _bias_row_alignment(q.device)
     band = max(b - a for a, b in band_rows(H, plan.q_bands))  # token rows of the largest band
@@ -326,23 +331,11 @@ def bands_attention(
     Half-precision inputs are computed in float32 (as stock's softmax statistics would
     want; on the CPU half-precision GEMMs are slow) and the result cast back.
 
-    Args:
-        q, k, v: (B*heads, H*W, C), same dtype and device.
-        grid: (H, W), tokens in row-major order.
-        rel_pos_h, rel_pos_w: SAM's tables (resized like get_rel_pos), or both None.
-        scale: multiplies q k^T; default C**-0.5.
-        chunks, max_block_mb: see plan_sdpa; `plan` overrides both.
-        out: where to write the result, (B*heads, H*W, Cv), any strides; default new.
-
-    Returns:
-        (B*heads, H*W, Cv) in q's dtype.
+    Args and returns: as sdpa_attention (q, k, v: (B*heads, H*W, C); the same bands).
     """
-    check_attention_inputs(q, k, v, grid, rel_pos_h, rel_pos_w)
     H, W = grid
     BH, N, C = q.shape
-    scale = C**-0.5 if scale is None else scale
-    plan = plan or plan_sdpa(BH, grid, chunks, max_block_mb, q.device)
-    tables = rel_pos_tables(rel_pos_h, rel_pos_w, grid)
+    scale, plan, tables = _band_settings(q, k, v, grid, rel_pos_h, rel_pos_w, scale, chunks, max_block_mb, plan)
     band = max(b - a for a, b in band_rows(H, plan.q_bands))
     scores = q.new_empty(min(plan.group, BH) * band * W * N, dtype=torch.float32)  # every step's (G, Nq, N), reused
 
