@@ -259,7 +259,7 @@ def sdpa_attention(
         (B*heads, H*W, Cv) in q's dtype.
     """
     H, W = grid
-    BH, N, C = q.shape
+    BH, N, _ = q.shape  # (B*heads, N, C)
     scale, plan, tables = _band_settings(q, k, v, grid, rel_pos_h, rel_pos_w, scale, chunks, max_block_mb, plan)
 
     n_pad = N + -N % _bias_row_alignment(q.device)
@@ -296,7 +296,7 @@ def band_terms(q_g: Tensor, grid: Tuple[int, int], tables, group: int) -> Callab
     Args:
         q_g: (G, N, C) the group's unscaled queries.
         grid: (H, W).
-        tables: rel_pos_tables(...) (not None).
+        tables: rel_pos_tables(...), or None: then every band's terms are (None, None).
         group: the plan's largest group, which sizes the whole-group terms.
     """
     H, W = grid
@@ -334,7 +334,7 @@ def bands_attention(
     Args and returns: as sdpa_attention (q, k, v: (B*heads, H*W, C); the same bands).
     """
     H, W = grid
-    BH, N, C = q.shape
+    BH, N, _ = q.shape  # (B*heads, N, C)
     scale, plan, tables = _band_settings(q, k, v, grid, rel_pos_h, rel_pos_w, scale, chunks, max_block_mb, plan)
     band = max(b - a for a, b in band_rows(H, plan.q_bands))
     scores = q.new_empty(min(plan.group, BH) * band * W * N, dtype=torch.float32)  # every step's (G, Nq, N), reused
