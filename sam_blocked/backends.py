@@ -12,11 +12,12 @@ does, and none builds an N x N tensor (N = H*W tokens):
 
 "auto" (choose_backend) takes the first backend of auto_order(...) that can run the call:
 - CPU, float32: bands, else sdpa, else blocked. Measured here (AMD EPYC, 2 cores, torch
-  2.14, benchmarks/bench_backends.py): one vit_b global layer at 1024 px, 0.50-0.52 s
-  against sdpa's 0.53-0.59 (alternated in one process), 25% faster at 2048 px; vit_b's
-  windows 0.175 s against flashbias 0.191 and sdpa 0.181 on 2 threads (vit_h's: 0.440,
-  0.446, 0.448; on one thread flashbias is 2-4% faster); the whole vit_b encoder at 1024 px
-  5% faster than with sdpa global and flashbias windows, on 1 thread and on 2.
+  2.14, benchmarks/bench_backends.py, results in benchmarks/results/backends_amd-epyc-2c-*):
+  one vit_b global layer at 1024 px, 0.95 s against sdpa's 1.00 on 1 thread, 14.8 s against
+  19.7 at 2048 px; vit_b's windows 0.175 s against flashbias 0.191 and sdpa 0.181 on 2
+  threads (vit_h's: 0.440, 0.446, 0.448; on one thread flashbias is 2-4% faster); the
+  whole vit_b encoder at 1024 px 11.8 s against 12.4 with sdpa global and flashbias
+  windows (1 thread).
 - CPU, half precision: flashbias when its augmented head dim C + H + W (padded to 8) is at
   most 1.5 x C (SAM's 14 x 14 windows: 96 for C = 64), else sdpa, else blocked. bands
   would compute in float32 there, twice the score bytes of sdpa's half-precision bias.
