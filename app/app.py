@@ -1,6 +1,6 @@
 """Run the web demo from a checkout: `python app/app.py [sam-blocked demo flags]`.
 
-The same as `sam-blocked demo`; the Blocks are built by sam_blocked.demo_ui.build_demo
+The same as `sam-blocked demo`; the Blocks are built by sam_blocked.demo.ui.build_demo
 (inside the package, so the installed command has them too) and this file only launches.
 """
 

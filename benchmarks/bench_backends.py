@@ -9,14 +9,14 @@ Modes: stock (segment_anything as shipped: three live (B*heads, N, N) tensors), 
 (what transformers and timm do: the full (B*heads, N, N) bias materialized, then
 F.scaled_dot_product_attention), and patch_sam with backend blocked, sdpa, bands, flashbias,
 flex or auto. A backend that cannot run a configuration is recorded as "refused" with
-its reason (sam_blocked.backends.not_supported_reasons).
+its reason (sam_blocked.attention.dispatch.not_supported_reasons).
 
 Every configuration runs in a fresh subprocess: build, one warm-up call (its time, which
 includes any compilation, is recorded as first_s), then reset the peak and time
 --repeat calls under inference_mode; the fastest is `seconds` (wall clock; `cpu_s` is the
 process's CPU time of the least costly call, steadier on a shared machine), and `peak_extra_mb` is the
 peak over the memory in use before the timed calls (CPU: the resident high-water mark,
-sam_blocked.memory; CUDA: max_memory_allocated). On the CPU each child's private data is
+sam_blocked.memory.measure; CUDA: max_memory_allocated). On the CPU each child's private data is
 capped (RLIMIT_DATA), so an out-of-memory is recorded as "OOM" rather than handing the
 machine to the kernel's OOM killer.
 
@@ -95,7 +95,7 @@ def build_subject(scope: str, model: str, size: int, mode: str, device, dtype, b
     import torch
     from segment_anything.modeling.image_encoder import Attention
 
-    from sam_blocked.models import ENCODER_CONFIGS, PATCH_SIZE, build_sam
+    from sam_blocked.models.registry import ENCODER_CONFIGS, PATCH_SIZE, build_sam
     from sam_blocked.patch import patch_sam
 
     embed_dim, _, heads, _, window = ENCODER_CONFIGS[model]
@@ -124,8 +124,8 @@ def build_subject(scope: str, model: str, size: int, mode: str, device, dtype, b
 
 def backend_used(scope: str, model: str, size: int, mode: str, device, dtype, cpu_flex: bool = False) -> tuple[str, str]:
     """(backend that runs the attention, per kind of layer for "auto" on the encoder; refusal reason or "")."""
-    from sam_blocked.backends import BACKENDS, choose_backend, not_supported_reasons
-    from sam_blocked.models import ENCODER_CONFIGS, PATCH_SIZE
+    from sam_blocked.attention.dispatch import BACKENDS, choose_backend, not_supported_reasons
+    from sam_blocked.models.registry import ENCODER_CONFIGS, PATCH_SIZE
 
     if mode not in BACKENDS and mode != "auto":
         return "", ""
@@ -153,7 +153,7 @@ def run_child(args: argparse.Namespace) -> int:
 
     import torch
 
-    from sam_blocked.memory import current_bytes, peak_bytes, reset_peak
+    from sam_blocked.memory.measure import current_bytes, peak_bytes, reset_peak
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,9 +164,9 @@ def run_child(args: argparse.Namespace) -> int:
     try:
         used, refusal = backend_used(args.scope, args.model, args.size, args.mode, device, dtype, args.cpu_flex)
         if args.cpu_flex and args.mode == "flex" and device.type == "cpu":
-            import sam_blocked.backends
+            import sam_blocked.attention.dispatch
 
-            sam_blocked.backends.flex_reasons = lambda device: []  # measure what FLEX_CPU_REASON describes
+            sam_blocked.attention.dispatch.flex_reasons = lambda device: []  # measure what FLEX_CPU_REASON describes
         row["backend_used"] = used
         if refusal:
             row.update(status="refused", note=refusal[:300])

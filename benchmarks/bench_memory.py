@@ -5,7 +5,7 @@ vit_b image encoder at 1024 px; stock vs patched with chunks 1, 4, 16, 64. Every
 configuration runs in a fresh process. CPU: the resident high-water mark is reset
 (/proc/self/clear_refs) after the model and input exist and one warm-up run, then read
 after the measured run; CUDA: max_memory_allocated after reset_peak_memory_stats.
-Every row also has the floor ratio: the time over the target's FLOPs (sam_blocked.flops)
+Every row also has the floor ratio: the time over the target's FLOPs (sam_blocked.memory.flops)
 at the rate of a plain GEMM measured in the same process (common.gemm_rate).
 
     python benchmarks/bench_memory.py                 # CSV + PNG under benchmarks/results/
@@ -48,8 +48,8 @@ def run_child(config: dict) -> dict:
     from segment_anything.modeling.image_encoder import Attention
 
     from sam_blocked import build_sam, patch_sam, set_image_size
-    from sam_blocked.flops import attention_flops, encoder_flops
-    from sam_blocked.memory import current_bytes, peak_bytes, reset_peak
+    from sam_blocked.memory.flops import attention_flops, encoder_flops
+    from sam_blocked.memory.measure import current_bytes, peak_bytes, reset_peak
 
     device = torch.device(config["device"])
     if config["threads"]:
@@ -103,7 +103,7 @@ def ab(args) -> list[dict]:
     from sam_blocked import build_sam, patch_sam, set_image_size
     from sam_blocked.adapters.base import ATTENTION
     from sam_blocked.adapters import find
-    from sam_blocked.flops import encoder_flops
+    from sam_blocked.memory.flops import encoder_flops
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -14,7 +14,7 @@ budget (patched, --max-block-mb for the largest score block, chosen per layer an
 
 Beside each measurement: the planner's prediction for it (sam_blocked.plan_memory: the
 encoder's extra peak, stock or patched) and the floor ratio, the time over the encoder's
-FLOPs (sam_blocked.flops.encoder_flops) at the rate of a plain GEMM measured in the same
+FLOPs (sam_blocked.memory.flops.encoder_flops) at the rate of a plain GEMM measured in the same
 child after the encode (common.gemm_rate), in the run's dtype. `--table` prints the CSV as
 the README's Markdown table.
 
@@ -72,11 +72,11 @@ def run_child(args: argparse.Namespace) -> int:
 
     import torch
 
-    from sam_blocked.flops import encoder_flops
-    from sam_blocked.memory import current_bytes, peak_bytes, reset_peak, tensor_peak_bytes
-    from sam_blocked.models import build_sam
+    from sam_blocked.memory.flops import encoder_flops
+    from sam_blocked.memory.measure import current_bytes, peak_bytes, reset_peak, tensor_peak_bytes
+    from sam_blocked.models.registry import build_sam
     from sam_blocked.patch import patch_sam
-    from sam_blocked.resolution import set_image_size
+    from sam_blocked.resolution.sam import set_image_size
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,7 +141,7 @@ def run_child(args: argparse.Namespace) -> int:
 def planned(model: str, size: int, dtype: str, device: str, mode: str, chunks: int, budget) -> dict:
     """The planner's figures for one row, in MiB: planned_tensor_mb (the tensors, a prediction)
     and planned_mb (its extra peak: on the CPU a bound on the resident set)."""
-    from sam_blocked.planner import plan_memory
+    from sam_blocked.memory.planner import plan_memory
 
     plan = plan_memory(model, size, dtype, device, 1, chunks, budget)
     peak = plan.encoder_stock_bytes if mode == "stock" else plan.encoder_patched_bytes

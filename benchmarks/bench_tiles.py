@@ -129,7 +129,7 @@ def mosaic_tiff(cache: Path, width: int, height: int) -> Path:
 
 def prompt_sets(width: int, height: int):
     """PROMPTS in pixels of a (width, height) image: a point is a foreground click, a box 240 x 180 px."""
-    from sam_blocked.prompts import Prompt
+    from sam_blocked.inputs.prompts import Prompt
 
     out = []
     for i, (kind, fx, fy) in enumerate(PROMPTS):
@@ -167,15 +167,15 @@ def run_child(args: argparse.Namespace) -> int:
         import torch
         from segment_anything import SamPredictor
 
-        from sam_blocked.images import ImageItem
-        from sam_blocked.memory import current_bytes, peak_bytes
-        from sam_blocked.models import build_sam
+        from sam_blocked.inputs.images import ImageItem
+        from sam_blocked.memory.measure import current_bytes, peak_bytes
+        from sam_blocked.models.registry import build_sam
         from sam_blocked.patch import patched
-        from sam_blocked.tiles.outputs import HugeImageOutputs
+        from sam_blocked.outputs.huge import HugeImageOutputs
         from sam_blocked.tiles.plan import Tiling
-        from sam_blocked.tiles.source import open_image
-        from sam_blocked.tiles.tiled import segment_tiled
-        from sam_blocked.tiles.work import DecodeSettings
+        from sam_blocked.inputs.sources import open_image
+        from sam_blocked.tiles.loop import segment_tiled
+        from sam_blocked.tiles.tile import DecodeSettings
 
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -316,12 +316,12 @@ def picture(path: Path, args: argparse.Namespace) -> None:
     from PIL import Image, ImageDraw
     from segment_anything import SamPredictor
 
-    from sam_blocked.models import build_sam
+    from sam_blocked.models.registry import build_sam
     from sam_blocked.patch import patched
     from sam_blocked.tiles.plan import Tiling
-    from sam_blocked.tiles.source import open_image
-    from sam_blocked.tiles.tiled import segment_tiled
-    from sam_blocked.tiles.work import DecodeSettings
+    from sam_blocked.inputs.sources import open_image
+    from sam_blocked.tiles.loop import segment_tiled
+    from sam_blocked.tiles.tile import DecodeSettings
 
     width, height = parse_size(args.picture_size)
     tile = args.tiles[0]

@@ -83,7 +83,7 @@ def run_child(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    from sam_blocked.memory import current_bytes, peak_bytes, reset_peak
+    from sam_blocked.memory.measure import current_bytes, peak_bytes, reset_peak
 
     if args.threads:
         torch.set_num_threads(args.threads)

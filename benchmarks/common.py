@@ -220,7 +220,7 @@ def gemm_rate(dtype: str = "float32", device: str = "cpu", shape: tuple[int, int
     """FLOP/s of one plain (m x k) @ (k x n) matmul in this process: the fastest of `repeat`
     after a warm-up. The default square product ran as fast as any of SAM's own shapes here
     (vit_b's MLP, 4096 x 768 @ 768 x 3072, ran 10% slower), so the floor it gives is strict.
-    Divide a model's FLOPs (sam_blocked.flops.encoder_flops) by it for the time a GEMM-bound
+    Divide a model's FLOPs (sam_blocked.memory.flops.encoder_flops) by it for the time a GEMM-bound
     run would take."""
     import torch
 

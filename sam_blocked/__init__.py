@@ -1,13 +1,13 @@
 """sam_blocked: exact blocked attention for Segment Anything's image encoder."""
 
-from sam_blocked.attention import BlockPlan, blocked_attention, plan_blocks
-from sam_blocked.backends import BACKEND_CHOICES, BACKENDS, choose_backend, not_supported_reasons
-from sam_blocked.checkpoints import detect_model_type, download_checkpoint, find_checkpoint, load_sam
-from sam_blocked.models import MODEL_TYPES, build_sam
-from sam_blocked.planner import MemoryPlan, largest_input_size, plan_memory
+from sam_blocked.attention.blocked import BlockPlan, blocked_attention, plan_blocks
+from sam_blocked.attention.dispatch import BACKEND_CHOICES, BACKENDS, choose_backend, not_supported_reasons
+from sam_blocked.models.checkpoints import detect_model_type, download_checkpoint, find_checkpoint, load_sam
+from sam_blocked.models.registry import MODEL_TYPES, build_sam
+from sam_blocked.memory.planner import MemoryPlan, largest_input_size, plan_memory
 from sam_blocked.patch import BlockConfig, is_patched, patch_sam, patched, stock, unpatch_sam
 from sam_blocked.switch import disable, enable, enabled, is_enabled
-from sam_blocked.resolution import resample_pos_embed, resized, set_image_size
+from sam_blocked.resolution.sam import resample_pos_embed, resized, set_image_size
 from sam_blocked.verify import EquivalenceReport, verify_equivalence
 
 __all__ = [

@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.utils.amg import batched_mask_to_box, box_xyxy_to_xywh, calculate_stability_score
 
-from sam_blocked.prompts import Prompt
+from sam_blocked.inputs.prompts import Prompt
 
 
 @torch.no_grad()

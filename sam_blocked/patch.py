@@ -4,7 +4,7 @@ Each supported layer found in the model (sam_blocked.adapters: segment_anything,
 segment_anything_hq, transformers, timm) has its class swapped for the adapter's patched
 subclass, whose only change is `forward`; its settings live in `blocked_config`, and the
 attention runs on the backend they name. The encoder blocks around them are patched
-alongside: their norms and MLP run a chunk of tokens at a time (sam_blocked.block). Nothing else is touched: parameters, buffers
+alongside: their norms and MLP run a chunk of tokens at a time (sam_blocked.encoder.block). Nothing else is touched: parameters, buffers
 and state_dict keys stay as they were, so a checkpoint loads before or after patching,
 and unpatching swaps the class back. For every model of the process at once, without the
 model object, see sam_blocked.switch (enable / disable).
@@ -20,8 +20,8 @@ import torch
 
 from sam_blocked import adapters, switch
 from sam_blocked.adapters.base import ATTENTION, STOCK_FLAG, ClassPatch
-from sam_blocked.attention import DEFAULT_CHUNKS
-from sam_blocked.layer import BlockConfig, check_config
+from sam_blocked.attention.blocked import DEFAULT_CHUNKS
+from sam_blocked.encoder.layer import BlockConfig, check_config
 
 __all__ = ["BlockConfig", "BlockedAttention", "BlockedBlock", "BlockedPatchEmbed", "is_patched", "patch_sam", "patched", "sam_attentions", "stock", "unpatch_sam"]
 
@@ -52,7 +52,7 @@ def patch_sam(
         chunks: blocks per (batch*head) score matrix: q_bands x k_bands (16 -> 4 x 4).
         max_block_mb: instead of chunks, a budget in MiB for the largest float32 score
             block; the blocking is then chosen per layer and per input size.
-        backend: "blocked", "sdpa", "flashbias", "flex" (sam_blocked.backends), or "auto":
+        backend: "blocked", "sdpa", "flashbias", "flex" (sam_blocked.attention.dispatch), or "auto":
             chosen per call from the device, dtype and token grid. A named backend that
             cannot run a call raises a ValueError from forward saying why.
 

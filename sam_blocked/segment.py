@@ -1,18 +1,18 @@
 """Batch segmentation of image files with SamPredictor or SamAutomaticMaskGenerator.
 
-The library side of `sam-blocked segment`. Given the images (sam_blocked.images) and,
-in prompt mode, their prompt sets (sam_blocked.prompts), it runs SAM with one encoder
+The library side of `sam-blocked segment`. Given the images (sam_blocked.inputs.images) and,
+in prompt mode, their prompt sets (sam_blocked.inputs.prompts), it runs SAM with one encoder
 pass per image, then one mask-decoder call per prompt set, or amg.py's automatic masks,
-and writes each image's outputs (sam_blocked.outputs) plus, for the run (sam_blocked.summary):
+and writes each image's outputs (sam_blocked.outputs.images) plus, for the run (sam_blocked.summary):
 
     OUT/segment-summary.json, OUT/segment.log
 
 Outputs are either complete or absent: a rerun skips images whose outputs all exist and
 redoes the rest. A bad image fails alone, with a message in the log and the summary.
-The masks come from sam_blocked.masks; the options are checked in sam_blocked.options.
+The masks come from sam_blocked.masks; the options are checked in sam_blocked.engines.options.
 
 This is the run loop: it decides, here in the driver, what runs, what is skipped and
-what failed, and writes the summary. The work on one image (sam_blocked.work) runs in an
+what failed, and writes the summary. The work on one image (sam_blocked.engines.unit) runs in an
 engine (sam_blocked.engines): in this process, or over a Ray cluster.
 
 With a tiling (SegmentOptions.tiling), an image larger than a tile goes tile by tile at
@@ -35,13 +35,13 @@ from tqdm import tqdm
 
 from sam_blocked.engines.base import Engine, RunContext, UnitRecord
 from sam_blocked.engines.local import LocalEngine
-from sam_blocked.images import ImageItem
+from sam_blocked.inputs.images import ImageItem
 from sam_blocked.masks import auto_masks, prompt_masks
-from sam_blocked.options import AMG_SETTINGS, SegmentOptions
-from sam_blocked.outputs import remove_stray_partials, write_atomic
-from sam_blocked.prompts import Prompt, match_prompts
+from sam_blocked.engines.options import AMG_SETTINGS, SegmentOptions
+from sam_blocked.outputs.images import remove_stray_partials, write_atomic
+from sam_blocked.inputs.prompts import Prompt, match_prompts
 from sam_blocked.summary import LOG_NAME, SUMMARY_NAME, RunLog, RunSummary
-from sam_blocked.work import Job, available_bytes, make_outputs
+from sam_blocked.engines.unit import Job, available_bytes, make_outputs
 
 __all__ = ["AMG_SETTINGS", "available_bytes", "LOG_NAME", "SUMMARY_NAME", "RunSummary", "SegmentOptions", "auto_masks", "prompt_masks", "segment_images"]
 

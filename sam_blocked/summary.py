@@ -24,7 +24,7 @@ class RunSummary:
             truncated: the masks that touch a tile edge inside the image).
         images: how many images the run was given.
         not_finished: images left, the current one included, when the run was interrupted.
-        peak_memory_bytes: the largest per-image peak (sam_blocked.memory.peak_bytes), None
+        peak_memory_bytes: the largest per-image peak (sam_blocked.memory.measure.peak_bytes), None
             where it cannot be measured.
         engine: where the work ran: "local" or "ray" (sam_blocked.engines).
         workers: per worker (by id): its node, processes, restarts, images and tiles done, busy

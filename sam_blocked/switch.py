@@ -3,7 +3,7 @@
 `enable()` replaces the `forward` of each supported library class (sam_blocked.adapters)
 with one that runs the blocked forward, as liger-kernel's apply_liger_kernel_to_* does:
 models built before and after the call are covered alike. Library modules imported later
-are patched as they are imported (sam_blocked.import_hooks), reloaded ones again; none is
+are patched as they are imported (sam_blocked.adapters.import_hooks), reloaded ones again; none is
 imported here. `disable()` puts back every forward it replaced, exactly.
 
 While the switch is on:
@@ -29,9 +29,9 @@ import torch
 
 from sam_blocked import adapters
 from sam_blocked.adapters.base import ATTENTION, BLOCK, STOCK_FLAG, WRAPPED_FORWARD, ClassPatch, records_autograd, warn_once
-from sam_blocked.attention import DEFAULT_CHUNKS
-from sam_blocked.import_hooks import PostImportFinder
-from sam_blocked.layer import BlockConfig, check_config
+from sam_blocked.attention.blocked import DEFAULT_CHUNKS
+from sam_blocked.adapters.import_hooks import PostImportFinder
+from sam_blocked.encoder.layer import BlockConfig, check_config
 
 _config: Optional[BlockConfig] = None
 _replaced: list[tuple[type, Optional[Callable[..., Any]]]] = []  # (class, its own forward before), in order
@@ -83,7 +83,7 @@ def enable(chunks: int = DEFAULT_CHUNKS, max_block_mb: Optional[float] = None, b
     Args:
         chunks: blocks per (batch*head) score matrix: q_bands x k_bands (16 -> 4 x 4).
         max_block_mb: instead of chunks, a budget in MiB for the largest float32 score block.
-        backend: "auto", "blocked", "sdpa", "flashbias" or "flex" (sam_blocked.backends).
+        backend: "auto", "blocked", "sdpa", "flashbias" or "flex" (sam_blocked.attention.dispatch).
 
     Returns:
         The settings now in force.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sam_blocked.models import build_sam
+from sam_blocked.models.registry import build_sam
 
 
 @pytest.fixture(autouse=True)
@@ -18,7 +18,7 @@ def _few_threads():
 @pytest.fixture(autouse=True)
 def _no_real_weights(tmp_path_factory, monkeypatch):
     # A developer's downloaded checkpoints must not leak into tests.
-    monkeypatch.setattr("sam_blocked.checkpoints.default_weights_dir", lambda: tmp_path_factory.mktemp("no_weights"))
+    monkeypatch.setattr("sam_blocked.models.checkpoints.default_weights_dir", lambda: tmp_path_factory.mktemp("no_weights"))
     monkeypatch.delenv("SAM_BLOCKED_WEIGHTS", raising=False)
 
 

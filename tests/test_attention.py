@@ -1,6 +1,6 @@
 """Every attention backend against stock segment_anything's attention math (the oracle).
 
-The equivalence tests run each backend of sam_blocked.backends: "blocked" (the reference
+The equivalence tests run each backend of sam_blocked.attention.dispatch: "blocked" (the reference
 pure-PyTorch blocks), "sdpa", "flashbias" and "flex". Compiled flex is refused on the CPU
 (fused.FLEX_CPU_REASON), so on the CPU flex runs eagerly here: that checks its
 score_mod and layout exactly, though not the fused kernel; CUDA runs the compiled one.
@@ -15,9 +15,9 @@ import torch
 from segment_anything.modeling.image_encoder import add_decomposed_rel_pos, get_rel_pos
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sam_blocked.attention import band_rows, blocked_attention, chunk_bands, plan_blocks, resize_rel_pos
-from sam_blocked.backends import ATTENTION, BACKENDS, not_supported_reasons, plan_backend
-from sam_blocked.fused import flex_attention
+from sam_blocked.attention.blocked import band_rows, blocked_attention, chunk_bands, plan_blocks, resize_rel_pos
+from sam_blocked.attention.dispatch import ATTENTION, BACKENDS, not_supported_reasons, plan_backend
+from sam_blocked.attention.fused import flex_attention
 
 # Largest error allowed in float32, relative to max |stock output|.
 FP32_RTOL = 1e-5

@@ -1,4 +1,4 @@
-"""Backend selection, refusals, plans, and the patched model on each backend (sam_blocked.backends, .fused).
+"""Backend selection, refusals, plans, and the patched model on each backend (sam_blocked.attention.dispatch, .fused).
 
 The math of every backend against stock is in test_attention.py; this file checks what
 picks and runs them.
@@ -11,8 +11,8 @@ import torch
 from segment_anything.modeling.image_encoder import Attention
 
 import sam_blocked
-from sam_blocked.attention import plan_blocks
-from sam_blocked.backends import (
+from sam_blocked.attention.blocked import plan_blocks
+from sam_blocked.attention.dispatch import (
     ATTENTION,
     auto_order,
     BACKEND_CHOICES,
@@ -24,8 +24,8 @@ from sam_blocked.backends import (
     plan_backend,
     resolve_backend,
 )
-from sam_blocked.fused import FLEX_CPU_REASON, augmented_head_dim
-from sam_blocked.models import cast_image_encoder
+from sam_blocked.attention.fused import FLEX_CPU_REASON, augmented_head_dim
+from sam_blocked.models.registry import cast_image_encoder
 from sam_blocked.patch import BlockConfig
 
 CPU_BACKENDS = [b for b in BACKENDS if not not_supported_reasons(b, "cpu", torch.float32, (64, 64), 64)]
@@ -190,8 +190,8 @@ def test_flex_score_mod_traces_as_one_graph():
     # here that it traces without a graph break (inductor's CPU kernel is refused anyway).
     from test_attention import make_inputs, stock_attention
 
-    from sam_blocked.attention import decomposed_rel_pos, rel_pos_rows
-    from sam_blocked.fused import _flex_call
+    from sam_blocked.attention.blocked import decomposed_rel_pos, rel_pos_rows
+    from sam_blocked.attention.fused import _flex_call
 
     grid = (5, 7)
     q, k, v, rh, rw = make_inputs(grid, batch_heads=2)
@@ -207,7 +207,7 @@ def test_sdpa_with_cuda_row_padding_matches_stock(monkeypatch):
     # the same layout, forced on the CPU, must give stock's result (37 x 53 = 1961 tokens, not a multiple of 16).
     from test_attention import make_inputs, stock_attention
 
-    from sam_blocked import fused
+    from sam_blocked.attention import fused
 
     grid = (37, 53)
     q, k, v, rh, rw = make_inputs(grid, batch_heads=3, peak=2.0)  # scores up to about |80|

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sam_blocked.backends import auto_order
+from sam_blocked.attention.dispatch import auto_order
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

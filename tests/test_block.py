@@ -13,7 +13,7 @@ from test_attention import LargestTensor  # the probe of the attention tests
 
 import sam_blocked
 from sam_blocked.patch import BlockedBlock, is_patched, patch_sam, patched, stock, unpatch_sam
-from sam_blocked.tokenwise import (
+from sam_blocked.encoder.tokenwise import (
     activate_,
     grid_parts,
     linear_residual_,
@@ -342,7 +342,7 @@ def test_timm_block_with_drop_path_while_training_runs_stock():
 
 def test_switch_reports_blocks_as_their_attention():
     from sam_blocked import switch
-    from sam_blocked.models import build_sam
+    from sam_blocked.models.registry import build_sam
 
     model = build_sam("tiny", seed=0, img_size=256)
     try:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sam_blocked import checkpoints
-from sam_blocked.checkpoints import (
+from sam_blocked.models import checkpoints
+from sam_blocked.models.checkpoints import (
     CHECKPOINTS,
     WEIGHTS_ENV,
     CheckpointInfo,
@@ -26,7 +26,7 @@ from sam_blocked.checkpoints import (
     load_sam,
 )
 from sam_blocked.cli import main as cli_main
-from sam_blocked.models import build_sam
+from sam_blocked.models.registry import build_sam
 
 REPO = Path(__file__).resolve().parent.parent
 PAYLOAD = bytes(range(256)) * 4000 + b"tail"  # 1,024,004 bytes: a few read chunks

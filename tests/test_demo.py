@@ -23,7 +23,9 @@ from PIL import Image
 
 gr = pytest.importorskip("gradio", reason="the demo needs gradio: pip install 'sam-blocked[demo]'")
 
-from sam_blocked import demo, interactive  # noqa: E402
+from sam_blocked.demo import handlers as demo
+
+from sam_blocked.interactive import whole as interactive  # noqa: E402
 from sam_blocked.patch import BlockedAttention, sam_attentions  # noqa: E402
 
 SETTINGS = demo.DemoSettings(demo.ModelSettings("tiny", device="cpu", img_size=512), measure_stock=False)
@@ -267,7 +269,7 @@ def free_port() -> int:
 @pytest.fixture
 def served(image_path):
     """The app on 127.0.0.1 (a free port), examples from the photo's folder; closed after."""
-    from sam_blocked.demo_ui import build_demo, launch_demo
+    from sam_blocked.demo.ui import build_demo, launch_demo
 
     examples = str(Path(image_path).parent)
     blocks = build_demo(SETTINGS, examples)

@@ -21,13 +21,15 @@ import torch  # noqa: E402
 from segment_anything import SamPredictor  # noqa: E402
 from test_demo import TILED, click, count_encodes, mosaic, mosaic_path  # noqa: E402,F401  tests/ is on sys.path; mosaic_path is a fixture
 
-from sam_blocked import demo, interactive  # noqa: E402
-from sam_blocked.interactive_tiles import Preview, TileCache  # noqa: E402
+from sam_blocked.demo import handlers as demo
+
+from sam_blocked.interactive import whole as interactive  # noqa: E402
+from sam_blocked.interactive.tiled import Preview, TileCache  # noqa: E402
 from sam_blocked.patch import patched  # noqa: E402
-from sam_blocked.prompts import Prompt  # noqa: E402
+from sam_blocked.inputs.prompts import Prompt  # noqa: E402
 from sam_blocked.tiles.crops import MaskCrop  # noqa: E402
 from sam_blocked.tiles.plan import TileTask, Tiling, plan_prompts  # noqa: E402
-from sam_blocked.tiles.work import encode_tile, prompt_crops  # noqa: E402
+from sam_blocked.tiles.tile import encode_tile, prompt_crops  # noqa: E402
 
 
 @pytest.fixture

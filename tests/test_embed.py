@@ -8,12 +8,12 @@ import torch
 from segment_anything.modeling.image_encoder import ImageEncoderViT, PatchEmbed
 
 import sam_blocked
-from sam_blocked.encoder_memory import EncoderShape, encoder_phases
-from sam_blocked.memory import tensor_peak_bytes
-from sam_blocked.models import build_sam
+from sam_blocked.memory.encoder import EncoderShape, encoder_phases
+from sam_blocked.memory.measure import tensor_peak_bytes
+from sam_blocked.models.registry import build_sam
 from sam_blocked.patch import BlockedPatchEmbed, is_patched, patch_sam, stock, unpatch_sam
-from sam_blocked.resolution import set_image_size
-from sam_blocked.tokenwise import patch_embedding
+from sam_blocked.resolution.sam import set_image_size
+from sam_blocked.encoder.tokenwise import patch_embedding
 
 MIB = 2**20
 

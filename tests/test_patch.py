@@ -11,7 +11,7 @@ import torch
 from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT
 
 import sam_blocked
-from sam_blocked.models import build_sam
+from sam_blocked.models.registry import build_sam
 from sam_blocked.patch import BlockedAttention, BlockConfig
 
 

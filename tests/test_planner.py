@@ -9,8 +9,8 @@ import torch
 
 from sam_blocked import build_sam, largest_input_size, plan_memory, set_image_size
 from sam_blocked.cli import main as cli_main
-from sam_blocked.models import cast_image_encoder
-from sam_blocked.planner import MAX_INPUT_SIZE, weight_bytes
+from sam_blocked.models.registry import cast_image_encoder
+from sam_blocked.memory.planner import MAX_INPUT_SIZE, weight_bytes
 
 
 def _model_bytes(sam) -> int:
@@ -113,7 +113,7 @@ def test_cli_plan_refuses_bad_input(capsys):
 def test_flop_count_is_torch_flop_counter_on_stock(model, size, batch):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sam_blocked.flops import encoder_flops
+    from sam_blocked.memory.flops import encoder_flops
 
     encoder = set_image_size(build_sam(model), size).image_encoder
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -123,7 +123,7 @@ def test_flop_count_is_torch_flop_counter_on_stock(model, size, batch):
 
 
 def test_encoder_shape_of_a_built_encoder_is_its_registry_shape(tiny_sam):
-    from sam_blocked.encoder_memory import EncoderShape
+    from sam_blocked.memory.encoder import EncoderShape
 
     assert EncoderShape.from_encoder(tiny_sam.image_encoder) == EncoderShape.of("tiny")
 

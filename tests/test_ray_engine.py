@@ -29,8 +29,8 @@ pytest.importorskip("ray.data")
 
 from sam_blocked import cli  # noqa: E402
 from sam_blocked.engines.ray_worker import EXIT_AT, EXIT_MARKER, pack_crops, unpack_crops  # noqa: E402
-from sam_blocked.images import ImageItem  # noqa: E402
-from sam_blocked.outputs import ImageOutputs, remove_stray_partials, unique_token  # noqa: E402
+from sam_blocked.inputs.images import ImageItem  # noqa: E402
+from sam_blocked.outputs.images import ImageOutputs, remove_stray_partials, unique_token  # noqa: E402
 from sam_blocked.summary import LOG_NAME, SUMMARY_NAME  # noqa: E402
 from sam_blocked.tiles.crops import MaskCrop  # noqa: E402
 from test_tiles_run import mosaic  # noqa: E402  (tests/ is on sys.path)

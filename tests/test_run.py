@@ -91,10 +91,10 @@ def test_module_and_bad_targets(tmp_path):
 
 @pytest.fixture(scope="module")
 def vit_b_checkpoint(tmp_path_factory) -> Path:
-    """A vit_b checkpoint of seeded random weights (sam_blocked.models), as sam_model_registry loads them."""
+    """A vit_b checkpoint of seeded random weights (sam_blocked.models.registry), as sam_model_registry loads them."""
     import torch
 
-    from sam_blocked.models import build_sam
+    from sam_blocked.models.registry import build_sam
 
     path = tmp_path_factory.mktemp("weights") / "sam_vit_b_random.pth"
     torch.save(build_sam("vit_b", seed=0).state_dict(), path)

@@ -25,9 +25,9 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import ImageEncoderViT
 
 from sam_blocked import cli
-from sam_blocked.images import ImageItem, InputError, collect_images, read_image
-from sam_blocked.outputs import AMG_COLUMNS, PREVIEW_SIZE, PROMPT_COLUMNS, ImageOutputs
-from sam_blocked.prompts import Prompt, load_prompts, match_prompts
+from sam_blocked.inputs.images import ImageItem, InputError, collect_images, read_image
+from sam_blocked.outputs.images import AMG_COLUMNS, PREVIEW_SIZE, PROMPT_COLUMNS, ImageOutputs
+from sam_blocked.inputs.prompts import Prompt, load_prompts, match_prompts
 from sam_blocked.segment import LOG_NAME, SUMMARY_NAME, prompt_masks
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -324,7 +324,7 @@ def test_read_image_refuses_with_a_reason(bad_folder, name, max_pixels, phrase):
 
 def test_auto_batch_that_cannot_fit_is_refused_naming_one_that_does(tmp_path, monkeypatch):
     # 451 x 300 x 3 masks x 8 bytes = 3.1 MiB a point: 64 points want 198 MiB, 32 fit in 100 MiB.
-    monkeypatch.setattr("sam_blocked.work.available_bytes", lambda device: 100 * 2**20)
+    monkeypatch.setattr("sam_blocked.engines.unit.available_bytes", lambda device: 100 * 2**20)
     out = tmp_path / "out"
     assert segment(EXAMPLES / "chelsea.jpg", "--auto", "--output", out) == 1
     (failure,) = summary_of(out)["failed"]

@@ -15,8 +15,8 @@ from segment_anything.modeling.image_encoder import Attention
 
 import sam_blocked
 from sam_blocked import adapters, switch
-from sam_blocked.layer import BlockConfig
-from sam_blocked.models import build_sam
+from sam_blocked.encoder.layer import BlockConfig
+from sam_blocked.models.registry import build_sam
 from sam_blocked.patch import BlockedAttention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -209,8 +209,8 @@ def test_crop_layers_are_refused_with_tiles(tmp_path, capsys):
 
 @pytest.fixture
 def planner(monkeypatch):
-    """sam_blocked.planner with a stand-in largest_input_size that records its call and answers `size`."""
-    from sam_blocked import planner as module
+    """sam_blocked.memory.planner with a stand-in largest_input_size that records its call and answers `size`."""
+    from sam_blocked.memory import planner as module
 
     stand_in = types.SimpleNamespace(calls=[], size=256)
 
@@ -236,7 +236,7 @@ def test_tile_auto_takes_the_planners_largest_input_size(planner, inputs, tmp_pa
 
 @pytest.mark.slow
 def test_tile_auto_with_the_real_planner(inputs, tmp_path, capsys):
-    from sam_blocked.planner import largest_input_size
+    from sam_blocked.memory.planner import largest_input_size
 
     expected = largest_input_size("tiny", 150, dtype="float32", device="cpu", chunks=16, max_block_mb=None, points_per_batch=64)
     assert expected is not None and expected < 700, "small enough to tile the mosaic"

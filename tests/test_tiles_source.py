@@ -1,4 +1,4 @@
-"""Huge images read window by window (sam_blocked.tiles.source / tiff): same pixels as the whole
+"""Huge images read window by window (sam_blocked.inputs.sources / tiff): same pixels as the whole
 array, the same conversions as images.read_image, memory bounded by the window, clear refusals."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pytest
 import tifffile
 from PIL import Image
 
-from sam_blocked.images import InputError, read_image
-from sam_blocked.memory import current_bytes, peak_bytes, reset_peak
-from sam_blocked.tiles import geo as geo_module
-from sam_blocked.tiles import tiff as tiff_module
-from sam_blocked.tiles.source import ArraySource, open_image
+from sam_blocked.inputs.images import InputError, read_image
+from sam_blocked.memory.measure import current_bytes, peak_bytes, reset_peak
+from sam_blocked.inputs import geo as geo_module
+from sam_blocked.inputs import tiff as tiff_module
+from sam_blocked.inputs.sources import ArraySource, open_image
 
 
 def mosaic(height: int, width: int) -> np.ndarray:

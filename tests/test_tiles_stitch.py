@@ -21,8 +21,8 @@ from skimage.draw import disk
 from sam_blocked.tiles.crops import MaskCrop
 from sam_blocked.tiles.plan import Tiling, plan_points
 from sam_blocked.tiles.stitch import intersection, is_duplicate, rank_key, stitch_points
-from sam_blocked.tiles.tiled import segment_tiled
-from sam_blocked.tiles.work import DecodeSettings, segment_tile
+from sam_blocked.tiles.loop import segment_tiled
+from sam_blocked.tiles.tile import DecodeSettings, segment_tile
 
 TILE = 128
 

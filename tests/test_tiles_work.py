@@ -18,14 +18,14 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from skimage import data
 
-from sam_blocked.images import InputError
+from sam_blocked.inputs.images import InputError
 from sam_blocked.masks import prompt_masks
-from sam_blocked.models import build_sam
-from sam_blocked.prompts import Prompt
+from sam_blocked.models.registry import build_sam
+from sam_blocked.inputs.prompts import Prompt
 from sam_blocked.tiles.crops import MaskCrop
 from sam_blocked.tiles.plan import TileTask, Tiling, plan_points, plan_prompts
 from sam_blocked.tiles.stitch import intersection, stitch_points
-from sam_blocked.tiles.work import DecodeSettings, encode_tile, segment_tile
+from sam_blocked.tiles.tile import DecodeSettings, encode_tile, segment_tile
 
 TILE = 256
 AUTO = DecodeSettings(points_per_batch=16, pred_iou_thresh=0.0, stability_score_thresh=0.01, stability_score_offset=0.02)

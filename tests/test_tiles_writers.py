@@ -1,4 +1,4 @@
-"""Outputs of huge images from mask crops (sam_blocked.tiles.labels / coco / table / outputs):
+"""Outputs of huge images from mask crops (sam_blocked.outputs.labels / coco / table / outputs):
 the label TIFF equals a naive painting, the RLE equals pycocotools', all three agree on ids,
 areas and boxes, memory stays far below the image, and writes are atomic."""
 
@@ -16,16 +16,16 @@ import torch
 from pycocotools import mask as mask_utils
 from segment_anything.utils.amg import batched_mask_to_box, box_xyxy_to_xywh
 
-from sam_blocked.images import ImageItem, InputError
-from sam_blocked.memory import current_bytes, peak_bytes, reset_peak
-from sam_blocked.tiles import geo as geo_module
-from sam_blocked.tiles import labels as labels_module
-from sam_blocked.tiles.coco import coco_rle, write_coco
+from sam_blocked.inputs.images import ImageItem, InputError
+from sam_blocked.memory.measure import current_bytes, peak_bytes, reset_peak
+from sam_blocked.inputs import geo as geo_module
+from sam_blocked.outputs import labels as labels_module
+from sam_blocked.outputs.coco import coco_rle, write_coco
 from sam_blocked.tiles.crops import MaskCrop
-from sam_blocked.tiles.geo import GeoInfo
-from sam_blocked.tiles.labels import write_label_tiff
-from sam_blocked.tiles.outputs import HugeImageOutputs, check_tiled_formats
-from sam_blocked.tiles.table import COLUMNS, crop_stats, write_object_table
+from sam_blocked.inputs.geo import GeoInfo
+from sam_blocked.outputs.labels import write_label_tiff
+from sam_blocked.outputs.huge import HugeImageOutputs, check_tiled_formats
+from sam_blocked.outputs.table import COLUMNS, crop_stats, write_object_table
 
 
 def random_crops(rng: np.random.Generator, height: int, width: int, n: int, max_side: int) -> list[MaskCrop]:
@@ -205,7 +205,7 @@ def test_geotiff_round_trip_keeps_crs_and_transform(tmp_path):
     rasterio = pytest.importorskip("rasterio")
     from affine import Affine
 
-    from sam_blocked.tiles.source import open_image
+    from sam_blocked.inputs.sources import open_image
 
     transform = Affine(0.3, 0.0, 388000.0, 0.0, -0.3, 5820000.0)
     scene = tmp_path / "scene.tif"
@@ -269,7 +269,7 @@ def test_a_failing_write_leaves_no_partial_file_and_keeps_finished_outputs(tmp_p
     assert partials(tmp_path) == [] and {p: p.read_bytes() for p in outputs.finals()} == before
     monkeypatch.undo()
 
-    import sam_blocked.tiles.coco as coco_module
+    import sam_blocked.outputs.coco as coco_module
 
     def failing_rle(crop, height, width):
         if crop.x0 == 20:

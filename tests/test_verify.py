@@ -40,7 +40,7 @@ def test_encoder_only_has_no_mask_ious(tiny_sam):
 
 def test_detects_a_wrong_result(tiny_sam, monkeypatch):
     # A patched forward that is off by a little must fail the check, whatever the backend.
-    from sam_blocked import backends
+    from sam_blocked.attention import dispatch as backends
 
     for name, attend in list(backends.ATTENTION.items()):
         monkeypatch.setitem(backends.ATTENTION, name, lambda *a, _attend=attend, **kw: _attend(*a, **kw) * 1.01)
@@ -52,7 +52,7 @@ def test_detects_a_wrong_result(tiny_sam, monkeypatch):
 def test_bad_inputs():
     with pytest.raises(ValueError, match="verify_equivalence takes a SAM model or image encoder of segment_anything"):
         verify_equivalence(torch.nn.Linear(2, 2))
-    from sam_blocked.models import build_sam
+    from sam_blocked.models.registry import build_sam
 
     with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
         verify_equivalence(build_sam("tiny"), np.zeros((10, 10), np.uint8))

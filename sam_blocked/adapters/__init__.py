@@ -2,7 +2,7 @@
 
 Each adapter reads the classes of one library module that it is given, already imported,
 and returns a ClassPatch per class it changes (`class_patches(module)`): the stock class,
-its patched subclass and the blocked forward, a few lines over sam_blocked.layer. ADAPTERS
+its patched subclass and the blocked forward, a few lines over sam_blocked.encoder.layer. ADAPTERS
 maps each library module to its adapter; an adapter is imported only once its library
 module is, so sam_blocked never imports transformers, timm or segment_anything_hq itself.
 
@@ -16,7 +16,7 @@ module is, so sam_blocked never imports transformers, timm or segment_anything_h
 
 The encoder blocks (Block, Sam*VisionLayer) are patched alongside their attention: their
 token-wise half (norms, MLP, residual adds) runs a chunk of tokens at a time
-(sam_blocked.block, sam_blocked.tokenwise). `find(model)` walks a model of any of them
+(sam_blocked.encoder.block, sam_blocked.encoder.tokenwise). `find(model)` walks a model of any of them
 and returns each supported layer with its ClassPatch. To support another class, return one more ClassPatch from the adapter's
 `class_patches`; another library: one more file and one more ADAPTERS entry.
 """

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from sam_blocked.layer import BlockConfig
+from sam_blocked.encoder.layer import BlockConfig
 
 # Instance attribute set by patch.stock(): the module runs its stock forward even while the switch is on.
 STOCK_FLAG = "_sam_blocked_stock"

@@ -2,16 +2,16 @@
 
 Stock forward: qkv -> (q * scale) k^T + decomposed rel-pos (get_rel_pos interpolates a table
 only when its length differs from 2*size-1) -> softmax in the input dtype -> v -> proj,
-on x of shape (B, H, W, dim). The blocked forward is sam_blocked.layer.attention_layer on
+on x of shape (B, H, W, dim). The blocked forward is sam_blocked.encoder.layer.attention_layer on
 the module's own weights.
 
 The encoder's `Block` (norm1, attention in windows or global, residual, norm2, MLP,
-residual) is patched alongside (kind BLOCK): sam_blocked.block.encoder_block computes it
+residual) is patched alongside (kind BLOCK): sam_blocked.encoder.block.encoder_block computes it
 with the same arithmetic a chunk of tokens at a time, its attention included, under the
 settings of its patched attention (or of the switch). It runs stock's Block forward when its
 attention runs stock. So is the
 `PatchEmbed` (kind EMBED): its convolution runs a band of patch rows at a time
-(sam_blocked.tokenwise.patch_embedding), the same kernel on fewer rows. Also used by the
+(sam_blocked.encoder.tokenwise.patch_embedding), the same kernel on fewer rows. Also used by the
 segment_anything_hq adapter: its encoder is a copy of this one. While autograd records,
 all three run stock's forward (adapters.base.records_autograd).
 """
@@ -27,9 +27,9 @@ import torch
 
 from sam_blocked import switch
 from sam_blocked.adapters.base import BLOCK, EMBED, ClassPatch, EncoderCall, class_patch, missing_attributes, patched_class_named, qkv_reasons
-from sam_blocked.block import AttentionParts, MLPParts, encoder_block
-from sam_blocked.layer import BlockConfig, attention_layer
-from sam_blocked.tokenwise import embed_chunk, patch_embedding
+from sam_blocked.encoder.block import AttentionParts, MLPParts, encoder_block
+from sam_blocked.encoder.layer import BlockConfig, attention_layer
+from sam_blocked.encoder.tokenwise import embed_chunk, patch_embedding
 
 LIBRARY = "segment_anything"
 MODULES = ("segment_anything.modeling.image_encoder",)

@@ -14,7 +14,7 @@ dropout while training.
 The encoder's `Block` rides along (kind MLP): it calls its attention as stock does, adds the
 residual in place to the attention's fresh output, and runs norm2 + MLP (fc1, act, its
 norm, fc2, and LayerScale when there is one) a chunk of tokens at a time into that buffer
-(sam_blocked.tokenwise.mlp_residual_), stock's arithmetic on fewer tokens. A block with
+(sam_blocked.encoder.tokenwise.mlp_residual_), stock's arithmetic on fewer tokens. A block with
 something that is not token-wise while it runs (drop_path or MLP dropout while training, an
 MLP other than timm's Mlp) runs its stock forward.
 
@@ -32,8 +32,8 @@ from typing import Optional
 import torch
 
 from sam_blocked.adapters.base import MLP, ClassPatch, EncoderCall, class_patch, patched_class_named, dropout_reasons, missing_attributes, qkv_reasons
-from sam_blocked.layer import BlockConfig, attention_layer
-from sam_blocked.tokenwise import activate_, mlp_chunk, mlp_residual_
+from sam_blocked.encoder.layer import BlockConfig, attention_layer
+from sam_blocked.encoder.tokenwise import activate_, mlp_chunk, mlp_residual_
 
 LIBRARY = "timm"
 MODULES = ("timm.models.vision_transformer_sam",)

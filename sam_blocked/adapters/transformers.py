@@ -20,7 +20,7 @@ has no blocked counterpart: training with dropout > 0 is refused.
 The encoder layers around them (SamVisionLayer, SamHQVisionLayer; kind MLP) keep their
 attention call and run their token-wise half a chunk of tokens at a time: the residual
 added in place to the attention's fresh output, then x + mlp(layer_norm2(x)) in that
-buffer (sam_blocked.tokenwise.mlp_residual_), stock's arithmetic on fewer tokens at once.
+buffer (sam_blocked.encoder.tokenwise.mlp_residual_), stock's arithmetic on fewer tokens at once.
 While autograd records, every patched layer runs its stock forward (adapters.base.records_autograd).
 """
 
@@ -34,8 +34,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from sam_blocked.adapters.base import MLP, ClassPatch, EncoderCall, class_patch, patched_class_named, dropout_reasons, missing_attributes, qkv_reasons, stock_forward_of, warn_once
-from sam_blocked.layer import BlockConfig, attention_layer
-from sam_blocked.tokenwise import mlp_chunk, mlp_residual_
+from sam_blocked.encoder.layer import BlockConfig, attention_layer
+from sam_blocked.encoder.tokenwise import mlp_chunk, mlp_residual_
 
 LIBRARY = "transformers"
 MODULES = ("transformers.models.sam.modeling_sam", "transformers.models.sam_hq.modeling_sam_hq")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from sam_blocked.attention import DEFAULT_CHUNKS
-from sam_blocked.backends import BACKEND_CHOICES
-from sam_blocked.layer import check_config
-from sam_blocked.loading import DTYPES, MODEL_TYPE_CHOICES, LoadedModel, ModelSettings, load_model, resolve_device
+from sam_blocked.attention.blocked import DEFAULT_CHUNKS
+from sam_blocked.attention.dispatch import BACKEND_CHOICES
+from sam_blocked.encoder.layer import check_config
+from sam_blocked.models.load import DTYPES, MODEL_TYPE_CHOICES, LoadedModel, ModelSettings, load_model, resolve_device
 
 __all__ = ["DTYPES", "LoadedModel", "add_model_args", "blocking_from_args", "device_from_args", "model_from_args", "settings_from_args"]
 
@@ -53,12 +53,12 @@ def device_from_args(args: argparse.Namespace):
 
 
 def settings_from_args(args: argparse.Namespace) -> ModelSettings:
-    """The model the flags name (sam_blocked.loading.ModelSettings)."""
+    """The model the flags name (sam_blocked.models.load.ModelSettings)."""
     return ModelSettings(args.model_type, args.checkpoint, args.device, args.dtype, args.img_size, args.seed)
 
 
 def blocking_from_args(args: argparse.Namespace):
-    """The patch the flags name (sam_blocked.layer.BlockConfig), checked."""
+    """The patch the flags name (sam_blocked.encoder.layer.BlockConfig), checked."""
     return check_config(args.chunks, args.max_block_mb, args.backend)
 
 

@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the demo imports gradio: only `sam-blocked demo` pays for it
-    from sam_blocked.demo import DemoSettings
+    from sam_blocked.demo.handlers import DemoSettings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -62,8 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     """The demo's starting `DemoSettings` from the parsed flags."""
     from sam_blocked.cli.common import device_from_args
-    from sam_blocked.demo import DemoSettings
-    from sam_blocked.loading import ModelSettings
+    from sam_blocked.demo.handlers import DemoSettings
+    from sam_blocked.models.load import ModelSettings
 
     model_type = "vit_h" if args.model_type == "default" else args.model_type
     if model_type == "auto" and args.checkpoint is None:
@@ -87,7 +87,7 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        from sam_blocked.demo_ui import build_demo, launch_demo
+        from sam_blocked.demo.ui import build_demo, launch_demo
     except ModuleNotFoundError as error:
         raise ValueError(f"the demo needs gradio ({error}): pip install 'sam-blocked[demo]'") from None
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from sam_blocked.attention import DEFAULT_CHUNKS
-from sam_blocked.memory import format_bytes
-from sam_blocked.models import ENCODER_CONFIGS, MODEL_TYPES
-from sam_blocked.planner import DTYPE_BYTES, MemoryPlan, largest_input_size, plan_memory
+from sam_blocked.attention.blocked import DEFAULT_CHUNKS
+from sam_blocked.memory.measure import format_bytes
+from sam_blocked.models.registry import ENCODER_CONFIGS, MODEL_TYPES
+from sam_blocked.memory.planner import DTYPE_BYTES, MemoryPlan, largest_input_size, plan_memory
 
 EPILOG = """\
 figures are counted from the architecture and the patched code's blocking rules (not run);

@@ -21,8 +21,8 @@ import sys
 import types
 import zipfile
 
-from sam_blocked.attention import DEFAULT_CHUNKS
-from sam_blocked.backends import BACKEND_CHOICES
+from sam_blocked.attention.blocked import DEFAULT_CHUNKS
+from sam_blocked.attention.dispatch import BACKEND_CHOICES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -9,10 +9,10 @@ import threading
 from pathlib import Path
 
 from sam_blocked.cli.common import add_model_args, blocking_from_args, model_from_args, settings_from_args
-from sam_blocked.images import DEFAULT_MAX_PIXELS, collect_images
-from sam_blocked import planner
-from sam_blocked.options import AMG_SETTINGS, SegmentOptions
-from sam_blocked.prompts import load_prompts
+from sam_blocked.inputs.images import DEFAULT_MAX_PIXELS, collect_images
+from sam_blocked.memory import planner
+from sam_blocked.engines.options import AMG_SETTINGS, SegmentOptions
+from sam_blocked.inputs.prompts import load_prompts
 from sam_blocked.segment import available_bytes, segment_images
 from sam_blocked.summary import LOG_NAME, SUMMARY_NAME
 from sam_blocked.tiles.plan import Tiling
@@ -189,7 +189,7 @@ def main(args: argparse.Namespace) -> int:
         if tile == "auto":
             tile = _auto_tile(args, loaded, amg)
             print(f"tile: {tile} px, the largest input size that fits {args.max_memory_mb:.0f} MiB", file=sys.stderr)
-            from sam_blocked.resolution import set_image_size
+            from sam_blocked.resolution.sam import set_image_size
 
             set_image_size(loaded.sam, tile)
             options.tiling = Tiling(tile, args.overlap)
@@ -256,7 +256,7 @@ def _tile_flag(args: argparse.Namespace) -> int | str | None:
 
 
 def _auto_tile(args: argparse.Namespace, loaded, amg: dict) -> int:
-    """The largest input size (a multiple of 16) whose memory fits --max-memory-mb, from sam_blocked.planner."""
+    """The largest input size (a multiple of 16) whose memory fits --max-memory-mb, from sam_blocked.memory.planner."""
     device = next(loaded.sam.parameters()).device
     if args.max_memory_mb is None:
         free = available_bytes(device)

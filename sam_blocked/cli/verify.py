@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _read_image(path: str) -> np.ndarray:
-    from sam_blocked.images import InputError, read_image
+    from sam_blocked.inputs.images import InputError, read_image
 
     try:
         return read_image(path)[0]

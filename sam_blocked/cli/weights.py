@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sam_blocked.checkpoints import CHECKPOINTS, WEIGHTS_ENV, checkpoint_status, download_checkpoint, resolve_weights_dir
+from sam_blocked.models.checkpoints import CHECKPOINTS, WEIGHTS_ENV, checkpoint_status, download_checkpoint, resolve_weights_dir
 
 _DIR_HELP = f"weights folder (default: ${WEIGHTS_ENV} if it names a folder, else the repository's weights/ in a checkout, else ~/.cache/sam_blocked)"
 

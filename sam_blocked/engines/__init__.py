@@ -1,6 +1,6 @@
 """Where the units of work run: in this process (`LocalEngine`) or over a Ray cluster (`RayEngine`).
 
-An engine is given the run's jobs (sam_blocked.work.Job: paths and prompt sets) and yields,
+An engine is given the run's jobs (sam_blocked.engines.unit.Job: paths and prompt sets) and yields,
 for each image as it finishes, its summary entry and the units of work that made it (an
 image, or its tiles: which worker, on which node, how long). sam_blocked.segment's run
 loop decides what runs, what is skipped and what failed, and writes the summary; engines

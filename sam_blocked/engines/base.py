@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
-from sam_blocked.options import SegmentOptions
-from sam_blocked.work import Job
+from sam_blocked.engines.options import SegmentOptions
+from sam_blocked.engines.unit import Job
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from typing import Any, Iterator, Optional, Sequence
 from segment_anything.modeling import Sam
 
 from sam_blocked.engines.base import RunContext, UnitRecord
-from sam_blocked.options import SegmentOptions
-from sam_blocked.work import Job, Segmenter, make_outputs, segment_image
+from sam_blocked.engines.options import SegmentOptions
+from sam_blocked.engines.unit import Job, Segmenter, make_outputs, segment_image
 
 
 class LocalEngine:

@@ -38,15 +38,15 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from sam_blocked.engines.base import RunContext, UnitRecord
-from sam_blocked.images import ImageItem
-from sam_blocked.layer import BlockConfig
-from sam_blocked.loading import ModelSettings
-from sam_blocked.options import SegmentOptions
+from sam_blocked.inputs.images import ImageItem
+from sam_blocked.encoder.layer import BlockConfig
+from sam_blocked.models.load import ModelSettings
+from sam_blocked.engines.options import SegmentOptions
 from sam_blocked.tiles.crops import MaskCrop
-from sam_blocked.tiles.source import open_image
-from sam_blocked.tiles.tiled import stitch_tiles
-from sam_blocked.tiles.work import DecodeSettings
-from sam_blocked.work import HugeImage, Job, failure_reason, finish_huge, make_outputs, plan_huge
+from sam_blocked.inputs.sources import open_image
+from sam_blocked.tiles.loop import stitch_tiles
+from sam_blocked.tiles.tile import DecodeSettings
+from sam_blocked.engines.unit import HugeImage, Job, failure_reason, finish_huge, make_outputs, plan_huge
 
 INSTALL = "pip install 'sam-blocked[ray]'"
 DEFAULT_IMG_SIZE = 1024  # every SAM model's input size unless ModelSettings.img_size says otherwise
@@ -115,7 +115,7 @@ class RayEngine:
             raise ValueError(f"--device cpu with --gpus-per-worker {gpus_per_worker}: the workers would hold GPUs they do not use; drop one")
         if settings.device == "cuda" and gpus_per_worker == 0:
             raise ValueError("--device cuda with --gpus-per-worker 0: give each worker a GPU (--gpus-per-worker 1, or 0.5 to share)")
-        from sam_blocked.checkpoints import find_checkpoint
+        from sam_blocked.models.checkpoints import find_checkpoint
 
         checkpoint = settings.checkpoint or find_checkpoint("vit_h" if settings.model_type == "default" else settings.model_type)
         self.settings = dataclasses.replace(settings, checkpoint=None if checkpoint is None else os.path.abspath(os.path.expanduser(checkpoint)))

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from sam_blocked.models import PATCH_SIZE
+from sam_blocked.models.registry import PATCH_SIZE
 
 Box = tuple[int, int, int, int]
 

@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from sam_blocked.images import InputError
-from sam_blocked.models import PATCH_SIZE
-from sam_blocked.prompts import Prompt
+from sam_blocked.inputs.images import InputError
+from sam_blocked.models.registry import PATCH_SIZE
+from sam_blocked.inputs.prompts import Prompt
 from sam_blocked.tiles.geometry import Box, centred_box, check_tiling, default_overlap, grid_points, owners, route, tile_boxes
 
 

@@ -1,0 +1,103 @@
+"""What a segment run is asked to do, checked when built so a bad option fails before any work.
+
+Formats: "png" (amg.py's mask folder) and "coco" (RLE JSON) for images segmented whole, as
+ever; "labels" (uint32 label TIFF) and "table" (object CSV) for huge ones. With a tiling
+the default is labels, coco and table for every image of the run (huge images get no PNG
+folder: thousands of full-size PNGs); without one it stays png. Asking for labels or table
+without a tiling writes them too, for images segmented whole.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from typing import Any, Callable, Optional
+
+from sam_blocked.inputs.images import DEFAULT_MAX_PIXELS
+from sam_blocked.outputs.images import FORMATS
+from sam_blocked.outputs.huge import DEFAULT_TILED_FORMATS, TILED_FORMATS
+from sam_blocked.tiles.plan import Tiling
+
+ALL_FORMATS = tuple(dict.fromkeys(FORMATS + TILED_FORMATS))  # png, coco, labels, table
+
+# SamAutomaticMaskGenerator's settings that amg.py exposes, with the check each value must pass.
+AMG_SETTINGS: dict[str, tuple[type, Callable[[float], bool], str]] = {
+    "points_per_side": (int, lambda v: v >= 1, ">= 1"),
+    "points_per_batch": (int, lambda v: v >= 1, ">= 1"),
+    "pred_iou_thresh": (float, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "stability_score_thresh": (float, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "stability_score_offset": (float, lambda v: v >= 0, ">= 0"),
+    "box_nms_thresh": (float, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "crop_n_layers": (int, lambda v: v >= 0, ">= 0"),
+    "crop_nms_thresh": (float, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "crop_overlap_ratio": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "crop_n_points_downscale_factor": (int, lambda v: v >= 1, ">= 1"),
+    "min_mask_region_area": (int, lambda v: v >= 0, ">= 0"),
+}
+
+
+@dataclass
+class SegmentOptions:
+    """What to write and how; checked when built, so a bad option fails before any work.
+
+    Args:
+        formats: any of ALL_FORMATS: "png" (mask folder + metadata.csv), "coco" (RLE JSON),
+            "labels" (label TIFF), "table" (object CSV); None: png, or with a tiling
+            labels, coco and table.
+        multimask: prompt mode: keep SAM's three masks per prompt set, not the best one.
+        overlay: also write a preview PNG with the masks blended in (png/coco runs only).
+        overwrite: redo images whose outputs are already complete.
+        max_pixels: images decoded whole (all but TIFF with a tiling) above this many
+            pixels fail (decompression-bomb guard).
+        amg: SamAutomaticMaskGenerator keyword arguments (amg.py's settings), auto mode.
+        tiling: segment images larger than one tile tile by tile at native resolution
+            (sam_blocked.tiles); the model's input size must be tiling.tile. Images that
+            fit in one tile take the untiled path.
+    """
+
+    formats: Optional[tuple[str, ...]] = None
+    multimask: bool = False
+    overlay: bool = False
+    overwrite: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    amg: dict[str, Any] = field(default_factory=dict)
+    tiling: Optional[Tiling] = None
+
+    def __post_init__(self) -> None:
+        if self.formats is None:
+            self.formats = DEFAULT_TILED_FORMATS if self.tiling is not None else ("png",)
+        self.formats = tuple(dict.fromkeys(self.formats))
+        if not self.formats or any(f not in ALL_FORMATS for f in self.formats):
+            raise ValueError(f"--format {','.join(map(str, self.formats))}: choose one or more of {', '.join(ALL_FORMATS)}")
+        if self.overlay and self.huge_outputs:
+            raise ValueError(
+                "--overlay draws the masks on the whole image: it goes with --format png/coco/both, "
+                "not with --tile or --format labels/table"
+            )
+        if self.tiling is not None and self.amg.get("crop_n_layers", 0) > 0:
+            raise ValueError(
+                "--crop-n-layers re-runs SAM on crops of one 1024 px view to find small objects; with --tile "
+                "every pixel is seen at native resolution already: leave --crop-n-layers at 0"
+            )
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise ValueError(f"--max-pixels {self.max_pixels!r} must be a whole number >= 1")
+        for key, value in self.amg.items():
+            if key not in AMG_SETTINGS:
+                raise ValueError(f"unknown automatic-mask setting {key!r}: choose from {', '.join(AMG_SETTINGS)}")
+            kind, ok, rule = AMG_SETTINGS[key]
+            flag = "--" + key.replace("_", "-")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or (kind is int and value != int(value)) or not ok(value):
+                raise ValueError(f"{flag} {value!r} must be {'a whole number ' if kind is int else ''}{rule}")
+        if self.amg.get("min_mask_region_area", 0) > 0 and find_spec("cv2") is None:
+            raise ValueError(
+                "--min-mask-region-area > 0 needs OpenCV, which segment_anything uses to remove small regions: "
+                "pip install opencv-python-headless, or leave it at 0"
+            )
+
+    @property
+    def huge_outputs(self) -> bool:
+        """Whether images are written as huge images are (sam_blocked.outputs.huge): with a
+        tiling, or when the label TIFF or the object table is asked for."""
+        return self.tiling is not None or any(f in ("labels", "table") for f in self.formats)

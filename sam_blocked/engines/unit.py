@@ -1,0 +1,298 @@
+"""The unit of work on one image: read it, segment it, write its outputs. The same in every engine.
+
+`segment_image(segmenter, job, outputs, log)` is what the local engine calls for each image
+and what a Ray worker calls for each image it is sent (sam_blocked.engines). Its inputs are
+a `Job` (a path, a name, prompt sets: never pixels), the model side built once per process
+(`Segmenter`) and the outputs to write; it returns the image's summary entry, with a
+`reason` when the image failed: a bad image fails alone.
+
+Images written as huge images are (label TIFF, COCO RLE, table) are cut in three so that
+another engine can spread their tiles over workers: `plan_huge` (open, check, plan the
+tiles) and `finish_huge` (write) where the outputs are written, `whole_crops` / `tile_crops`
+where the model is. The local engine runs the three in a row (`segment_image`).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+from segment_anything.modeling import Sam
+
+from sam_blocked.inputs.images import ImageItem, InputError, read_image
+from sam_blocked.masks import auto_masks, prompt_masks
+from sam_blocked.memory.measure import peak_bytes, reset_peak
+from sam_blocked.engines.options import SegmentOptions
+from sam_blocked.outputs.images import ImageOutputs
+from sam_blocked.inputs.prompts import Prompt, check_prompts
+from sam_blocked.summary import LOG_NAME
+from sam_blocked.tiles.crops import MaskCrop
+from sam_blocked.inputs.geo import GeoInfo
+from sam_blocked.outputs.huge import HugeImageOutputs
+from sam_blocked.tiles.plan import TileTask
+from sam_blocked.inputs.sources import ImageSource, open_image
+from sam_blocked.tiles.loop import plan_tiles, stitch_tiles
+from sam_blocked.tiles.tile import DecodeSettings, crop_of_mask, segment_tile
+
+Log = Callable[..., None]
+OnTile = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to segment, as it crosses to a worker: where it is and its prompt sets, no pixels.
+
+    Args:
+        position: its index in the run's list of images (the summary keeps that order).
+        item: the image; a worker in another process needs an absolute path.
+        prompts: its prompt sets (prompt mode); () in automatic mode.
+    """
+
+    position: int
+    item: ImageItem
+    prompts: tuple[Prompt, ...] = ()
+
+
+class Segmenter:
+    """The model side of the work, built once per process: a SamPredictor (prompt mode) or a
+    SamAutomaticMaskGenerator (automatic masks) on `sam`, with the run's options.
+
+    Args:
+        sam: the model (patched or not), on its device and in its dtype.
+        options: the run's options; with a tiling, the tile must be the model's input size.
+        prompt_mode: prompt sets (SamPredictor), else automatic masks.
+    """
+
+    def __init__(self, sam: Sam, options: SegmentOptions, prompt_mode: bool) -> None:
+        if options.tiling is not None and sam.image_encoder.img_size != options.tiling.tile:
+            raise ValueError(
+                f"the tile ({options.tiling.tile} px) must be the model's input size ({sam.image_encoder.img_size} px), so pixels "
+                f"go in at scale 1: set_image_size(sam, {options.tiling.tile}) first (the CLI's --tile does)"
+            )
+        self.options = options
+        self.prompt_mode = prompt_mode
+        self.engine: Any = SamPredictor(sam) if prompt_mode else SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **options.amg)
+        self.predictor: SamPredictor = self.engine if prompt_mode else self.engine.predictor
+        self.decode = DecodeSettings.from_amg(options.amg, options.multimask)
+        self.device = next(sam.parameters()).device
+
+
+def make_outputs(output: Path, item: ImageItem, options: SegmentOptions, token: Optional[str] = None) -> Any:
+    """The outputs of one image: HugeImageOutputs when written as huge images are, else
+    ImageOutputs (staged under .NAME.partial.<token> names when a token is given)."""
+    if options.huge_outputs:
+        return HugeImageOutputs(output, item, options.formats)
+    return ImageOutputs(output, item, options.formats, options.overlay, token=token)
+
+
+def segment_image(segmenter: Segmenter, job: Job, outputs: Any, log: Log, on_tile: Optional[OnTile] = None) -> dict[str, Any]:
+    """Read, segment and write one image; never raises for a bad image.
+
+    Args:
+        segmenter: the model side (Segmenter).
+        job: the image and its prompt sets.
+        outputs: from make_outputs; written atomically, nothing partial left on failure
+            but for the caller's clean().
+        log: takes a line for the run log (a traceback when the failure is a bug).
+        on_tile: called with (tiles done, tiles to do) after each tile of a tiled image.
+
+    Returns:
+        Its summary entry: image, masks, height, width, notes, seconds, peak_memory_bytes
+        (and tiles, encoder_passes, truncated for huge images), or image and reason.
+    """
+    started = time.perf_counter()
+    try:
+        peak = reset_peak_memory(segmenter.device)
+        body = _segment_huge if segmenter.options.huge_outputs else _segment_whole
+        entry = body(segmenter, job, outputs, on_tile)
+        return {
+            "image": job.item.name,
+            **entry,
+            "seconds": round(time.perf_counter() - started, 3),
+            "peak_memory_bytes": peak_bytes(segmenter.device) if peak else None,
+        }
+    except Exception as error:
+        return {"image": job.item.name, "reason": failure_reason(error, job.item.name, segmenter.device, segmenter.options, log)}
+
+
+def failure_reason(error: Exception, name: str, device: torch.device, options: SegmentOptions, log: Log) -> str:
+    """Why an image failed, for its summary entry: bad input, out of memory, cannot write, or a
+    bug (its traceback then goes to `log`). Call it inside the `except` that caught `error`."""
+    if isinstance(error, InputError):
+        return str(error)
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        smaller = ", a smaller --tile" if options.tiling is not None else ""
+        return (
+            f"out of memory on {device} ({first}): try --dtype bfloat16, a smaller --max-block-mb{smaller}, "
+            "a smaller --points-per-batch (--auto), or another --device"
+        )
+    if isinstance(error, OSError):  # reading raises InputError: this is writing
+        return f"cannot write its outputs ({error})"
+    log(f"traceback for {name}:\n{traceback.format_exc()}")  # a bug, not bad input: keep the traceback, go on
+    return f"internal error ({type(error).__name__}: {error}); traceback in {LOG_NAME}"
+
+
+def _segment_whole(segmenter: Segmenter, job: Job, outputs: ImageOutputs, on_tile: Optional[OnTile]) -> dict[str, Any]:
+    """One encoder pass over the whole image; (H, W) masks written one at a time (png, coco)."""
+    image, notes = read_image(job.item.path, segmenter.options.max_pixels)
+    height, width = image.shape[:2]
+    check_prompts(job.prompts, height, width)
+    if not segmenter.prompt_mode:
+        check_auto_batch(segmenter.engine.points_per_batch, height, width, segmenter.device)
+    outputs.begin(job.item, image, job.prompts)
+    for record, mask in whole_image_masks(segmenter, image, job.prompts):
+        outputs.add(record, mask)
+    outputs.commit()
+    return {"masks": len(outputs.records), "height": height, "width": width, "notes": notes}
+
+
+def _segment_huge(segmenter: Segmenter, job: Job, outputs: HugeImageOutputs, on_tile: Optional[OnTile]) -> dict[str, Any]:
+    """plan_huge, the crops (whole, or tile by tile and stitched), finish_huge: all in this process.
+    A TIFF is read window by window (sam_blocked.inputs.sources); no (H, W) array is made."""
+    with open_image(job.item.path, segmenter.options.max_pixels) as source:
+        huge = plan_huge(source, job, segmenter.options, outputs, segmenter.prompt_mode)
+        if huge.tasks is None:
+            masks = whole_crops(segmenter, source, job.prompts)
+        else:
+            crops: list[MaskCrop] = []
+            for done, task in enumerate(huge.tasks, start=1):
+                crops += tile_crops(segmenter, source, task)
+                if on_tile is not None:
+                    on_tile(done, len(huge.tasks))
+            masks = stitch_tiles(crops, segmenter.prompt_mode, segmenter.decode)
+        return finish_huge(huge, masks, outputs)
+
+
+@dataclass
+class HugeImage:
+    """An image to be written as huge images are, opened, checked and planned.
+
+    Args:
+        height, width: its size.
+        notes: what was converted on reading (the source's notes).
+        geo: its georeferencing, for the outputs.
+        tasks: its tiles' work (TileTask), or None when it goes in one pass, whole.
+        tiles: tiles in its grid (1 when whole).
+    """
+
+    height: int
+    width: int
+    notes: list[str]
+    geo: Optional[GeoInfo]
+    tasks: Optional[list[TileTask]]
+    tiles: int
+
+
+def plan_huge(source: ImageSource, job: Job, options: SegmentOptions, outputs: HugeImageOutputs, prompt_mode: bool) -> HugeImage:
+    """Check the image against the options, its prompts and formats, and plan its tiles
+    (prompt mode: the tiles its prompt sets need; else every tile owning grid points).
+
+    Raises:
+        InputError: too many pixels without a tiling, a prompt outside the image or too
+            large for a tile, formats that do not fit its size.
+    """
+    height, width, tiling = source.height, source.width, options.tiling
+    if tiling is None and height * width > options.max_pixels:  # open_image reads TIFFs whatever their size
+        raise InputError(
+            f"{width} x {height} = {width * height:,} pixels is above --max-pixels {options.max_pixels:,}: "
+            "segment it tile by tile with --tile, or raise --max-pixels"
+        )
+    check_prompts(job.prompts, height, width)
+    outputs.check(height, width)
+    if tiling is None or tiling.fits(height, width):
+        return HugeImage(height, width, list(source.notes), source.geo, None, 1)
+    tasks = plan_tiles(tiling, height, width, job.prompts if prompt_mode else None, options.amg.get("points_per_side", 32))
+    return HugeImage(height, width, list(source.notes), source.geo, tasks, len(tiling.boxes(height, width)))
+
+
+def whole_crops(segmenter: Segmenter, source: ImageSource, prompts: Sequence[Prompt]) -> list[MaskCrop]:
+    """The masks of an image that goes in one encoder pass, as crops of their boxes."""
+    height, width = source.height, source.width
+    if not segmenter.prompt_mode:
+        check_auto_batch(segmenter.engine.points_per_batch, height, width, segmenter.device)
+    image = source.read((0, 0, width, height))  # (H, W, 3)
+    return [crop_of_mask(mask, record) for record, mask in whole_image_masks(segmenter, image, prompts)]
+
+
+def tile_crops(segmenter: Segmenter, source: ImageSource, task: TileTask) -> list[MaskCrop]:
+    """One tile's masks (segment_tile: encoded once, its prompt sets or grid points decoded)."""
+    if not segmenter.prompt_mode:
+        height, width = task.image_size
+        tile = segmenter.options.tiling.tile
+        check_auto_batch(segmenter.engine.points_per_batch, min(height, tile), min(width, tile), segmenter.device)
+    return segment_tile(segmenter.predictor, source, task, segmenter.decode)
+
+
+def finish_huge(huge: HugeImage, masks: Sequence[MaskCrop], outputs: HugeImageOutputs) -> dict[str, Any]:
+    """Write the image's outputs (atomically) and return its summary entry's counts."""
+    outputs.commit(masks, huge.height, huge.width, geo=huge.geo)
+    truncated = sum(bool(m.record.get("truncated")) for m in masks)
+    passes = 1 if huge.tasks is None else len(huge.tasks)
+    return {
+        "masks": len(masks),
+        "truncated": truncated,
+        "height": huge.height,
+        "width": huge.width,
+        "tiles": huge.tiles,
+        "encoder_passes": passes,
+        "notes": list(huge.notes),
+    }
+
+
+def whole_image_masks(segmenter: Segmenter, image: np.ndarray, prompts: Sequence[Prompt]) -> Iterator[tuple[dict, np.ndarray]]:
+    """(record, (H, W) mask) pairs from one encoder pass over the whole (H, W, 3) image."""
+    if segmenter.prompt_mode:
+        segmenter.predictor.set_image(image)  # the one encoder pass
+        try:
+            yield from prompt_masks(segmenter.predictor, list(prompts), segmenter.options.multimask)
+        finally:
+            segmenter.predictor.reset_image()
+    else:
+        yield from auto_masks(segmenter.engine, image)
+
+
+def check_auto_batch(points_per_batch: int, height: int, width: int, device: torch.device) -> None:
+    """Refuse an automatic-mask batch that cannot fit: SamAutomaticMaskGenerator upsamples
+    3 masks per point to the full image size at once, about 8 bytes a pixel (float32 logits
+    and bool copies; measured), so 64 points on a 12000 x 9000 image want ~160 GiB. On the
+    CPU the kernel would kill the whole run; a message for this image is better."""
+    per_point = 3 * height * width * 8
+    available = available_bytes(device)
+    if available is None or points_per_batch * per_point <= available:
+        return
+    fits = available // per_point
+    hint = f"use --points-per-batch {fits} or less" if fits >= 1 else "even one point per batch does not fit: use --prompts, or more memory"
+    raise InputError(
+        f"--auto decodes --points-per-batch {points_per_batch} x 3 masks at the full {width} x {height} size at once, "
+        f"~{points_per_batch * per_point / 2**30:.1f} GiB, but {available / 2**30:.1f} GiB is free on {device}: {hint}"
+    )
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Bytes that can still be allocated on `device` (CUDA free + cached; CPU MemAvailable), None if unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start measuring this process's peak memory on `device`; False where it cannot be measured."""
+    try:
+        reset_peak(device)
+        return True
+    except OSError:  # no /proc/self/clear_refs (not Linux, or not allowed): peak not measured
+        return False

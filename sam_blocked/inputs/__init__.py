@@ -1,0 +1,1 @@
+"""Inputs: image files, image sources read window by window, georeferencing, and prompt files."""

@@ -1,0 +1,169 @@
+"""What SAM's image encoder holds at once, phase by phase, stock and patched: a count of tensors.
+
+Each phase is a sum of the tensors alive together, from the shapes and the same blocking
+rules the code runs (backends.plan_backend, layer.projected_heads, tokenwise's chunks), in
+bytes over the weights and the input. a = one activation, batch x tokens x dim x itemsize.
+
+Patched (block.encoder_block):
+- global attention: the input, norm1(x), the heads (3 a), one step's q, k, v and the
+  kernel's workspace (its bias block, rel-pos terms and output);
+- windowed attention: input and output (2 a), one step's windows and heads beside their
+  own q, k, v and kernel workspace (or, while it is copied, the projection), then the
+  windows, heads and output projection;
+- MLP: input and output (2 a), one chunk's norm or output beside its hidden layer.
+Stock (segment_anything's Block.forward): global attention holds the input, norm1(x), q, k,
+v and their permuted copy (8 a) and three (batch * heads, N, N) score tensors while the
+rel-pos terms are added; windowed attention the padded and partitioned copies and the
+windows' scores; the MLP the input, the sum, the norm, the hidden layer and GELU's copy
+(11 a). Both: the patch embedding (its output and the sum with pos_embed, 2 a; patched, its
+convolution runs in bands of rows, as tokenwise.patch_embedding: stock's whole-image
+convolution in bfloat16 on the CPU also takes oneDNN's workspace, 8 KiB a token, not
+counted here) and the neck (its input and a few (batch, 256, g, g) maps).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from sam_blocked.attention.blocked import CPU_STEP_BYTES
+from sam_blocked.attention.dispatch import choose_backend, plan_backend
+from sam_blocked.attention.fused import augmented_head_dim
+from sam_blocked.encoder.layer import projected_heads
+from sam_blocked.models.registry import ENCODER_CONFIGS, PATCH_SIZE, PROMPT_EMBED_DIM
+from sam_blocked.encoder.tokenwise import mlp_chunk, window_chunk, windows_per_step
+
+MLP_RATIO = 4
+_FP32 = 4
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """The sizes an encoder's memory depends on."""
+
+    dim: int
+    depth: int
+    heads: int
+    mlp_dim: int
+    window: int
+    global_blocks: tuple[int, ...]
+
+    @classmethod
+    def of(cls, model_type: str) -> "EncoderShape":
+        """The shape of a registry architecture (models.ENCODER_CONFIGS)."""
+        dim, depth, heads, global_idx, window = ENCODER_CONFIGS[model_type]
+        return cls(dim, depth, heads, dim * MLP_RATIO, window, tuple(global_idx))
+
+    @classmethod
+    def from_encoder(cls, encoder: torch.nn.Module) -> "EncoderShape":
+        """The shape of a built segment_anything ImageEncoderViT (patched or not)."""
+        blocks = encoder.blocks
+        windows = [b.window_size for b in blocks if b.window_size > 0]
+        return cls(
+            dim=encoder.patch_embed.proj.out_channels,
+            depth=len(blocks),
+            heads=blocks[0].attn.num_heads,
+            mlp_dim=blocks[0].mlp.lin1.out_features,
+            window=max(windows, default=0),
+            global_blocks=tuple(i for i, b in enumerate(blocks) if b.window_size == 0),
+        )
+
+
+def encoder_phases(
+    shape: EncoderShape,
+    img_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    batch: int = 1,
+    chunks: int = 16,
+    max_block_mb: Optional[float] = None,
+    patched: bool = True,
+) -> dict[str, int]:
+    """Bytes alive at once in each phase of one encoder forward, over the weights and the input.
+
+    Args:
+        shape: the encoder (EncoderShape.of / from_encoder).
+        img_size: square input side in pixels, a multiple of 16.
+        dtype: the encoder's dtype.
+        device: where it runs (the patched blocking depends on it).
+        batch: images per forward.
+        chunks, max_block_mb: the patch's blocking; ignored when not `patched`.
+        patched: sam_blocked's blocks, or stock segment_anything's.
+    """
+    e = torch.empty((), dtype=dtype).element_size()
+    grid = img_size // PATCH_SIZE
+    n = grid * grid
+    a = batch * n * shape.dim * e
+    neck = batch * n * PROMPT_EMBED_DIM * max(e, _FP32)
+    phases = {"patch embedding": 2 * a, "neck": a + 4 * neck}
+    count = _patched if patched else _stock
+    phases.update(count(shape, grid, batch, e, dtype, torch.device(device), chunks, max_block_mb))
+    return phases
+
+
+def _patched(s: EncoderShape, grid: int, batch: int, e: int, dtype, device, chunks: int, max_block_mb) -> dict[str, int]:
+    n, head_dim = grid * grid, s.dim // s.heads
+    a = batch * n * s.dim * e
+    phases = {"MLP": 2 * a + min(mlp_chunk(s.dim, s.mlp_dim, max_block_mb, device), batch * n) * (s.dim + s.mlp_dim) * e}
+    if s.global_blocks:
+        work, g = _attention(batch, s.heads, (grid, grid), head_dim, e, dtype, device, chunks, max_block_mb)
+        qkv = 3 * batch * g * n * head_dim * e * (2 if batch > 1 else 1)  # a view of the projection when batch == 1
+        phases["global attention"] = 3 * a + qkv + work
+    if len(s.global_blocks) < s.depth:
+        ws = s.window
+        k = min(windows_per_step(batch, ws, window_chunk(s.dim, max_block_mb, device)), math.ceil(grid / ws))
+        step = batch * k * ws * ws  # tokens of one step's windows
+        work, g = _attention(batch * k, s.heads, (ws, ws), head_dim, e, dtype, device, chunks, max_block_mb)
+        qkv = 3 * step * g * head_dim * e  # the (3, B*g, N, C) copy of the projection, which lives beside it only while copied
+        # the step's windows and heads' output beside q, k, v and the kernel (or the projection); then the output projection
+        kernel = 2 * step * s.dim * e + qkv + max(qkv, work)
+        phases["windowed attention"] = 2 * a + max(kernel, 3 * step * s.dim * e)
+    return phases
+
+
+def _attention(batch, heads, grid, head_dim, e, dtype, device, chunks, max_block_mb) -> tuple[int, int]:
+    """A patched attention call's kernel workspace in bytes, and the heads projected per step."""
+    backend = choose_backend(device, dtype, grid, head_dim, max_block_mb)
+    plan = plan_backend(backend, batch * heads, grid, head_dim, chunks, max_block_mb, device)
+    H, W = grid
+    n = H * W
+    g = projected_heads(batch, n, heads, head_dim, max_block_mb, device)
+    rows = min(plan.group, batch * g)  # batch*head rows per kernel step
+    band = math.ceil(H / plan.q_bands) * W  # query tokens per step
+    rel = rows * band * (H + W) * _FP32  # rel_h, rel_w
+    if backend in ("sdpa", "bands"):  # fused.band_terms: the resized tables, the float32 q its einsums read, their terms
+        whole_group = rows * n * (H + W) * _FP32 <= CPU_STEP_BYTES  # the terms of every band at once
+        q_rows = rows * (n if whole_group else band)
+        tables = (H * H + W * W) * head_dim * _FP32
+        rel = tables + q_rows * (head_dim + H + W + max(H, W)) * _FP32
+        rel += rows * band * (H + W) * e if backend == "sdpa" and e != _FP32 else 0  # sdpa: the terms in q's dtype
+    out = 0 if batch == 1 else batch * g * n * head_dim * e  # the kernel's own output before the heads' buffer
+    if backend == "sdpa":
+        work = rows * band * n * e + rel + rows * band * head_dim * e  # the band's bias, the band's output
+    elif backend == "bands":  # the float32 score band, q * scale, the band's output unless written in place; k and v off float32
+        in_place = batch > 1 and e == _FP32  # a new contiguous float32 output; batch 1 writes into the strided heads' buffer
+        work = rows * band * n * _FP32 + rel + (1 if in_place else 2) * rows * band * head_dim * _FP32 + (2 * rows * n * head_dim * _FP32 if e != _FP32 else 0)
+    elif backend == "flashbias":
+        work = 4 * rows * n * augmented_head_dim(grid, head_dim) * e + rel  # q', k', v' and the output
+    else:  # blocked: the float32 score block, the band's accumulators, float32 k and v off float32
+        work = plan.block_bytes + rel + 2 * rows * band * head_dim * _FP32 + (2 * rows * n * head_dim * _FP32 if e != _FP32 else 0)
+    return work + out, g
+
+
+def _stock(s: EncoderShape, grid: int, batch: int, e: int, dtype, device, chunks, max_block_mb) -> dict[str, int]:
+    n = grid * grid
+    a = batch * n * s.dim * e
+    phases = {"MLP": 3 * a + 2 * batch * n * s.mlp_dim * e}
+    if s.global_blocks:
+        scores = batch * s.heads * n * n * e
+        phases["global attention"] = 8 * a + 3 * scores
+    if len(s.global_blocks) < s.depth:
+        ws = s.window
+        windows = math.ceil(grid / ws) ** 2
+        padded = a * windows * ws * ws // n
+        scores = batch * windows * s.heads * (ws * ws) ** 2 * e
+        phases["windowed attention"] = a + 7 * padded + 3 * scores
+    return phases
