@@ -76,7 +76,7 @@ def run_child(args: argparse.Namespace) -> int:
     from sam_blocked.memory.measure import current_bytes, peak_bytes, reset_peak, tensor_peak_bytes
     from sam_blocked.models.registry import build_sam
     from sam_blocked.patch import patch_sam
-    from sam_blocked.resolution.sam import set_image_size
+    from sam_blocked.resolution import set_image_size
 
     if args.threads:
         torch.set_num_threads(args.threads)

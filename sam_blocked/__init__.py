@@ -7,7 +7,7 @@ from sam_blocked.models.registry import MODEL_TYPES, build_sam
 from sam_blocked.memory.planner import MemoryPlan, largest_input_size, plan_memory
 from sam_blocked.patch import BlockConfig, is_patched, patch_sam, patched, stock, unpatch_sam
 from sam_blocked.switch import disable, enable, enabled, is_enabled
-from sam_blocked.resolution.sam import resample_pos_embed, resized, set_image_size
+from sam_blocked.resolution import resample_pos_embed, resized, set_image_size
 from sam_blocked.verify import EquivalenceReport, verify_equivalence
 
 __all__ = [

@@ -7,7 +7,7 @@ import torch
 from sam_libraries import SIZE, flat, pixels, sam_hq_sam, timm_vit, transformers_sam, transformers_vision
 
 import sam_blocked
-from sam_blocked.resolution.sam import resized, set_image_size
+from sam_blocked.resolution import resized, set_image_size
 
 
 def rel_error(out, ref) -> float:

@@ -12,7 +12,7 @@ from sam_blocked.memory.encoder import EncoderShape, encoder_phases
 from sam_blocked.memory.measure import tensor_peak_bytes
 from sam_blocked.models.registry import build_sam
 from sam_blocked.patch import BlockedPatchEmbed, is_patched, patch_sam, stock, unpatch_sam
-from sam_blocked.resolution.sam import set_image_size
+from sam_blocked.resolution import set_image_size
 from sam_blocked.encoder.tokenwise import patch_embedding
 
 MIB = 2**20

@@ -12,7 +12,7 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from sam_blocked.models.registry import build_sam
 from sam_blocked.patch import is_patched, patch_sam
-from sam_blocked.resolution.sam import resample_pos_embed, resized, set_image_size
+from sam_blocked.resolution import resample_pos_embed, resized, set_image_size
 
 # Largest encoder-output error allowed for patched vs stock in float32, relative to max |stock|.
 FP32_RTOL = 1e-4

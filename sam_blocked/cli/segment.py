@@ -189,7 +189,7 @@ def main(args: argparse.Namespace) -> int:
         if tile == "auto":
             tile = _auto_tile(args, loaded, amg)
             print(f"tile: {tile} px, the largest input size that fits {args.max_memory_mb:.0f} MiB", file=sys.stderr)
-            from sam_blocked.resolution.sam import set_image_size
+            from sam_blocked.resolution import set_image_size
 
             set_image_size(loaded.sam, tile)
             options.tiling = Tiling(tile, args.overlap)

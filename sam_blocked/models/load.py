@@ -95,7 +95,7 @@ def load_model(settings: ModelSettings, blocking: Optional[BlockConfig] = BlockC
         description = f"{model_type} from {checkpoint}"
         random_weights = False
     if settings.img_size is not None and settings.img_size != sam.image_encoder.img_size:
-        from sam_blocked.resolution.sam import set_image_size
+        from sam_blocked.resolution import set_image_size
 
         set_image_size(sam, settings.img_size)
     sam = cast_image_encoder(sam.to(device), DTYPES[settings.dtype])

@@ -6,7 +6,7 @@ changes all of them, by the same rules as sam_blocked.resolution.sam:
 - vision_encoder.patch_embed.image_size (its forward refuses any other input size) and
   num_patches; vision_encoder.image_size; the vision config's image_size;
 - vision_encoder.pos_embed, (1, g, g, C): resampled bicubically from the original, which is
-  kept as a plain attribute (resolution.set_pos_embed_grid), so going back restores it;
+  kept as a plain attribute (resolution.pos_embed.set_pos_embed_grid), so going back restores it;
 - SamModel / SamHQModel: prompt_encoder.image_embedding_size (g, g) and input_image_size
   (points and boxes are divided by it), and the prompt-encoder config's image_size and
   image_embedding_size (get_image_wide_positional_embeddings reads the grid from it);
@@ -26,6 +26,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+
+from sam_blocked.resolution.pos_embed import check_size, patch_size_of, set_pos_embed_grid
+
 
 def is_transformers_sam(model: Any) -> bool:
     """True for transformers' SamModel, SamHQModel, SamVisionModel, SamHQVisionModel and their vision encoders."""
@@ -53,7 +56,6 @@ def set_image_size(model: torch.nn.Module, size: int, processor: Optional[Any] =
     Returns:
         `model`, resized.
     """
-    from sam_blocked.resolution.sam import check_size, set_pos_embed_grid
 
     encoder = _vision_encoder(model)
     patch = _patch_size(encoder)
@@ -90,7 +92,6 @@ def _vision_encoder(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _patch_size(encoder: torch.nn.Module) -> int:
-    from sam_blocked.resolution.sam import patch_size_of
 
     patch = patch_size_of(encoder.patch_embed.projection)
     height, width = encoder.patch_embed.image_size
