@@ -232,3 +232,18 @@ def test_geotiff_input_gives_its_crs_and_transform(tmp_path, picture, monkeypatc
     with open_image(path) as source:
         assert source.geo is None
         assert "pip install 'sam-blocked[geo]'" in source.notes[0]
+
+
+def test_the_sources_import_one_way_base_tiff_then_the_picker():
+    """tiff.py builds on inputs.base; only inputs.sources (open_image) knows both: no import circle."""
+    import ast
+
+    from sam_blocked.inputs import base, sources
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+
+    assert "sam_blocked.inputs.sources" not in imported(tiff_module), "tiff.py must not import the module that picks it"
+    assert not {"sam_blocked.inputs.sources", "sam_blocked.inputs.tiff"} & imported(base)
+    assert sources.TiffSource is tiff_module.TiffSource and sources.ImageSource is base.ImageSource

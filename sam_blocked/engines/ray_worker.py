@@ -32,7 +32,8 @@ from sam_blocked.engines.options import SegmentOptions
 from sam_blocked.outputs.images import ImageOutputs, unique_token
 from sam_blocked.tiles.crops import MaskCrop
 from sam_blocked.tiles.plan import TileTask
-from sam_blocked.inputs.sources import ImageSource, open_image
+from sam_blocked.inputs.base import ImageSource
+from sam_blocked.inputs.sources import open_image
 from sam_blocked.engines.unit import Job, Segmenter, failure_reason, make_outputs, reset_peak_memory, segment_image, tile_crops, whole_crops
 
 # How the tests kill a worker in the middle of an image: the first worker to write a mask of

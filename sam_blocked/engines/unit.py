@@ -36,7 +36,8 @@ from sam_blocked.tiles.crops import MaskCrop
 from sam_blocked.inputs.geo import GeoInfo
 from sam_blocked.outputs.huge import HugeImageOutputs
 from sam_blocked.tiles.plan import TileTask
-from sam_blocked.inputs.sources import ImageSource, open_image
+from sam_blocked.inputs.base import ImageSource
+from sam_blocked.inputs.sources import open_image
 from sam_blocked.tiles.loop import plan_tiles, stitch_tiles
 from sam_blocked.tiles.tile import DecodeSettings, crop_of_mask, segment_tile
 

@@ -29,7 +29,7 @@ from tifffile import PHOTOMETRIC
 
 from sam_blocked.inputs.images import InputError, stretch_to_uint8
 from sam_blocked.inputs.geo import read_geo
-from sam_blocked.inputs.sources import ImageSource
+from sam_blocked.inputs.base import ImageSource
 
 CHUNK_LIMIT = 256 * 2**20  # decoded bytes of one tile or strip above which a file is decoded whole
 SCAN_BYTES = 64 * 2**20  # raw bytes per window while scanning a 16-bit / float image for its range
