@@ -36,7 +36,7 @@ from PIL import Image
 from sam_blocked.demo.session import VIEW, DemoSession, check_whole, decode, is_tiled, prepare, view  # noqa: F401  (VIEW: demo_ui's)
 from sam_blocked.demo.memory_panel import format_memory  # noqa: F401  (re-exported: demo.X is the UI's and the tests' name)
 from sam_blocked.demo.settings import DemoSettings, banner, check_settings, list_examples, load_model  # noqa: F401  (as format_memory)
-from sam_blocked.interactive.whole import Prompts, check_prompts, encode, load_image, mask_image, parse_prompts, predict, segment_everything
+from sam_blocked.interactive.whole import Prompts, check_clicks, encode, load_image, mask_image, parse_prompts, predict, segment_everything
 from sam_blocked.interactive.tiled import TileCache, full_mask, segment_everything_tiled, segment_in_tile
 from sam_blocked.models.load import ModelSettings
 from sam_blocked.memory.measure import MIB  # noqa: F401  (demo_ui's upload cap)
@@ -127,7 +127,7 @@ def on_click(session: DemoSession, mode: str, evt: gr.SelectData) -> tuple:
         raise ValueError("no image yet: upload one or pick an example first")
     x, y = (float(v) for v in evt.index)
     shown = session.preview.image.shape[:2] if session.tiled else session.image.shape[:2]
-    check_prompts(Prompts(points=((x, y),), labels=(1,)), shown)
+    check_clicks(Prompts(points=((x, y),), labels=(1,)), shown)
     if session.tiled:
         x, y = session.preview.to_full(x, y)
     p = session.prompts

@@ -78,8 +78,9 @@ class Prompts:
         return not self.points and self.box is None
 
 
-def check_prompts(prompts: Prompts, size: tuple[int, int]) -> Prompts:
-    """Refuse points or a box outside an image of `size` (H, W); returns `prompts`."""
+def check_clicks(prompts: Prompts, size: tuple[int, int]) -> Prompts:
+    """Refuse clicked points or a box outside an image of `size` (H, W); returns `prompts`.
+    (A batch run's prompt sets are checked by sam_blocked.inputs.prompts.check_prompts.)"""
     h, w = size
     for x, y in prompts.points:
         if not (0 <= x < w and 0 <= y < h):
@@ -121,7 +122,7 @@ def parse_prompts(text: str, size: tuple[int, int]) -> tuple[Prompts, Optional[i
     prompts = Prompts(tuple((float(x), float(y)) for x, y in points), tuple(int(v) for v in labels), None if box is None else tuple(map(float, box)))
     if prompts.empty:
         raise ValueError('no prompt given: send at least one point ("points": [[x, y]]) or a "box"')
-    return check_prompts(prompts, size), index
+    return check_clicks(prompts, size), index
 
 
 def _numbers(value: object, n: int) -> bool:
