@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from sam_blocked.engines.base import Engine, RunContext, UnitRecord
 from sam_blocked.engines.local import LocalEngine
+from sam_blocked.inputs.errors import SettingError, spell
 from sam_blocked.inputs.images import ImageItem
 from sam_blocked.masks import auto_masks, prompt_masks
 from sam_blocked.engines.options import AMG_SETTINGS, SegmentOptions
@@ -56,6 +57,7 @@ def segment_images(
     problems: Sequence[tuple[str, str]] = (),
     settings: Optional[Mapping[str, Any]] = None,
     progress: bool = True,
+    names: Optional[Mapping[str, str]] = None,
 ) -> RunSummary:
     """Segment `images` into `output`, one encoder pass per image (or tile); bad images fail alone.
 
@@ -71,6 +73,8 @@ def segment_images(
         problems: (input, reason) to record as failed, e.g. collect_images' problems.
         settings: anything to record in the summary (model, flags).
         progress: show a tqdm bar and echo failures to stderr.
+        names: how the front end spells a setting in messages and reasons (the CLI:
+            FlagNames(), max_pixels as --max-pixels); default the settings' own names.
 
     Returns:
         The RunSummary, also written to output/segment-summary.json. A KeyboardInterrupt
@@ -78,12 +82,13 @@ def segment_images(
         interrupted, and is raised again.
     """
     options = options or SegmentOptions()
+    names = names or {}
     output = Path(output)
     engine: Engine = LocalEngine(sam) if isinstance(sam, torch.nn.Module) else sam
     if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output} is a file: give a folder")
+        raise SettingError(f"{{output}} {output} is a file: give a folder", "output")
     if prompts is not None and options.amg:
-        raise ValueError(f"automatic-mask settings ({', '.join(options.amg)}) apply to --auto only, not to --prompts")
+        raise SettingError(f"automatic-mask settings ({', '.join(options.amg)}) apply to {{auto}} only, not to {{prompts}}", "auto", "prompts")
     matched: dict[ImageItem, list[Prompt]] = {}
     missing: list[tuple[str, str]] = []
     if prompts is not None:
@@ -120,7 +125,8 @@ def segment_images(
         current = make_outputs(output, item, options)
         clash = next((claimed[p] for p in current.finals() if p in claimed), None)
         if clash is not None:
-            fail(item.name, f"its output name {item.stem!r} is already used by {clash}: rename one, or run them into different --output folders", position)
+            clashes = SettingError(f"its output name {item.stem!r} is already used by {clash}: rename one, or run them into different {{output}} folders", "output")
+            fail(item.name, spell(clashes, names), position)
             continue
         claimed.update({p: str(item.path) for p in current.finals()})
         current.clean()
@@ -128,7 +134,7 @@ def segment_images(
             reason = "no prompts for it in the prompt file"
             log(f"skipped {item.name}: no prompts")
         elif not options.overwrite and current.complete():
-            reason = "outputs already complete (--overwrite redoes them)"
+            reason = spell(SettingError("outputs already complete ({overwrite} redoes them)", "overwrite"), names)
             log(f"skipped {item.name}: outputs already complete")
         else:
             jobs.append(Job(position, item, tuple(matched.get(item, ()))))
@@ -140,7 +146,7 @@ def segment_images(
     folders = {p.parent for current in outputs.values() for p in current.finals()}
     remove_stray_partials(folders)  # what workers of an earlier run left when they died
 
-    context = RunContext(output, options, prompts is not None, log, lambda name, done, total: None)
+    context = RunContext(output, options, prompts is not None, log, lambda name, done, total: None, names)
     started = time.perf_counter()
     # disable=None: a bar on a terminal only, so logs of overnight runs stay readable
     bar = tqdm(total=len(jobs), unit="image", desc="segment", disable=None if progress else True, file=sys.stderr, dynamic_ncols=True)

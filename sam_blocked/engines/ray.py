@@ -184,7 +184,7 @@ class RayEngine:
                 with open_image(sent.item.path, options.max_pixels) as source:  # a TIFF: its header only
                     huge = plan_huge(source, sent, options, outputs, context.prompt_mode)
             except Exception as error:
-                yield job, {"image": job.item.name, "reason": failure_reason(error, job.item.name, _CPU, options, context.log)}, []
+                yield job, {"image": job.item.name, "reason": failure_reason(error, job.item.name, _CPU, options, context.log, context.names)}, []
                 continue
             first = len(units)
             tasks = huge.tasks or [None]
@@ -202,6 +202,7 @@ class RayEngine:
             "attempts": self._attempts,
             "max_attempts": self.max_attempts,
             "threads": max(1, math.floor(self.cpus_per_worker)),
+            "names": context.names,
         }
         seen: set[int] = set()
         with _data_settings(ray):
@@ -265,7 +266,7 @@ class RayEngine:
                 masks = stitch_tiles(crops, context.prompt_mode, DecodeSettings.from_amg(context.options.amg, context.options.multimask))
             fields = finish_huge(image.huge, masks, image.outputs)
         except Exception as error:
-            return {"image": name, "reason": failure_reason(error, name, _CPU, context.options, context.log)}
+            return {"image": name, "reason": failure_reason(error, name, _CPU, context.options, context.log, context.names)}
         seconds = sum(r.seconds for r in image.records) + time.perf_counter() - started
         peaks = [p for p in image.peaks if p is not None]
         return {"image": name, **fields, "seconds": round(seconds, 3), "peak_memory_bytes": max(peaks) if peaks else None}

@@ -159,8 +159,9 @@ class TiffSource(ImageSource):
         if self.height * self.width > max_pixels:
             raise InputError(
                 f"{self.width} x {self.height} TIFF stored {what}: reading it by windows would decode a whole "
-                f"strip or tile each time, and decoding it whole is above --max-pixels {max_pixels:,}: {MAKE_TILED}, "
-                "or raise --max-pixels if it fits in memory"
+                f"strip or tile each time, and decoding it whole is above {{max_pixels}} {max_pixels:,}: {MAKE_TILED}, "
+                "or raise {max_pixels} if it fits in memory",
+                "max_pixels",
             )
         self._whole = self._raw_zarr(0, 0, self.width, self.height)
         self.notes.append(f"stored {what}: decoded whole; a tiled TIFF keeps memory to the window")

@@ -40,19 +40,20 @@ BOX_COLOR = (255, 200, 0)
 # ---------------------------------------------------------------------------- images and prompts
 
 
-def load_image(
-    path: str | os.PathLike, max_pixels: int = MAX_PIXELS, max_upload_mb: float = MAX_UPLOAD_MB, pixels_flag: str = "--max-pixels"
-) -> tuple[np.ndarray, list[str]]:
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, max_upload_mb: float = MAX_UPLOAD_MB) -> tuple[np.ndarray, list[str]]:
     """Read an image file as (H, W, 3) uint8 RGB: segment.read_image behind a file-size cap.
 
     Args:
         path: an image file (anything Pillow reads; EXIF orientation applied, frame 0).
         max_pixels: refuse images with more pixels than this (checked before decoding).
         max_upload_mb: refuse files larger than this many MiB.
-        pixels_flag: the flag that sets max_pixels, as the refusal names it.
 
     Returns:
         (image, notes): notes say what was converted (mode, orientation, frames).
+
+    Raises:
+        InputError: the file is too large, unreadable or not an image; the refusal of a
+            large image names the setting max_pixels, for the front end to spell.
     """
     name = Path(path).name
     size = os.path.getsize(path)
@@ -61,7 +62,7 @@ def load_image(
     try:
         return read_image(path, max_pixels)
     except InputError as error:
-        raise ValueError(f"{name}: {str(error).replace('--max-pixels', pixels_flag)}") from None
+        raise InputError(f"{name}: {error.template}", *error.settings) from None
 
 
 @dataclass(frozen=True)
