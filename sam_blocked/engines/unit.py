@@ -39,7 +39,7 @@ from sam_blocked.outputs.huge import HugeImageOutputs
 from sam_blocked.tiles.plan import TileTask
 from sam_blocked.inputs.base import ImageSource
 from sam_blocked.inputs.sources import open_image
-from sam_blocked.tiles.loop import plan_tiles, stitch_tiles
+from sam_blocked.tiles.loop import plan_tiles, run_tiles
 from sam_blocked.tiles.tile import DecodeSettings, crop_of_mask, segment_tile
 
 Log = Callable[..., None]
@@ -173,12 +173,7 @@ def _segment_huge(segmenter: Segmenter, job: Job, outputs: HugeImageOutputs, on_
         if huge.tasks is None:
             masks = whole_crops(segmenter, source, job.prompts)
         else:
-            crops: list[MaskCrop] = []
-            for done, task in enumerate(huge.tasks, start=1):
-                crops += tile_crops(segmenter, source, task)
-                if on_tile is not None:
-                    on_tile(done, len(huge.tasks))
-            masks = stitch_tiles(crops, segmenter.prompt_mode, segmenter.decode)
+            masks = run_tiles(huge.tasks, lambda task: tile_crops(segmenter, source, task), segmenter.prompt_mode, segmenter.decode, on_tile)
         return finish_huge(huge, masks, outputs)
 
 
