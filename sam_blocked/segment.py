@@ -40,6 +40,7 @@ from sam_blocked.inputs.images import ImageItem
 from sam_blocked.masks import auto_masks, prompt_masks
 from sam_blocked.engines.options import AMG_SETTINGS, SegmentOptions
 from sam_blocked.outputs.images import remove_stray_partials, write_atomic
+from sam_blocked.outputs.writer import OutputWriter
 from sam_blocked.inputs.prompts import Prompt, match_prompts
 from sam_blocked.summary import LOG_NAME, SUMMARY_NAME, RunLog, RunSummary
 from sam_blocked.engines.unit import Job, available_bytes, make_outputs
@@ -120,7 +121,7 @@ def segment_images(
     # Decided here, before anything is sent to the engine: clashes, skips and resumes.
     claimed = {output / SUMMARY_NAME: "the run summary", output / LOG_NAME: "the run log"}
     jobs: list[Job] = []
-    outputs: dict[int, Any] = {}
+    outputs: dict[int, OutputWriter] = {}
     for position, item in enumerate(images):
         current = make_outputs(output, item, options)
         clash = next((claimed[p] for p in current.finals() if p in claimed), None)

@@ -44,6 +44,7 @@ from sam_blocked.models.load import ModelSettings
 from sam_blocked.engines.options import SegmentOptions
 from sam_blocked.tiles.crops import MaskCrop
 from sam_blocked.inputs.sources import open_image
+from sam_blocked.outputs.writer import OutputWriter
 from sam_blocked.tiles.loop import stitch_tiles
 from sam_blocked.tiles.tile import DecodeSettings
 from sam_blocked.engines.unit import HugeImage, Job, failure_reason, finish_huge, make_outputs, plan_huge
@@ -289,7 +290,7 @@ class _HugeImage:
     """A huge-output image on the driver, waiting for its units' crops."""
 
     huge: HugeImage
-    outputs: Any
+    outputs: OutputWriter
     units: int
     crops: dict[int, list[MaskCrop]] = field(default_factory=dict)
     records: list[UnitRecord] = field(default_factory=list)

@@ -31,6 +31,7 @@ from sam_blocked.masks import auto_masks, prompt_masks
 from sam_blocked.memory.measure import peak_bytes, reset_peak
 from sam_blocked.engines.options import SegmentOptions
 from sam_blocked.outputs.images import ImageOutputs
+from sam_blocked.outputs.writer import OutputWriter
 from sam_blocked.inputs.prompts import Prompt, check_prompts
 from sam_blocked.summary import LOG_NAME
 from sam_blocked.tiles.crops import MaskCrop
@@ -85,7 +86,7 @@ class Segmenter:
         self.device = next(sam.parameters()).device
 
 
-def make_outputs(output: Path, item: ImageItem, options: SegmentOptions, token: Optional[str] = None) -> Any:
+def make_outputs(output: Path, item: ImageItem, options: SegmentOptions, token: Optional[str] = None) -> OutputWriter:
     """The outputs of one image: HugeImageOutputs when written as huge images are, else
     ImageOutputs (staged under .NAME.partial.<token> names when a token is given)."""
     if options.huge_outputs:
@@ -94,7 +95,7 @@ def make_outputs(output: Path, item: ImageItem, options: SegmentOptions, token: 
 
 
 def segment_image(
-    segmenter: Segmenter, job: Job, outputs: Any, log: Log, on_tile: Optional[OnTile] = None, names: Optional[Mapping[str, str]] = None
+    segmenter: Segmenter, job: Job, outputs: OutputWriter, log: Log, on_tile: Optional[OnTile] = None, names: Optional[Mapping[str, str]] = None
 ) -> dict[str, Any]:
     """Read, segment and write one image; never raises for a bad image.
 
@@ -156,6 +157,7 @@ def _segment_whole(segmenter: Segmenter, job: Job, outputs: ImageOutputs, on_til
     image, notes = read_image(job.item.path, segmenter.options.max_pixels)
     height, width = image.shape[:2]
     check_prompts(job.prompts, height, width)
+    outputs.check(height, width)
     if not segmenter.prompt_mode:
         check_auto_batch(segmenter.engine.points_per_batch, height, width, segmenter.device)
     outputs.begin(job.item, image, job.prompts)
