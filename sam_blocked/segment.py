@@ -35,10 +35,12 @@ from tqdm import tqdm
 
 from sam_blocked.engines.base import Engine, RunContext, UnitRecord
 from sam_blocked.engines.local import LocalEngine
+from sam_blocked.inputs.errors import SettingError, spell
 from sam_blocked.inputs.images import ImageItem
 from sam_blocked.masks import auto_masks, prompt_masks
 from sam_blocked.engines.options import AMG_SETTINGS, SegmentOptions
 from sam_blocked.outputs.images import remove_stray_partials, write_atomic
+from sam_blocked.outputs.writer import OutputWriter
 from sam_blocked.inputs.prompts import Prompt, match_prompts
 from sam_blocked.summary import LOG_NAME, SUMMARY_NAME, RunLog, RunSummary
 from sam_blocked.engines.unit import Job, available_bytes, make_outputs
@@ -56,6 +58,7 @@ def segment_images(
     problems: Sequence[tuple[str, str]] = (),
     settings: Optional[Mapping[str, Any]] = None,
     progress: bool = True,
+    names: Optional[Mapping[str, str]] = None,
 ) -> RunSummary:
     """Segment `images` into `output`, one encoder pass per image (or tile); bad images fail alone.
 
@@ -71,6 +74,8 @@ def segment_images(
         problems: (input, reason) to record as failed, e.g. collect_images' problems.
         settings: anything to record in the summary (model, flags).
         progress: show a tqdm bar and echo failures to stderr.
+        names: how the front end spells a setting in messages and reasons (the CLI:
+            FlagNames(), max_pixels as --max-pixels); default the settings' own names.
 
     Returns:
         The RunSummary, also written to output/segment-summary.json. A KeyboardInterrupt
@@ -78,12 +83,13 @@ def segment_images(
         interrupted, and is raised again.
     """
     options = options or SegmentOptions()
+    names = names or {}
     output = Path(output)
     engine: Engine = LocalEngine(sam) if isinstance(sam, torch.nn.Module) else sam
     if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output} is a file: give a folder")
+        raise SettingError(f"{{output}} {output} is a file: give a folder", "output")
     if prompts is not None and options.amg:
-        raise ValueError(f"automatic-mask settings ({', '.join(options.amg)}) apply to --auto only, not to --prompts")
+        raise SettingError(f"automatic-mask settings ({', '.join(options.amg)}) apply to {{auto}} only, not to {{prompts}}", "auto", "prompts")
     matched: dict[ImageItem, list[Prompt]] = {}
     missing: list[tuple[str, str]] = []
     if prompts is not None:
@@ -101,46 +107,14 @@ def segment_images(
         raise
     log(f"run started: {len(images)} image(s), mode {mode}; settings {json.dumps(summary.settings)}")
     log(where, echo=engine.name != "local")  # where the work goes; a Ray cluster's worth a line on the terminal
-    order: dict[int, int] = {}  # id(entry) -> position of its image: the summary lists keep the images' order
-
-    def fail(image: str, reason: str, position: int = -1, entry: Optional[dict] = None) -> None:
-        entry = {"image": image, "reason": reason, **(entry or {})}
-        order[id(entry)] = position
-        summary.failed.append(entry)
-        log(f"failed {image}: {reason}", echo=True)
-
+    run = _Run(summary, log)
     for arg, reason in [*problems, *missing]:
-        fail(arg, reason)
-
-    # Decided here, before anything is sent to the engine: clashes, skips and resumes.
-    claimed = {output / SUMMARY_NAME: "the run summary", output / LOG_NAME: "the run log"}
-    jobs: list[Job] = []
-    outputs: dict[int, Any] = {}
-    for position, item in enumerate(images):
-        current = make_outputs(output, item, options)
-        clash = next((claimed[p] for p in current.finals() if p in claimed), None)
-        if clash is not None:
-            fail(item.name, f"its output name {item.stem!r} is already used by {clash}: rename one, or run them into different --output folders", position)
-            continue
-        claimed.update({p: str(item.path) for p in current.finals()})
-        current.clean()
-        if prompts is not None and item not in matched:
-            reason = "no prompts for it in the prompt file"
-            log(f"skipped {item.name}: no prompts")
-        elif not options.overwrite and current.complete():
-            reason = "outputs already complete (--overwrite redoes them)"
-            log(f"skipped {item.name}: outputs already complete")
-        else:
-            jobs.append(Job(position, item, tuple(matched.get(item, ()))))
-            outputs[position] = current
-            continue
-        entry = {"image": item.name, "reason": reason}
-        order[id(entry)] = position
-        summary.skipped.append(entry)
+        run.fail(arg, reason)
+    jobs, outputs = _plan_jobs(images, output, options, matched if prompts is not None else None, names, run)
     folders = {p.parent for current in outputs.values() for p in current.finals()}
     remove_stray_partials(folders)  # what workers of an earlier run left when they died
 
-    context = RunContext(output, options, prompts is not None, log, lambda name, done, total: None)
+    context = RunContext(output, options, prompts is not None, log, lambda name, done, total: None, names)
     started = time.perf_counter()
     # disable=None: a bar on a terminal only, so logs of overnight runs stay readable
     bar = tqdm(total=len(jobs), unit="image", desc="segment", disable=None if progress else True, file=sys.stderr, dynamic_ncols=True)
@@ -150,26 +124,11 @@ def segment_images(
         for job, entry, units in engine.run(jobs, context):
             finished.add(job.position)
             outputs[job.position].clean()
-            _record_units(summary, entry, units)
-            order[id(entry)] = job.position
-            if "reason" in entry:
-                fail(job.item.name, entry["reason"], job.position, entry)
-            else:
-                summary.done.append(entry)
-                peak = entry.get("peak_memory_bytes")
-                if peak is not None:
-                    summary.peak_memory_bytes = max(summary.peak_memory_bytes or 0, peak)
-                tiles = f", {entry['tiles']} tile(s), {entry['encoder_passes']} encoder pass(es)" if "tiles" in entry else ""
-                log(f"done {job.item.name}: {entry['masks']} mask(s){tiles} in {entry['seconds']} s" + "".join(f"; {n}" for n in entry["notes"]))
+            run.finished(job, entry, units)
             bar.update(1)
             bar.set_postfix_str(f"failed={len(summary.failed)}", refresh=False)
     except BaseException as error:
-        summary.not_finished = len(jobs) - len(finished)
-        if isinstance(error, KeyboardInterrupt):
-            summary.interrupted = True
-            log(f"interrupted: no partial files left; {summary.not_finished} image(s) not finished", echo=True)
-        else:
-            log(f"stopped ({type(error).__name__}: {error}); {summary.not_finished} image(s) not finished", echo=True)
+        run.stopped(error, len(jobs) - len(finished))
         raise
     finally:
         engine.close()  # stops the workers: nothing more is written
@@ -179,12 +138,93 @@ def segment_images(
         remove_stray_partials(folders)
         bar.close()
         summary.seconds = time.perf_counter() - started
-        for entries in (summary.done, summary.skipped, summary.failed):
-            entries.sort(key=lambda e: order.get(id(e), -1))  # stable: inputs that named nothing first, then images in order
-        write_atomic(output / SUMMARY_NAME, lambda f: f.write(json.dumps(summary.to_dict(), indent=1).encode()))
-        log(summary.line())
-        log.file.close()
+        run.close(output)
     return summary
+
+
+class _Run:
+    """The run's summary as entries come in, each listed in its image's place, and its log."""
+
+    def __init__(self, summary: RunSummary, log: RunLog) -> None:
+        self.summary, self.log = summary, log
+        self.order: dict[int, int] = {}  # id(entry) -> position of its image: the summary lists keep the images' order
+
+    def fail(self, image: str, reason: str, position: int = -1, entry: Optional[dict] = None) -> None:
+        entry = {"image": image, "reason": reason, **(entry or {})}
+        self.order[id(entry)] = position
+        self.summary.failed.append(entry)
+        self.log(f"failed {image}: {reason}", echo=True)
+
+    def skip(self, item: ImageItem, reason: str, position: int) -> None:
+        entry = {"image": item.name, "reason": reason}
+        self.order[id(entry)] = position
+        self.summary.skipped.append(entry)
+
+    def finished(self, job: Job, entry: dict[str, Any], units: list[UnitRecord]) -> None:
+        """An engine's result for one image: done, or failed with its reason."""
+        summary = self.summary
+        _record_units(summary, entry, units)
+        self.order[id(entry)] = job.position
+        if "reason" in entry:
+            self.fail(job.item.name, entry["reason"], job.position, entry)
+            return
+        summary.done.append(entry)
+        peak = entry.get("peak_memory_bytes")
+        if peak is not None:
+            summary.peak_memory_bytes = max(summary.peak_memory_bytes or 0, peak)
+        tiles = f", {entry['tiles']} tile(s), {entry['encoder_passes']} encoder pass(es)" if "tiles" in entry else ""
+        self.log(f"done {job.item.name}: {entry['masks']} mask(s){tiles} in {entry['seconds']} s" + "".join(f"; {n}" for n in entry["notes"]))
+
+    def stopped(self, error: BaseException, not_finished: int) -> None:
+        self.summary.not_finished = not_finished
+        if isinstance(error, KeyboardInterrupt):
+            self.summary.interrupted = True
+            self.log(f"interrupted: no partial files left; {not_finished} image(s) not finished", echo=True)
+        else:
+            self.log(f"stopped ({type(error).__name__}: {error}); {not_finished} image(s) not finished", echo=True)
+
+    def close(self, output: Path) -> None:
+        """Write the summary, entries in the images' order, and close the log."""
+        summary = self.summary
+        for entries in (summary.done, summary.skipped, summary.failed):
+            entries.sort(key=lambda e: self.order.get(id(e), -1))  # stable: inputs that named nothing first, then images in order
+        write_atomic(output / SUMMARY_NAME, lambda f: f.write(json.dumps(summary.to_dict(), indent=1).encode()))
+        self.log(summary.line())
+        self.log.file.close()
+
+
+def _plan_jobs(
+    images: Sequence[ImageItem],
+    output: Path,
+    options: SegmentOptions,
+    matched: Optional[dict[ImageItem, list[Prompt]]],
+    names: Mapping[str, str],
+    run: _Run,
+) -> tuple[list[Job], dict[int, OutputWriter]]:
+    """Decided here, before anything is sent to the engine: clashes, skips and resumes.
+    Returns the jobs to run and their writers, by position (matched: None in automatic mode)."""
+    claimed = {output / SUMMARY_NAME: "the run summary", output / LOG_NAME: "the run log"}
+    jobs: list[Job] = []
+    outputs: dict[int, OutputWriter] = {}
+    for position, item in enumerate(images):
+        current = make_outputs(output, item, options)
+        clash = next((claimed[p] for p in current.finals() if p in claimed), None)
+        if clash is not None:
+            clashes = SettingError(f"its output name {item.stem!r} is already used by {clash}: rename one, or run them into different {{output}} folders", "output")
+            run.fail(item.name, spell(clashes, names), position)
+            continue
+        claimed.update({p: str(item.path) for p in current.finals()})
+        current.clean()
+        if matched is not None and item not in matched:
+            run.log(f"skipped {item.name}: no prompts")
+            run.skip(item, "no prompts for it in the prompt file", position)
+        elif not options.overwrite and current.complete():
+            run.log(f"skipped {item.name}: outputs already complete")
+            run.skip(item, spell(SettingError("outputs already complete ({overwrite} redoes them)", "overwrite"), names), position)
+        else:
+            jobs.append(Job(position, item, tuple((matched or {}).get(item, ()))))
+            outputs[position] = current
+    return jobs, outputs
 
 
 def _record_units(summary: RunSummary, entry: dict[str, Any], units: list[UnitRecord]) -> None:

@@ -101,7 +101,7 @@ def test_load_image_refuses_oversized_and_unreadable_files(tmp_path, image_path)
     assert image.shape == (512, 512, 3) and image.dtype == np.uint8 and notes == []
     with pytest.raises(ValueError, match=r"astronaut.png is 0.\d MiB, over the 0.001 MiB upload limit"):
         interactive.load_image(image_path, max_upload_mb=0.001)
-    with pytest.raises(ValueError, match="astronaut.png: 512 x 512 = 262,144 pixels is above --max-pixels 100,000"):
+    with pytest.raises(ValueError, match="astronaut.png: 512 x 512 = 262,144 pixels is above max_pixels 100,000"):
         interactive.load_image(image_path, max_pixels=100_000)
     text = tmp_path / "notes.png"
     text.write_text("not an image")

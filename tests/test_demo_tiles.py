@@ -185,3 +185,15 @@ def test_caps_whole_mode_and_the_api_on_a_large_image(mosaic_path, tile_encodes)
     assert info["tile"] == list(task.box) and info["scores"] == [round(float(c.record["predicted_iou"]), 6) for c in crops]
     assert (info["width"], info["height"]) == (3000, 2200) and info["truncated"] == crops[info["mask_index"]].record["truncated"]
     np.testing.assert_array_equal(np.asarray(mask), pasted(crops[info["mask_index"]], (2200, 3000)))
+
+
+def test_interactive_names_do_not_collide_with_the_batch_pipelines():
+    """check_prompts is inputs.prompts' and route is tiles.geometry's: the interactive ones say what they do."""
+    from sam_blocked.interactive import tiled
+
+    assert not hasattr(interactive, "check_prompts") and not hasattr(tiled, "route")
+    with pytest.raises(ValueError, match="outside the 80 x 100 image"):
+        interactive.check_clicks(interactive.Prompts(points=((80, 1),), labels=(1,)), (100, 80))
+    task = tiled.tile_for_prompts(interactive.Prompts(points=((300, 40),), labels=(1,)), (600, 900), Tiling(256, 64))
+    x0, y0, x1, y1 = task.box
+    assert x0 <= 300 < x1 and y0 <= 40 < y1 and (x1 - x0, y1 - y0) == (256, 256)

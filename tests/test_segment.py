@@ -252,15 +252,17 @@ def bad_folder(tmp_path):
 @pytest.mark.slow
 def test_bad_inputs_fail_alone_with_a_message(bad_folder, tmp_path, monkeypatch, capsys):
     folder, prompts = bad_folder
-    if os.geteuid() == 0:  # root reads a chmod 000 file anyway: make PIL see what a user would
-        real_open = Image.open
+    if os.geteuid() == 0:  # root reads a chmod 000 file anyway: make the reader see what a user would
+        from sam_blocked.inputs import images as images_module
+
+        real_open = images_module.open_header
 
         def open_as_user(fp, *args, **kwargs):
             if Path(fp).name == "unreadable.png":
                 raise PermissionError(13, "Permission denied", str(fp))
             return real_open(fp, *args, **kwargs)
 
-        monkeypatch.setattr(Image, "open", open_as_user)
+        monkeypatch.setattr(images_module, "open_header", open_as_user)
     out = tmp_path / "out"
     code = segment(folder, "--prompts", prompts, "--output", out, "--max-pixels", 300_000)
     assert code == 1, "non-zero exit when any image failed"
@@ -312,7 +314,7 @@ def test_read_image_converts_to_rgb_uint8(bad_folder):
 
 @pytest.mark.parametrize(
     "name, max_pixels, phrase",
-    [("big.png", 300_000, "above --max-pixels"), ("truncated.jpg", None, "truncated"), ("notes.jpg", None, "not an image")],
+    [("big.png", 300_000, "above max_pixels"), ("truncated.jpg", None, "truncated"), ("notes.jpg", None, "not an image")],
 )
 def test_read_image_refuses_with_a_reason(bad_folder, name, max_pixels, phrase):
     folder, _ = bad_folder
@@ -320,6 +322,67 @@ def test_read_image_refuses_with_a_reason(bad_folder, name, max_pixels, phrase):
     with pytest.raises(InputError, match=phrase):
         read_image(folder / name, **({"max_pixels": max_pixels} if max_pixels else {}))
     assert Image.MAX_IMAGE_PIXELS == limit, "PIL's own limit is restored"
+
+
+def test_read_image_never_turns_off_pils_bomb_guard_for_other_threads(tmp_path, monkeypatch):
+    """PIL's MAX_IMAGE_PIXELS is process-wide: reading an image above it (but under max_pixels) in one
+    thread leaves it as it is for every other thread, while the image is open and decoded."""
+    import threading
+
+    from PIL import ImageOps
+
+    path = tmp_path / "photo.png"
+    _photo().save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 80 x 60 = 4,800 pixels: above 2 x PIL's limit
+    seen: list[object] = []
+    decode = ImageOps.exif_transpose
+
+    def watch_while_decoding(image, **kwargs):  # runs in the reading thread, between open and decode
+        seen.append(Image.MAX_IMAGE_PIXELS)
+        return decode(image, **kwargs)
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", watch_while_decoding)
+    stop, polled = threading.Event(), set()
+
+    def poll() -> None:
+        while not stop.is_set():
+            polled.add(Image.MAX_IMAGE_PIXELS)
+
+    results: list[np.ndarray] = []
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        readers = [threading.Thread(target=lambda: results.append(read_image(path, max_pixels=10_000)[0])) for _ in range(4)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join()
+    finally:
+        stop.set()
+        poller.join()
+    assert len(results) == 4 and all(r.shape == (60, 80, 3) for r in results), "images above PIL's limit but under max_pixels are read"
+    assert seen == [1000] * 4 and polled == {1000}, f"PIL's limit changed while reading: {seen}, {polled}"
+    with pytest.raises(InputError, match="4,800 pixels is above max_pixels 4,000") as refused:
+        read_image(path, max_pixels=4000)
+    assert refused.value.settings == ("max_pixels",) and Image.MAX_IMAGE_PIXELS == 1000
+
+
+def test_refusals_name_the_setting_and_the_cli_says_its_flag(tmp_path):
+    """The library names max_pixels; the CLI spells it --max-pixels, in its errors and in the run's reasons."""
+    from sam_blocked.inputs.errors import FlagNames, SettingError
+
+    big = tmp_path / "big.png"
+    _photo((700, 500)).save(big)
+    with pytest.raises(InputError) as refused:
+        read_image(big, max_pixels=300_000)
+    message = str(refused.value)
+    assert "above max_pixels 300,000" in message and "raise max_pixels" in message and "--" not in message
+    assert refused.value.spelled(cli.FLAGS) == message.replace("max_pixels", "--max-pixels")
+    assert SettingError("{formats} {x} {", "formats").spelled(FlagNames({"formats": "format"})) == "--format {x} {"
+    out = tmp_path / "out"
+    assert segment(big, "--auto", "--output", out, "--max-pixels", 300_000) == 1
+    (failure,) = summary_of(out)["failed"]
+    assert "above --max-pixels 300,000" in failure["reason"] and "raise --max-pixels" in failure["reason"]
 
 
 def test_auto_batch_that_cannot_fit_is_refused_naming_one_that_does(tmp_path, monkeypatch):
@@ -453,3 +516,15 @@ def test_console_script(tmp_path):
     assert "failed " + str(tmp_path / "missing.jpg") in result.stderr
     assert (out / "chelsea" / "metadata.csv").is_file() and (out / "chelsea.overlay.png").is_file()
     assert summary_of(out)["counts"]["done"] == 1
+
+
+def test_the_run_loop_and_the_ray_engines_run_stay_split_at_their_seams():
+    """segment_images (147 lines) and RayEngine.run (110) were split: planning, collecting and closing are helpers."""
+    import inspect
+
+    from sam_blocked.engines.ray import RayEngine
+    from sam_blocked.segment import segment_images
+
+    for function, limit in ((segment_images, 80), (RayEngine.run, 40)):
+        code = len(inspect.getsource(function).splitlines()) - len((function.__doc__ or "").splitlines())
+        assert code <= limit, f"{function.__qualname__} has {code} lines of code besides its docstring: split it at its seams"

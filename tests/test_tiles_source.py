@@ -142,7 +142,7 @@ def test_other_formats_are_decoded_whole_by_read_image_with_its_guard(tmp_path, 
         assert isinstance(source, ArraySource) and (source.height, source.width) == (500, 300)
         np.testing.assert_array_equal(source.read((10, 20, 300, 480)), expected[20:480, 10:300])
         assert source.notes == notes and "EXIF orientation 6" in notes[0]
-    with pytest.raises(InputError, match="--max-pixels"):
+    with pytest.raises(InputError, match="above max_pixels 1,000"):
         open_image(path, max_pixels=1000)
 
 
@@ -204,7 +204,7 @@ def test_a_file_in_one_huge_compressed_strip_is_decoded_whole_or_refused(tmp_pat
     with open_image(path) as source:
         np.testing.assert_array_equal(source.read((100, 100, 900, 700)), picture[100:700, 100:900])
         assert any("decoded whole" in n for n in source.notes)
-    with pytest.raises(InputError, match="gdal_translate -co TILED=YES.*--max-pixels"):
+    with pytest.raises(InputError, match="gdal_translate -co TILED=YES.*max_pixels"):
         open_image(path, max_pixels=1000)
 
 
@@ -232,3 +232,18 @@ def test_geotiff_input_gives_its_crs_and_transform(tmp_path, picture, monkeypatc
     with open_image(path) as source:
         assert source.geo is None
         assert "pip install 'sam-blocked[geo]'" in source.notes[0]
+
+
+def test_the_sources_import_one_way_base_tiff_then_the_picker():
+    """tiff.py builds on inputs.base; only inputs.sources (open_image) knows both: no import circle."""
+    import ast
+
+    from sam_blocked.inputs import base, sources
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+
+    assert "sam_blocked.inputs.sources" not in imported(tiff_module), "tiff.py must not import the module that picks it"
+    assert not {"sam_blocked.inputs.sources", "sam_blocked.inputs.tiff"} & imported(base)
+    assert sources.TiffSource is tiff_module.TiffSource and sources.ImageSource is base.ImageSource

@@ -208,3 +208,34 @@ def test_a_worker_gets_a_path_a_pickled_task_and_settings_and_returns_small_pick
     back = pickle.loads(pickle.dumps(crops))
     assert [(c.box, c.mask.tobytes(), c.record) for c in back] == [(c.box, c.mask.tobytes(), c.record) for c in in_memory]
     assert all(len(pickle.dumps(c.record)) < 1000 for c in crops), "records are small"
+
+
+def test_the_batch_unit_and_segment_tiled_share_one_tile_loop(sam, mosaic, tmp_path, monkeypatch):
+    """engines.unit (the batch run) and tiles.loop.segment_tiled (the demo) both run their tiles through loop.run_tiles."""
+    from PIL import Image
+
+    from sam_blocked.engines import unit
+    from sam_blocked.engines.options import SegmentOptions
+    from sam_blocked.inputs.images import ImageItem
+    from sam_blocked.tiles import loop
+
+    calls: list[int] = []
+    real = loop.run_tiles
+
+    def spy(tasks, *args, **kwargs):
+        calls.append(len(tasks))
+        return real(tasks, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "run_tiles", spy)
+    monkeypatch.setattr(unit, "run_tiles", spy)
+    prompt = Prompt("p", foreground=((600.0, 300.0),))
+    height, width = mosaic.shape[:2]
+    tiled = loop.segment_tiled(SamPredictor(sam), mosaic, height, width, Tiling(TILE, 64), prompts=[prompt])
+    path = tmp_path / "mosaic.png"
+    Image.fromarray(mosaic).save(path)
+    segmenter = unit.Segmenter(sam, SegmentOptions(tiling=Tiling(TILE, 64)), prompt_mode=True)
+    job = unit.Job(0, ImageItem(path, "mosaic.png"), (prompt,))
+    done: list[tuple[int, int]] = []
+    entry = unit.segment_image(segmenter, job, unit.make_outputs(tmp_path / "out", job.item, segmenter.options), print, lambda *d: done.append(d))
+    assert calls == [1, 1] and done == [(1, 1)], "one loop, one tile each"
+    assert entry["masks"] == len(tiled.masks) == 1 and entry["encoder_passes"] == tiled.encoder_passes == 1

@@ -302,3 +302,26 @@ def test_object_table_without_prompts_and_with_sparse_records(tmp_path):
     assert [rows[1][c] for c in ("id", "area", "bbox_w", "predicted_iou", "truncated")] == ["2", "0", "0", "", "True"]
     write_coco(tmp_path / "t.json", crops, 10, 10, file_name="t.tif")
     assert [a["area"] for a in json.loads((tmp_path / "t.json").read_text())["annotations"]] == [4, 0]
+
+
+def test_whole_and_huge_image_writers_share_one_interface(tmp_path):
+    """The run loop and the engines ask any writer the same four things: finals, complete, clean, check."""
+    from sam_blocked.engines.options import SegmentOptions
+    from sam_blocked.engines.unit import make_outputs
+    from sam_blocked.inputs.images import ImageItem
+    from sam_blocked.outputs.huge import HugeImageOutputs
+    from sam_blocked.outputs.images import ImageOutputs
+    from sam_blocked.outputs.writer import OutputWriter
+    from sam_blocked.tiles.plan import Tiling
+
+    item = ImageItem(tmp_path / "a.png", "a.png")
+    whole = make_outputs(tmp_path, item, SegmentOptions(formats=("png", "coco")))
+    huge = make_outputs(tmp_path, item, SegmentOptions(tiling=Tiling(256)))
+    assert isinstance(whole, ImageOutputs) and isinstance(huge, HugeImageOutputs)
+    for writer in (whole, huge):
+        assert isinstance(writer, OutputWriter) and issubclass(type(writer), OutputWriter)
+        assert writer.finals() and not writer.complete()
+        writer.clean()
+        writer.check(100, 100)
+    with pytest.raises(InputError, match="png"):
+        HugeImageOutputs(tmp_path, item, ("png",)).check(5000, 5000)

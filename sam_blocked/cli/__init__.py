@@ -3,6 +3,9 @@
 Every module in this package that defines `add_parser(subparsers)` is a subcommand; its
 parser sets `main`, which takes the parsed args and returns the exit code. Modules hold
 argument handling and printing only: the work is done by the library.
+
+The library's refusals name settings (max_pixels); here they are spelled as flags
+(--max-pixels) through FLAGS, never by rewriting a message.
 """
 
 from __future__ import annotations
@@ -12,6 +15,11 @@ import importlib
 import pkgutil
 import sys
 from typing import Sequence
+
+from sam_blocked.inputs.errors import FlagNames, spell
+
+# Each setting's flag: its name with dashes, but for these (setting -> flag name).
+FLAGS = FlagNames({"formats": "format"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.main(args) or 0)
     except (ValueError, OSError) as error:
         # Bad input gets a message naming it, never a traceback.
-        print(f"sam-blocked {args.command}: error: {error}", file=sys.stderr)
+        print(f"sam-blocked {args.command}: error: {spell(error, FLAGS)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sam-blocked {args.command}: interrupted", file=sys.stderr)

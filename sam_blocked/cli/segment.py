@@ -8,6 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
+from sam_blocked.cli import FLAGS
 from sam_blocked.cli.common import add_model_args, blocking_from_args, model_from_args, settings_from_args
 from sam_blocked.inputs.images import DEFAULT_MAX_PIXELS, collect_images
 from sam_blocked.memory import planner
@@ -198,7 +199,9 @@ def main(args: argparse.Namespace) -> int:
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
     try:
-        summary = segment_images(run_on, images, output, prompts=prompts, options=options, problems=problems, settings={**recorded, "flags": flags})
+        summary = segment_images(
+            run_on, images, output, prompts=prompts, options=options, problems=problems, settings={**recorded, "flags": flags}, names=FLAGS
+        )
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)

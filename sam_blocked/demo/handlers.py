@@ -36,7 +36,8 @@ from PIL import Image
 from sam_blocked.demo.session import VIEW, DemoSession, check_whole, decode, is_tiled, prepare, view  # noqa: F401  (VIEW: demo_ui's)
 from sam_blocked.demo.memory_panel import format_memory  # noqa: F401  (re-exported: demo.X is the UI's and the tests' name)
 from sam_blocked.demo.settings import DemoSettings, banner, check_settings, list_examples, load_model  # noqa: F401  (as format_memory)
-from sam_blocked.interactive.whole import Prompts, check_prompts, encode, load_image, mask_image, parse_prompts, predict, segment_everything
+from sam_blocked.inputs.errors import InputError
+from sam_blocked.interactive.whole import Prompts, check_clicks, encode, load_image, mask_image, parse_prompts, predict, segment_everything
 from sam_blocked.interactive.tiled import TileCache, full_mask, segment_everything_tiled, segment_in_tile
 from sam_blocked.models.load import ModelSettings
 from sam_blocked.memory.measure import MIB  # noqa: F401  (demo_ui's upload cap)
@@ -91,14 +92,22 @@ def on_settings(
     return new, gr.update(value=banner(new), visible=new.random_weights)
 
 
+def _load_image(path: str, settings: DemoSettings) -> tuple[np.ndarray, list[str]]:
+    """load_image under the demo's pixel cap; a refusal names the flag that sets that cap."""
+    cap, flag = settings.pixel_cap
+    try:
+        return load_image(path, cap, settings.max_upload_mb)
+    except InputError as error:
+        raise ValueError(error.spelled({"max_pixels": flag})) from None
+
+
 @_user_errors
 def on_image(path: Optional[str], session: DemoSession, settings: DemoSettings) -> tuple:
     """A new image (upload, example, or cleared): encode it once (or get it ready for tiles), forget the old prompts."""
     session.close()
     if path is None:
         return view(DemoSession())
-    cap, flag = settings.pixel_cap
-    image, notes = load_image(path, cap, settings.max_upload_mb, flag)
+    image, notes = _load_image(path, settings)
     session = prepare(DemoSession(image=image, name=Path(path).name), settings)
     if notes:
         session.message += f" Note: {'; '.join(notes)}."
@@ -127,7 +136,7 @@ def on_click(session: DemoSession, mode: str, evt: gr.SelectData) -> tuple:
         raise ValueError("no image yet: upload one or pick an example first")
     x, y = (float(v) for v in evt.index)
     shown = session.preview.image.shape[:2] if session.tiled else session.image.shape[:2]
-    check_prompts(Prompts(points=((x, y),), labels=(1,)), shown)
+    check_clicks(Prompts(points=((x, y),), labels=(1,)), shown)
     if session.tiled:
         x, y = session.preview.to_full(x, y)
     p = session.prompts
@@ -243,8 +252,7 @@ def segment_api(image_path: Optional[str], prompts_json: str, settings: DemoSett
         if image_path is None:
             raise ValueError("no image given: pass an image file (gradio_client.handle_file(path))")
         check_settings(settings)
-        cap, flag = settings.pixel_cap
-        image, notes = load_image(image_path, cap, settings.max_upload_mb, flag)
+        image, notes = _load_image(image_path, settings)
         prompts, index = parse_prompts(prompts_json, image.shape[:2])
         loaded = load_model(settings.model)
         extra: dict[str, Any] = {}

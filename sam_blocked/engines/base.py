@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
 from sam_blocked.engines.options import SegmentOptions
 from sam_blocked.engines.unit import Job
@@ -49,6 +49,8 @@ class RunContext:
         prompt_mode: prompt sets (SamPredictor), else automatic masks.
         log: takes a line for the run log (echo=True: also to the terminal).
         on_tile: called with (image name, tiles done, tiles to do) as tiles finish.
+        names: how the front end spells a setting in failure reasons (the CLI: max_pixels is
+            --max-pixels; sam_blocked.inputs.errors); settings a message names, as they are, where absent.
     """
 
     output: Path
@@ -56,6 +58,7 @@ class RunContext:
     prompt_mode: bool
     log: Callable[..., None]
     on_tile: Callable[[str, int, int], None]
+    names: Mapping[str, str] = field(default_factory=dict)
 
 
 class Engine(Protocol):

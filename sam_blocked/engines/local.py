@@ -42,7 +42,7 @@ class LocalEngine:
                 context.on_tile(name, done, total)
 
             started = time.perf_counter()
-            entry = segment_image(self.segmenter, job, outputs, context.log, on_tile)
+            entry = segment_image(self.segmenter, job, outputs, context.log, on_tile, context.names)
             unit = UnitRecord("local", node, "image", time.perf_counter() - started, pid=os.getpid(), device=device)
             yield job, entry, [unit]
 

@@ -44,6 +44,7 @@ from sam_blocked.models.load import ModelSettings
 from sam_blocked.engines.options import SegmentOptions
 from sam_blocked.tiles.crops import MaskCrop
 from sam_blocked.inputs.sources import open_image
+from sam_blocked.outputs.writer import OutputWriter
 from sam_blocked.tiles.loop import stitch_tiles
 from sam_blocked.tiles.tile import DecodeSettings
 from sam_blocked.engines.unit import HugeImage, Job, failure_reason, finish_huge, make_outputs, plan_huge
@@ -168,12 +169,41 @@ class RayEngine:
         if self._options is None:
             raise RuntimeError("RayEngine.run before prepare")
         ray = import_ray()
-        from sam_blocked.engines.ray_worker import Attempts, SegmentWorker, Unit
+        units, images, failed = self._plan_units(jobs, context)
+        yield from failed
+        if not units:
+            return
+        by_position = {job.position: job for job in jobs}
+        seen: set[int] = set()
+        with _data_settings(ray):
+            rows = iter(self._dataset(ray, units, context).iter_rows())
+            try:
+                for row in _rows(rows):
+                    result = pickle.loads(row["result"])
+                    unit = units[result["index"]]
+                    if unit.index in seen:  # a unit that came back twice counts once
+                        continue
+                    seen.add(unit.index)
+                    for line in result.get("log", ()):
+                        context.log(line)
+                    yield from self._arrived(unit, by_position[unit.job.position], result, images, context)
+            finally:
+                getattr(rows, "close", lambda: None)()
+        lost = "no result came back from the Ray workers (Ray Data dropped its block after an error: see the error above)"
+        for unit in units:
+            if unit.index not in seen:
+                seen.add(unit.index)
+                yield from self._arrived(unit, by_position[unit.job.position], {"reason": lost}, images, context)
+
+    def _plan_units(self, jobs: Sequence[Job], context: RunContext) -> tuple[list, dict[int, "_HugeImage"], list[tuple[Job, dict[str, Any], list[UnitRecord]]]]:
+        """The units of work: an image each, or a huge-output image's tiles (opened and planned here).
+        Returns (units, the huge-output images by position, the jobs that failed planning as results)."""
+        from sam_blocked.engines.ray_worker import Unit
 
         options = context.options
         units: list[Unit] = []
         images: dict[int, _HugeImage] = {}
-        by_position = {job.position: job for job in jobs}
+        failed: list[tuple[Job, dict[str, Any], list[UnitRecord]]] = []
         for job in jobs:
             sent = Job(job.position, ImageItem(Path(os.path.abspath(job.item.path)), job.item.name), job.prompts)
             if not options.huge_outputs:
@@ -184,72 +214,57 @@ class RayEngine:
                 with open_image(sent.item.path, options.max_pixels) as source:  # a TIFF: its header only
                     huge = plan_huge(source, sent, options, outputs, context.prompt_mode)
             except Exception as error:
-                yield job, {"image": job.item.name, "reason": failure_reason(error, job.item.name, _CPU, options, context.log)}, []
+                failed.append((job, {"image": job.item.name, "reason": failure_reason(error, job.item.name, _CPU, options, context.log, context.names)}, []))
                 continue
             first = len(units)
             tasks = huge.tasks or [None]
             units += [Unit(first + i, "whole" if task is None else "tile", sent, task) for i, task in enumerate(tasks)]
             images[job.position] = _HugeImage(huge, outputs, len(tasks))
-        if not units:
-            return
+        return units, images, failed
+
+    def _dataset(self, ray: Any, units: list, context: RunContext) -> Any:
+        """The units as one Ray Data dataset through the pool of SegmentWorkers."""
+        from sam_blocked.engines.ray_worker import Attempts, SegmentWorker
+
         self._attempts = Attempts.remote()
         kwargs = {
             "settings": self.settings,
             "blocking": self.blocking,
-            "options": options,
+            "options": context.options,
             "prompt_mode": context.prompt_mode,
             "output": os.path.abspath(context.output),
             "attempts": self._attempts,
             "max_attempts": self.max_attempts,
             "threads": max(1, math.floor(self.cpus_per_worker)),
+            "names": context.names,
         }
-        seen: set[int] = set()
-        with _data_settings(ray):
-            dataset = ray.data.from_items([{"unit": pickle.dumps(u)} for u in units], override_num_blocks=len(units))
-            dataset = dataset.map_batches(
-                SegmentWorker,
-                fn_constructor_kwargs=kwargs,
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=self.workers, max_tasks_in_flight_per_actor=2),
-                num_cpus=self.cpus_per_worker,
-                num_gpus=self.gpus_per_worker,
-            )
-            rows = iter(dataset.iter_rows())
-            try:
-                for row in _rows(rows):
-                    result = pickle.loads(row["result"])
-                    unit = units[result["index"]]
-                    if unit.index in seen:  # a unit that came back twice counts once
-                        continue
-                    seen.add(unit.index)
-                    for line in result.get("log", ()):
-                        context.log(line)
-                    record = _record(result, "tile" if unit.kind == "tile" else "image")
-                    job = by_position[unit.job.position]
-                    if unit.kind == "image":
-                        yield job, result.get("entry") or {"image": job.item.name, "reason": result["reason"]}, [record]
-                        continue
-                    image = images[job.position]
-                    image.add(unit.index, result, record)
-                    if unit.kind == "tile":
-                        context.on_tile(job.item.name, image.arrived, image.units)
-                    if image.arrived == image.units:
-                        yield job, self._finish(job, image, context), image.records
-            finally:
-                getattr(rows, "close", lambda: None)()
-        lost = "no result came back from the Ray workers (Ray Data dropped its block after an error: see the error above)"
-        for unit in units:
-            if unit.index in seen:
-                continue
-            seen.add(unit.index)
-            job = by_position[unit.job.position]
-            if unit.kind == "image":
-                yield job, {"image": job.item.name, "reason": lost}, []
-                continue
-            image = images[job.position]
-            image.lost(unit.index, lost)
-            if image.arrived == image.units:
-                yield job, self._finish(job, image, context), image.records
+        dataset = ray.data.from_items([{"unit": pickle.dumps(u)} for u in units], override_num_blocks=len(units))
+        return dataset.map_batches(
+            SegmentWorker,
+            fn_constructor_kwargs=kwargs,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=self.workers, max_tasks_in_flight_per_actor=2),
+            num_cpus=self.cpus_per_worker,
+            num_gpus=self.gpus_per_worker,
+        )
+
+    def _arrived(
+        self, unit: Any, job: Job, result: dict[str, Any], images: dict[int, "_HugeImage"], context: RunContext
+    ) -> Iterator[tuple[Job, dict[str, Any], list[UnitRecord]]]:
+        """One unit's result (or its loss: a result without a worker): yields the image's result once it is whole."""
+        record = _record(result, "tile" if unit.kind == "tile" else "image") if "worker" in result else None
+        if unit.kind == "image":
+            yield job, result.get("entry") or {"image": job.item.name, "reason": result["reason"]}, [record] if record else []
+            return
+        image = images[job.position]
+        if record is None:
+            image.lost(unit.index, result["reason"])
+        else:
+            image.add(unit.index, result, record)
+            if unit.kind == "tile":
+                context.on_tile(job.item.name, image.arrived, image.units)
+        if image.arrived == image.units:
+            yield job, self._finish(job, image, context), image.records
 
     def _finish(self, job: Job, image: _HugeImage, context: RunContext) -> dict[str, Any]:
         """Stitch and write a huge image from its units' crops, here on the driver."""
@@ -265,7 +280,7 @@ class RayEngine:
                 masks = stitch_tiles(crops, context.prompt_mode, DecodeSettings.from_amg(context.options.amg, context.options.multimask))
             fields = finish_huge(image.huge, masks, image.outputs)
         except Exception as error:
-            return {"image": name, "reason": failure_reason(error, name, _CPU, context.options, context.log)}
+            return {"image": name, "reason": failure_reason(error, name, _CPU, context.options, context.log, context.names)}
         seconds = sum(r.seconds for r in image.records) + time.perf_counter() - started
         peaks = [p for p in image.peaks if p is not None]
         return {"image": name, **fields, "seconds": round(seconds, 3), "peak_memory_bytes": max(peaks) if peaks else None}
@@ -288,7 +303,7 @@ class _HugeImage:
     """A huge-output image on the driver, waiting for its units' crops."""
 
     huge: HugeImage
-    outputs: Any
+    outputs: OutputWriter
     units: int
     crops: dict[int, list[MaskCrop]] = field(default_factory=dict)
     records: list[UnitRecord] = field(default_factory=list)

@@ -19,7 +19,7 @@ import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import ray
@@ -32,7 +32,8 @@ from sam_blocked.engines.options import SegmentOptions
 from sam_blocked.outputs.images import ImageOutputs, unique_token
 from sam_blocked.tiles.crops import MaskCrop
 from sam_blocked.tiles.plan import TileTask
-from sam_blocked.inputs.sources import ImageSource, open_image
+from sam_blocked.inputs.base import ImageSource
+from sam_blocked.inputs.sources import open_image
 from sam_blocked.engines.unit import Job, Segmenter, failure_reason, make_outputs, reset_peak_memory, segment_image, tile_crops, whole_crops
 
 # How the tests kill a worker in the middle of an image: the first worker to write a mask of
@@ -97,6 +98,7 @@ class SegmentWorker:
         attempts: the Attempts actor.
         max_attempts: attempts at one unit before it fails.
         threads: torch threads (the CPUs Ray reserved for the worker).
+        names: how the front end spells settings in failure reasons (RunContext.names).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class SegmentWorker:
         attempts: Any,
         max_attempts: int,
         threads: int,
+        names: Optional[Mapping[str, str]] = None,
     ) -> None:
         _exit_mid_image_for_tests()
         torch.set_num_threads(threads)
@@ -118,7 +121,7 @@ class SegmentWorker:
                 f"this worker found weights ({loaded.description}) that the driver did not: give --checkpoint, a path every node sees"
             )
         self.segmenter = Segmenter(loaded.sam, options, prompt_mode)
-        self.output, self.attempts, self.max_attempts = Path(output), attempts, max_attempts
+        self.output, self.attempts, self.max_attempts, self.names = Path(output), attempts, max_attempts, names
         context = ray.get_runtime_context()
         worker = context.get_actor_id()[:12]
         self.identity = {
@@ -149,7 +152,7 @@ class SegmentWorker:
         if unit.kind == "image":
             outputs = make_outputs(self.output, unit.job.item, self.segmenter.options, token=unique_token())
             try:
-                entry = segment_image(self.segmenter, unit.job, outputs, lines.append)
+                entry = segment_image(self.segmenter, unit.job, outputs, lines.append, names=self.names)
             finally:
                 outputs.clean()
             return {"entry": entry, "log": lines}
@@ -160,7 +163,7 @@ class SegmentWorker:
             crops = whole_crops(self.segmenter, source, unit.job.prompts) if unit.kind == "whole" else tile_crops(self.segmenter, source, unit.task)
             return {"crops": pack_crops(crops), "peak_memory_bytes": peak_bytes(device) if peak else None}
         except Exception as error:
-            return {"reason": failure_reason(error, unit.job.item.name, device, self.segmenter.options, lines.append), "log": lines}
+            return {"reason": failure_reason(error, unit.job.item.name, device, self.segmenter.options, lines.append, self.names), "log": lines}
 
     def _open(self, job: Job) -> ImageSource:
         """The job's image, opened once for the tiles of it this worker gets in a row."""

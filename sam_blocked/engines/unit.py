@@ -18,26 +18,29 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 
-from sam_blocked.inputs.images import ImageItem, InputError, read_image
+from sam_blocked.inputs.errors import InputError, spell
+from sam_blocked.inputs.images import ImageItem, read_image
 from sam_blocked.masks import auto_masks, prompt_masks
 from sam_blocked.memory.measure import peak_bytes, reset_peak
 from sam_blocked.engines.options import SegmentOptions
 from sam_blocked.outputs.images import ImageOutputs
+from sam_blocked.outputs.writer import OutputWriter
 from sam_blocked.inputs.prompts import Prompt, check_prompts
 from sam_blocked.summary import LOG_NAME
 from sam_blocked.tiles.crops import MaskCrop
 from sam_blocked.inputs.geo import GeoInfo
 from sam_blocked.outputs.huge import HugeImageOutputs
 from sam_blocked.tiles.plan import TileTask
-from sam_blocked.inputs.sources import ImageSource, open_image
-from sam_blocked.tiles.loop import plan_tiles, stitch_tiles
+from sam_blocked.inputs.base import ImageSource
+from sam_blocked.inputs.sources import open_image
+from sam_blocked.tiles.loop import plan_tiles, run_tiles
 from sam_blocked.tiles.tile import DecodeSettings, crop_of_mask, segment_tile
 
 Log = Callable[..., None]
@@ -83,7 +86,7 @@ class Segmenter:
         self.device = next(sam.parameters()).device
 
 
-def make_outputs(output: Path, item: ImageItem, options: SegmentOptions, token: Optional[str] = None) -> Any:
+def make_outputs(output: Path, item: ImageItem, options: SegmentOptions, token: Optional[str] = None) -> OutputWriter:
     """The outputs of one image: HugeImageOutputs when written as huge images are, else
     ImageOutputs (staged under .NAME.partial.<token> names when a token is given)."""
     if options.huge_outputs:
@@ -91,7 +94,9 @@ def make_outputs(output: Path, item: ImageItem, options: SegmentOptions, token: 
     return ImageOutputs(output, item, options.formats, options.overlay, token=token)
 
 
-def segment_image(segmenter: Segmenter, job: Job, outputs: Any, log: Log, on_tile: Optional[OnTile] = None) -> dict[str, Any]:
+def segment_image(
+    segmenter: Segmenter, job: Job, outputs: OutputWriter, log: Log, on_tile: Optional[OnTile] = None, names: Optional[Mapping[str, str]] = None
+) -> dict[str, Any]:
     """Read, segment and write one image; never raises for a bad image.
 
     Args:
@@ -101,6 +106,7 @@ def segment_image(segmenter: Segmenter, job: Job, outputs: Any, log: Log, on_til
             but for the caller's clean().
         log: takes a line for the run log (a traceback when the failure is a bug).
         on_tile: called with (tiles done, tiles to do) after each tile of a tiled image.
+        names: how the front end spells the settings a failure reason names (RunContext.names).
 
     Returns:
         Its summary entry: image, masks, height, width, notes, seconds, peak_memory_bytes
@@ -118,23 +124,28 @@ def segment_image(segmenter: Segmenter, job: Job, outputs: Any, log: Log, on_til
             "peak_memory_bytes": peak_bytes(segmenter.device) if peak else None,
         }
     except Exception as error:
-        return {"image": job.item.name, "reason": failure_reason(error, job.item.name, segmenter.device, segmenter.options, log)}
+        return {"image": job.item.name, "reason": failure_reason(error, job.item.name, segmenter.device, segmenter.options, log, names)}
 
 
-def failure_reason(error: Exception, name: str, device: torch.device, options: SegmentOptions, log: Log) -> str:
+def failure_reason(
+    error: Exception, name: str, device: torch.device, options: SegmentOptions, log: Log, names: Optional[Mapping[str, str]] = None
+) -> str:
     """Why an image failed, for its summary entry: bad input, out of memory, cannot write, or a
-    bug (its traceback then goes to `log`). Call it inside the `except` that caught `error`."""
+    bug (its traceback then goes to `log`). Call it inside the `except` that caught `error`.
+    The settings a reason names are spelled as `names` has them (RunContext.names)."""
     if isinstance(error, InputError):
-        return str(error)
+        return spell(error, names)
     if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
         if device.type == "cuda":
             torch.cuda.empty_cache()
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        smaller = ", a smaller --tile" if options.tiling is not None else ""
-        return (
-            f"out of memory on {device} ({first}): try --dtype bfloat16, a smaller --max-block-mb{smaller}, "
-            "a smaller --points-per-batch (--auto), or another --device"
-        )
+        smaller = ", a smaller {tile}" if options.tiling is not None else ""
+        hint = InputError(
+            f"out of memory on {device} ({first}): try {{dtype}} bfloat16, a smaller {{max_block_mb}}{smaller}, "
+            "a smaller {points_per_batch} ({auto}), or another {device}",
+            "dtype", "max_block_mb", "tile", "points_per_batch", "auto", "device",
+        )  # fmt: skip
+        return spell(hint, names)
     if isinstance(error, OSError):  # reading raises InputError: this is writing
         return f"cannot write its outputs ({error})"
     log(f"traceback for {name}:\n{traceback.format_exc()}")  # a bug, not bad input: keep the traceback, go on
@@ -146,6 +157,7 @@ def _segment_whole(segmenter: Segmenter, job: Job, outputs: ImageOutputs, on_til
     image, notes = read_image(job.item.path, segmenter.options.max_pixels)
     height, width = image.shape[:2]
     check_prompts(job.prompts, height, width)
+    outputs.check(height, width)
     if not segmenter.prompt_mode:
         check_auto_batch(segmenter.engine.points_per_batch, height, width, segmenter.device)
     outputs.begin(job.item, image, job.prompts)
@@ -163,12 +175,7 @@ def _segment_huge(segmenter: Segmenter, job: Job, outputs: HugeImageOutputs, on_
         if huge.tasks is None:
             masks = whole_crops(segmenter, source, job.prompts)
         else:
-            crops: list[MaskCrop] = []
-            for done, task in enumerate(huge.tasks, start=1):
-                crops += tile_crops(segmenter, source, task)
-                if on_tile is not None:
-                    on_tile(done, len(huge.tasks))
-            masks = stitch_tiles(crops, segmenter.prompt_mode, segmenter.decode)
+            masks = run_tiles(huge.tasks, lambda task: tile_crops(segmenter, source, task), segmenter.prompt_mode, segmenter.decode, on_tile)
         return finish_huge(huge, masks, outputs)
 
 
@@ -203,9 +210,10 @@ def plan_huge(source: ImageSource, job: Job, options: SegmentOptions, outputs: H
     height, width, tiling = source.height, source.width, options.tiling
     if tiling is None and height * width > options.max_pixels:  # open_image reads TIFFs whatever their size
         raise InputError(
-            f"{width} x {height} = {width * height:,} pixels is above --max-pixels {options.max_pixels:,}: "
-            "segment it tile by tile with --tile, or raise --max-pixels"
-        )
+            f"{width} x {height} = {width * height:,} pixels is above {{max_pixels}} {options.max_pixels:,}: "
+            "segment it tile by tile with {tile}, or raise {max_pixels}",
+            "max_pixels", "tile",
+        )  # fmt: skip
     check_prompts(job.prompts, height, width)
     outputs.check(height, width)
     if tiling is None or tiling.fits(height, width):
@@ -270,10 +278,11 @@ def check_auto_batch(points_per_batch: int, height: int, width: int, device: tor
     if available is None or points_per_batch * per_point <= available:
         return
     fits = available // per_point
-    hint = f"use --points-per-batch {fits} or less" if fits >= 1 else "even one point per batch does not fit: use --prompts, or more memory"
+    hint = f"use {{points_per_batch}} {fits} or less" if fits >= 1 else "even one point per batch does not fit: use {prompts}, or more memory"
     raise InputError(
-        f"--auto decodes --points-per-batch {points_per_batch} x 3 masks at the full {width} x {height} size at once, "
-        f"~{points_per_batch * per_point / 2**30:.1f} GiB, but {available / 2**30:.1f} GiB is free on {device}: {hint}"
+        f"{{auto}} decodes {{points_per_batch}} {points_per_batch} x 3 masks at the full {width} x {height} size at once, "
+        f"~{points_per_batch * per_point / 2**30:.1f} GiB, but {available / 2**30:.1f} GiB is free on {device}: {hint}",
+        "auto", "points_per_batch", "prompts",
     )
 
 

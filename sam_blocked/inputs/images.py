@@ -9,21 +9,19 @@ or raises `InputError`, the error that makes one image fail while the run goes o
 from __future__ import annotations
 
 import os
-import warnings
+import struct
 from dataclasses import dataclass
 from glob import glob
 from pathlib import Path, PurePosixPath
 from typing import Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
+
+from sam_blocked.inputs.errors import InputError
 
 DEFAULT_MAX_PIXELS = 16384 * 16384  # PIL's own bomb limit (89.5 MPix) is below a 12000 x 9000 scan
 _HIGH_BITS_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-
-
-class InputError(ValueError):
-    """A problem with one image or its prompts: that image fails, the run goes on."""
 
 
 @dataclass(frozen=True)
@@ -132,40 +130,69 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     Args:
         path: the image file.
         max_pixels: refuse images with more pixels than this before decoding them
-            (the decompression-bomb guard; PIL's own limit is replaced by this one).
+            (the decompression-bomb guard; it takes the place of PIL's own limit, which
+            is never changed: PIL's `Image.MAX_IMAGE_PIXELS` is process-wide).
 
     Returns:
         (image, notes): image is (H, W, 3) uint8 RGB; notes say what was converted.
 
     Raises:
-        InputError: the file cannot be read, is not an image, is truncated, or is too big.
+        InputError: the file cannot be read, is not an image, is truncated, or is too big
+            (naming the setting max_pixels).
     """
     notes: list[str] = []
-    bomb_limit = Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = None  # replaced by the max_pixels check below, with a clearer message
-            with Image.open(path) as opened:
-                width, height = opened.size
-                if width * height > max_pixels:
-                    raise InputError(
-                        f"{width} x {height} = {width * height:,} pixels is above --max-pixels {max_pixels:,} "
-                        "(a guard against decompression bombs): raise --max-pixels if you trust this file"
-                    )
-                if getattr(opened, "n_frames", 1) > 1:
-                    notes.append(f"has {opened.n_frames} frames; using the first")
-                orientation = opened.getexif().get(0x0112, 1)
-                img = ImageOps.exif_transpose(opened)  # decodes: a truncated file fails here
-                if orientation not in (1, None):
-                    notes.append(f"EXIF orientation {orientation} applied: masks and prompts are in the rotated {img.width} x {img.height} frame")
-                return _to_rgb(img, notes), notes
+        with open_header(path) as opened:
+            width, height = opened.size
+            if width * height > max_pixels:
+                raise InputError(
+                    f"{width} x {height} = {width * height:,} pixels is above {{max_pixels}} {max_pixels:,} "
+                    "(a guard against decompression bombs): raise {max_pixels} if you trust this file",
+                    "max_pixels",
+                )
+            if getattr(opened, "n_frames", 1) > 1:
+                notes.append(f"has {opened.n_frames} frames; using the first")
+            orientation = opened.getexif().get(0x0112, 1)
+            img = ImageOps.exif_transpose(opened)  # decodes: a truncated file fails here
+            if orientation not in (1, None):
+                notes.append(f"EXIF orientation {orientation} applied: masks and prompts are in the rotated {img.width} x {img.height} frame")
+            return _to_rgb(img, notes), notes
     except InputError:
         raise
+    except Image.DecompressionBombError as error:  # a decoder that checks PIL's own limit again while decoding (TIFF, GIF)
+        raise InputError(
+            f"PIL's decoder for this format refuses it while decoding ({error}): PIL's own limit, "
+            "Image.MAX_IMAGE_PIXELS, applies to it; segment it tile by tile ({tile}: a TIFF is then read window by window)",
+            "tile",
+        ) from error
     except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, EOFError, ...
         raise InputError(_read_error(error)) from error
-    finally:
-        Image.MAX_IMAGE_PIXELS = bomb_limit
+
+
+def open_header(path: str | os.PathLike) -> ImageFile.ImageFile:
+    """The image file opened as `PIL.Image.open` opens it (the header only, nothing decoded), minus
+    its decompression-bomb check: that check reads PIL's process-wide `Image.MAX_IMAGE_PIXELS`,
+    which a caller with its own limit would otherwise have to change for every thread. Check
+    `.size` against your limit before decoding. Close it (or use `with`).
+
+    Raises:
+        UnidentifiedImageError: no format PIL knows accepts the file; OSError: it cannot be read.
+    """
+    filename = os.fspath(path)
+    with open(filename, "rb") as f:
+        prefix = f.read(16)
+    for load_plugins in (Image.preinit, Image.init):  # the common formats first, then all: as Image.open
+        load_plugins()
+        for fmt in list(Image.ID):
+            factory, accept = Image.OPEN[fmt]
+            accepted = True if accept is None else accept(prefix)
+            if not accepted or isinstance(accepted, str):  # a str: "this format, but unsupported" (Image.open warns)
+                continue
+            try:
+                return factory(filename, filename)  # ImageFile opens the path and closes it with the image
+            except (SyntaxError, IndexError, TypeError, struct.error):
+                continue
+    raise Image.UnidentifiedImageError(f"cannot identify image file {filename!r}")
 
 
 def _read_error(error: Exception) -> str:

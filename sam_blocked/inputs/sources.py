@@ -13,6 +13,8 @@ Either way the pixels are converted as read_image converts them: grayscale, pale
 RGBA, CMYK and 1-bit to RGB (alpha dropped), 16-bit, 32-bit and float stretched linearly
 from the image's minimum..maximum to 0..255; the source's `notes` say what was converted.
 Bad input raises `InputError`, the error that makes one image fail while a run goes on.
+The sources themselves: `ImageSource` and `ArraySource` in sam_blocked.inputs.base,
+`TiffSource` in sam_blocked.inputs.tiff; this module only picks one.
 """
 
 from __future__ import annotations
@@ -21,85 +23,14 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
+from sam_blocked.inputs.base import ArraySource, ImageSource
 from sam_blocked.inputs.images import DEFAULT_MAX_PIXELS, read_image
-from sam_blocked.inputs.geo import GeoInfo
+from sam_blocked.inputs.tiff import TiffSource
 
 TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic TIFF, BigTIFF; little and big endian
 WHOLE_NOTE_BYTES = 256 * 2**20  # decoded-whole images above this get a note pointing to tiled TIFF
-Box = tuple[int, int, int, int]
 
-
-class ImageSource:
-    """An RGB image read by windows. Use as a context manager, or call close(). One reader per
-    thread or process: open the path again there (a source keeps file handles and a cache).
-
-    Attributes:
-        height, width: the image size in pixels (full resolution).
-        notes: what was converted or ignored on the way (shown in a run's summary).
-        geo: the CRS and affine transform of a georeferenced input, else None.
-    """
-
-    height: int
-    width: int
-    notes: list[str]
-    geo: Optional[GeoInfo] = None
-
-    def read(self, box: Box) -> np.ndarray:
-        """The pixels of one window.
-
-        Args:
-            box: (x0, y0, x1, y1), end-exclusive, inside the image.
-
-        Returns:
-            (y1 - y0, x1 - x0, 3) uint8 RGB, a new array.
-        """
-        x0, y0, x1, y1 = check_box(box, self.height, self.width)
-        return self._read(x0, y0, x1, y1)
-
-    def _read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release the file; reading after this fails."""
-
-    def __enter__(self) -> "ImageSource":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class ArraySource(ImageSource):
-    """An image already decoded whole: windows are copies of its slices.
-
-    Args:
-        image: (H, W, 3) uint8 RGB.
-        notes: what was converted.
-        geo: its georeferencing, if any.
-    """
-
-    def __init__(self, image: np.ndarray, notes: Optional[list[str]] = None, geo: Optional[GeoInfo] = None) -> None:
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"ArraySource takes an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
-        self.image = image
-        self.height, self.width = image.shape[:2]
-        self.notes = list(notes or [])
-        self.geo = geo
-
-    def _read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-        return self.image[y0:y1, x0:x1].copy()  # (h, w, 3)
-
-
-def check_box(box: Box, height: int, width: int) -> Box:
-    """`box` as four ints after checking x0 < x1 <= width and y0 < y1 <= height (ValueError if not)."""
-    if len(box) != 4:
-        raise ValueError(f"window {box!r} must be (x0, y0, x1, y1)")
-    x0, y0, x1, y1 = (int(v) for v in box)
-    if (x0, y0, x1, y1) != tuple(box) or not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-        raise ValueError(f"window {tuple(box)} is not whole pixels with 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}")
-    return x0, y0, x1, y1
+__all__ = ["ArraySource", "ImageSource", "TiffSource", "is_tiff", "open_image"]  # the sources live in base.py and tiff.py
 
 
 def is_tiff(path: str | os.PathLike) -> bool:
@@ -129,8 +60,6 @@ def open_image(path: str | os.PathLike, max_pixels: Optional[int] = None) -> Ima
     """
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if is_tiff(path):
-        from sam_blocked.inputs.tiff import TiffSource  # tiff.py builds on ImageSource, defined above
-
         return TiffSource(Path(path), limit)
     image, notes = read_image(path, limit)
     if image.nbytes > WHOLE_NOTE_BYTES:

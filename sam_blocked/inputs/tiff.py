@@ -29,7 +29,7 @@ from tifffile import PHOTOMETRIC
 
 from sam_blocked.inputs.images import InputError, stretch_to_uint8
 from sam_blocked.inputs.geo import read_geo
-from sam_blocked.inputs.sources import ImageSource
+from sam_blocked.inputs.base import ImageSource
 
 CHUNK_LIMIT = 256 * 2**20  # decoded bytes of one tile or strip above which a file is decoded whole
 SCAN_BYTES = 64 * 2**20  # raw bytes per window while scanning a 16-bit / float image for its range
@@ -159,8 +159,9 @@ class TiffSource(ImageSource):
         if self.height * self.width > max_pixels:
             raise InputError(
                 f"{self.width} x {self.height} TIFF stored {what}: reading it by windows would decode a whole "
-                f"strip or tile each time, and decoding it whole is above --max-pixels {max_pixels:,}: {MAKE_TILED}, "
-                "or raise --max-pixels if it fits in memory"
+                f"strip or tile each time, and decoding it whole is above {{max_pixels}} {max_pixels:,}: {MAKE_TILED}, "
+                "or raise {max_pixels} if it fits in memory",
+                "max_pixels",
             )
         self._whole = self._raw_zarr(0, 0, self.width, self.height)
         self.notes.append(f"stored {what}: decoded whole; a tiled TIFF keeps memory to the window")

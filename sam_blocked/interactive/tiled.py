@@ -187,8 +187,8 @@ def as_prompt(prompts: Prompts) -> Prompt:
     return Prompt("click", foreground, background, prompts.box)
 
 
-def route(prompts: Prompts, size: tuple[int, int], tiling: Tiling) -> TileTask:
-    """The tile for `prompts` (plan_prompts: the grid tile holding them with the largest margin, else one centred on them).
+def tile_for_prompts(prompts: Prompts, size: tuple[int, int], tiling: Tiling) -> TileTask:
+    """The tile to encode for the clicked `prompts` (plan_prompts: the grid tile holding them with the largest margin, else one centred on them).
 
     Raises:
         ValueError: the prompts span more than a tile, saying what to do.
@@ -239,7 +239,7 @@ def segment_in_tile(
     max_block_mb: Optional[float],
     stock_limit_bytes: Optional[int],
 ) -> TileMasks:
-    """Route `prompts`, encode their tile unless `cache` holds it, and decode three candidates there.
+    """Find the tile for `prompts` (tile_for_prompts), encode it unless `cache` holds it, and decode three candidates there.
 
     Args:
         sam: a stock model whose input size is tiling.tile (patched for the encode only).
@@ -249,7 +249,7 @@ def segment_in_tile(
         settings_key: what the encode depends on besides the tile (model settings, blocking).
         chunks, max_block_mb, stock_limit_bytes: as interactive.encode.
     """
-    task = route(prompts, image.shape[:2], tiling)
+    task = tile_for_prompts(prompts, image.shape[:2], tiling)
     key = (task.box, settings_key)
     entry = cache.get(key)
     encoded = entry is None

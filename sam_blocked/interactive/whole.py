@@ -40,19 +40,20 @@ BOX_COLOR = (255, 200, 0)
 # ---------------------------------------------------------------------------- images and prompts
 
 
-def load_image(
-    path: str | os.PathLike, max_pixels: int = MAX_PIXELS, max_upload_mb: float = MAX_UPLOAD_MB, pixels_flag: str = "--max-pixels"
-) -> tuple[np.ndarray, list[str]]:
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, max_upload_mb: float = MAX_UPLOAD_MB) -> tuple[np.ndarray, list[str]]:
     """Read an image file as (H, W, 3) uint8 RGB: segment.read_image behind a file-size cap.
 
     Args:
         path: an image file (anything Pillow reads; EXIF orientation applied, frame 0).
         max_pixels: refuse images with more pixels than this (checked before decoding).
         max_upload_mb: refuse files larger than this many MiB.
-        pixels_flag: the flag that sets max_pixels, as the refusal names it.
 
     Returns:
         (image, notes): notes say what was converted (mode, orientation, frames).
+
+    Raises:
+        InputError: the file is too large, unreadable or not an image; the refusal of a
+            large image names the setting max_pixels, for the front end to spell.
     """
     name = Path(path).name
     size = os.path.getsize(path)
@@ -61,7 +62,7 @@ def load_image(
     try:
         return read_image(path, max_pixels)
     except InputError as error:
-        raise ValueError(f"{name}: {str(error).replace('--max-pixels', pixels_flag)}") from None
+        raise InputError(f"{name}: {error.template}", *error.settings) from None
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,9 @@ class Prompts:
         return not self.points and self.box is None
 
 
-def check_prompts(prompts: Prompts, size: tuple[int, int]) -> Prompts:
-    """Refuse points or a box outside an image of `size` (H, W); returns `prompts`."""
+def check_clicks(prompts: Prompts, size: tuple[int, int]) -> Prompts:
+    """Refuse clicked points or a box outside an image of `size` (H, W); returns `prompts`.
+    (A batch run's prompt sets are checked by sam_blocked.inputs.prompts.check_prompts.)"""
     h, w = size
     for x, y in prompts.points:
         if not (0 <= x < w and 0 <= y < h):
@@ -121,7 +123,7 @@ def parse_prompts(text: str, size: tuple[int, int]) -> tuple[Prompts, Optional[i
     prompts = Prompts(tuple((float(x), float(y)) for x, y in points), tuple(int(v) for v in labels), None if box is None else tuple(map(float, box)))
     if prompts.empty:
         raise ValueError('no prompt given: send at least one point ("points": [[x, y]]) or a "box"')
-    return check_prompts(prompts, size), index
+    return check_clicks(prompts, size), index
 
 
 def _numbers(value: object, n: int) -> bool:

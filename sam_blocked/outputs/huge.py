@@ -29,6 +29,7 @@ from sam_blocked.tiles.crops import MaskCrop
 from sam_blocked.inputs.geo import GeoInfo
 from sam_blocked.outputs.labels import save_label_tiff
 from sam_blocked.outputs.table import object_records, object_table
+from sam_blocked.outputs.writer import OutputWriter
 
 TILED_FORMATS = ("labels", "coco", "table", "png")
 DEFAULT_TILED_FORMATS = ("labels", "coco", "table")
@@ -53,7 +54,7 @@ def check_tiled_formats(formats: Sequence[str], height: int, width: int) -> None
         )
 
 
-class HugeImageOutputs:
+class HugeImageOutputs(OutputWriter):
     """The output files of one huge image: finals(), complete(), clean(), then commit().
 
     Args:

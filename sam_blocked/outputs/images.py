@@ -32,6 +32,7 @@ from pycocotools import mask as mask_utils
 
 from sam_blocked.inputs.images import ImageItem, InputError
 from sam_blocked.inputs.prompts import Prompt
+from sam_blocked.outputs.writer import OutputWriter
 
 FORMATS = ("png", "coco")
 PREVIEW_SIZE = 1024
@@ -105,10 +106,10 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-class ImageOutputs:
+class ImageOutputs(OutputWriter):
     """The output files of one image: staged under .NAME.partial names, renamed by commit().
 
-    Use: clean(), begin(), add() per mask, commit(); clean() again on any failure.
+    Use: clean(), check(), begin(), add() per mask, commit(); clean() again on any failure.
 
     Args:
         output: the run's output folder.
@@ -142,6 +143,9 @@ class ImageOutputs:
             _remove(_partial(path, self.staged))
         if self.folder is not None:
             _remove(_partial(self.folder, self.replaced))
+
+    def check(self, height: int, width: int) -> None:
+        """Every size fits: an image written whole is bounded by max_pixels before it is read."""
 
     def begin(self, item: ImageItem, image: np.ndarray, prompts: Sequence[Prompt]) -> None:
         if self.folder is not None and self.folder.exists() and not (self.folder / "metadata.csv").is_file():

@@ -1,8 +1,10 @@
 """One image tile by tile, in this process: plan, run each tile once, stitch.
 
-The local engine over sam_blocked.tiles' pieces; another engine (a pool of workers)
-calls the same three: plan_tiles on the driver, segment_tile per task in the workers,
-stitch_tiles on the driver (sam_blocked.engines.ray).
+`run_tiles` is the one tile loop: the batch run's unit of work (sam_blocked.engines.unit)
+and `segment_tiled` (the demo's "segment everything") both go through it, each with its
+own way to run one tile. Another engine (a pool of workers) calls the same pieces apart:
+plan_tiles on the driver, segment_tile per task in the workers, stitch_tiles on the driver
+(sam_blocked.engines.ray).
 """
 
 from __future__ import annotations
@@ -66,13 +68,32 @@ def segment_tiled(
     if size != tiling.tile:
         raise ValueError(f"the model's input size is {size} px but the tile is {tiling.tile} px: the tile must be the input size")
     tasks = plan_tiles(tiling, height, width, prompts, points_per_side)
+    masks = run_tiles(tasks, lambda task: segment_tile(predictor, source, task, settings), prompts is not None, settings, on_tile)
+    return TiledResult(masks, len(tiling.boxes(height, width)), len(tasks))
+
+
+def run_tiles(
+    tasks: Sequence[TileTask],
+    segment_one: Callable[[TileTask], list[MaskCrop]],
+    prompt_mode: bool,
+    settings: DecodeSettings,
+    on_tile: Optional[Callable[[int, int], None]] = None,
+) -> list[MaskCrop]:
+    """The tile loop: each task's crops, in order, once each, then the image's masks stitched.
+
+    Args:
+        tasks: from plan_tiles.
+        segment_one: one tile's crops (segment_tile, or a caller's wrapper around it).
+        prompt_mode: stitch prompt sets (stitch_prompts), else grid points (stitch_points).
+        settings: decoding settings (box_nms_thresh for stitching points).
+        on_tile: called with (tiles done, tiles to do) after each tile.
+    """
     crops: list[MaskCrop] = []
     for done, task in enumerate(tasks, start=1):
-        crops += segment_tile(predictor, source, task, settings)
+        crops += segment_one(task)
         if on_tile is not None:
             on_tile(done, len(tasks))
-    masks = stitch_tiles(crops, prompts is not None, settings)
-    return TiledResult(masks, len(tiling.boxes(height, width)), len(tasks))
+    return stitch_tiles(crops, prompt_mode, settings)
 
 
 def plan_tiles(tiling: Tiling, height: int, width: int, prompts: Optional[Sequence[Prompt]], points_per_side: int) -> list[TileTask]:

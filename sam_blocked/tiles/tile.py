@@ -37,6 +37,7 @@ from torchvision.ops.boxes import batched_nms
 
 from sam_blocked.masks import prompt_masks
 from sam_blocked.inputs.prompts import Prompt
+from sam_blocked.inputs.sources import open_image
 from sam_blocked.tiles.crops import MaskCrop
 from sam_blocked.tiles.geometry import Box, touches_inner_edge
 from sam_blocked.tiles.plan import TileTask
@@ -55,8 +56,6 @@ Source = Union[str, os.PathLike, np.ndarray, TileSource]
 def opened(source: Source) -> Iterator[Union[np.ndarray, TileSource]]:
     """A path opened with sam_blocked.inputs.sources.open_image (closed on exit); an array or source as it is."""
     if isinstance(source, (str, os.PathLike)):
-        from sam_blocked.inputs.sources import open_image
-
         with open_image(source) as image:
             yield image
     else:
