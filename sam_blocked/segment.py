@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from sam_blocked.engines.base import Engine, RunContext, UnitRecord
 from sam_blocked.engines.local import LocalEngine
-from sam_blocked.inputs.errors import SettingError, spell
+from sam_blocked.errors import SettingError, spell
 from sam_blocked.inputs.images import ImageItem
 from sam_blocked.masks import auto_masks, prompt_masks
 from sam_blocked.engines.options import AMG_SETTINGS, SegmentOptions

@@ -369,7 +369,7 @@ def test_read_image_never_turns_off_pils_bomb_guard_for_other_threads(tmp_path, 
 
 def test_refusals_name_the_setting_and_the_cli_says_its_flag(tmp_path):
     """The library names max_pixels; the CLI spells it --max-pixels, in its errors and in the run's reasons."""
-    from sam_blocked.inputs.errors import FlagNames, SettingError
+    from sam_blocked.errors import FlagNames, SettingError
 
     big = tmp_path / "big.png"
     _photo((700, 500)).save(big)

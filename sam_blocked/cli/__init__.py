@@ -16,7 +16,7 @@ import pkgutil
 import sys
 from typing import Sequence
 
-from sam_blocked.inputs.errors import FlagNames, spell
+from sam_blocked.errors import FlagNames, spell
 
 # Each setting's flag: its name with dashes, but for these (setting -> flag name).
 FLAGS = FlagNames({"formats": "format"})

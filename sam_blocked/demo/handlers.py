@@ -36,7 +36,7 @@ from PIL import Image
 from sam_blocked.demo.session import VIEW, DemoSession, check_whole, decode, is_tiled, prepare, view  # noqa: F401  (VIEW: demo_ui's)
 from sam_blocked.demo.memory_panel import format_memory  # noqa: F401  (re-exported: demo.X is the UI's and the tests' name)
 from sam_blocked.demo.settings import DemoSettings, banner, check_settings, list_examples, load_model  # noqa: F401  (as format_memory)
-from sam_blocked.inputs.errors import InputError
+from sam_blocked.errors import InputError
 from sam_blocked.interactive.whole import Prompts, check_clicks, encode, load_image, mask_image, parse_prompts, predict, segment_everything
 from sam_blocked.interactive.tiled import TileCache, full_mask, segment_everything_tiled, segment_in_tile
 from sam_blocked.models.load import ModelSettings

@@ -50,7 +50,7 @@ class RunContext:
         log: takes a line for the run log (echo=True: also to the terminal).
         on_tile: called with (image name, tiles done, tiles to do) as tiles finish.
         names: how the front end spells a setting in failure reasons (the CLI: max_pixels is
-            --max-pixels; sam_blocked.inputs.errors); settings a message names, as they are, where absent.
+            --max-pixels; sam_blocked.errors); settings a message names, as they are, where absent.
     """
 
     output: Path

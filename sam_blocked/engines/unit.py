@@ -25,7 +25,7 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 
-from sam_blocked.inputs.errors import InputError, spell
+from sam_blocked.errors import InputError, spell
 from sam_blocked.inputs.images import ImageItem, read_image
 from sam_blocked.masks import auto_masks, prompt_masks
 from sam_blocked.memory.measure import peak_bytes, reset_peak

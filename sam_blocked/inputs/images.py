@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from sam_blocked.inputs.errors import InputError
+from sam_blocked.errors import InputError
 
 DEFAULT_MAX_PIXELS = 16384 * 16384  # PIL's own bomb limit (89.5 MPix) is below a 12000 x 9000 scan
 _HIGH_BITS_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
