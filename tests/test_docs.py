@@ -66,3 +66,28 @@ def _importable(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:  # a parent package is missing
         return False
+
+
+def _python_imports() -> list[tuple[str, str]]:
+    """(page, line) for every `import sam_blocked...` / `from sam_blocked... import` line in a
+    ```python block of README.md and docs/: a renamed module breaks these, and mkdocs never runs them."""
+    found = []
+    for page in [README, *sorted((ROOT / "docs").rglob("*.md"))]:
+        for block in re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
+            for line in block.splitlines():
+                line = line.split("#")[0].strip()
+                if re.match(r"(from sam_blocked[\w.]* import [\w, ]+|import sam_blocked[\w.]*)$", line):
+                    found.append((str(page.relative_to(ROOT)), line))
+    return found
+
+
+def test_the_imports_in_the_documentation_run():
+    imports = _python_imports()
+    assert imports, "no sam_blocked import found in README.md or docs/ code blocks: the scan is broken"
+    failed = []
+    for page, line in imports:
+        try:
+            exec(line, {})
+        except ImportError as error:
+            failed.append(f"{page}: {line} ({error})")
+    assert not failed, "imports in the documentation's code that no longer run:\n" + "\n".join(failed)
