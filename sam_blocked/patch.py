@@ -8,6 +8,9 @@ alongside: their norms and MLP run a chunk of tokens at a time (sam_blocked.enco
 and state_dict keys stay as they were, so a checkpoint loads before or after patching,
 and unpatching swaps the class back. For every model of the process at once, without the
 model object, see sam_blocked.switch (enable / disable).
+
+A patched model scripts, traces and exports (torch.jit, torch.fx, torch.export, ONNX) as a
+stock one does, computing stock attention there (sam_blocked.adapters.base: compiled, not run).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Iterator, Optional
 import segment_anything.modeling.image_encoder as _sam_image_encoder
 import torch
 
-from sam_blocked import adapters, switch
+from sam_blocked import adapters
+from sam_blocked.adapters import state
 from sam_blocked.adapters.base import ATTENTION, STOCK_FLAG, ClassPatch
 from sam_blocked.attention.blocked import DEFAULT_CHUNKS
 from sam_blocked.encoder.layer import BlockConfig, check_config
@@ -52,9 +56,10 @@ def patch_sam(
         chunks: blocks per (batch*head) score matrix: q_bands x k_bands (16 -> 4 x 4).
         max_block_mb: instead of chunks, a budget in MiB for the largest float32 score
             block; the blocking is then chosen per layer and per input size.
-        backend: "blocked", "sdpa", "flashbias", "flex" (sam_blocked.attention.dispatch), or "auto":
-            chosen per call from the device, dtype and token grid. A named backend that
-            cannot run a call raises a ValueError from forward saying why.
+        backend: one of sam_blocked.attention.dispatch.BACKENDS (the module's docstring says
+            what each computes), or "auto": chosen per call from the device, dtype and token
+            grid. A named backend that cannot run a call raises a ValueError from forward
+            saying why.
 
     Returns:
         `model`, patched.
@@ -88,7 +93,7 @@ def is_patched(model: torch.nn.Module) -> bool:
     blocked: patched by patch_sam, or by enable()."""
     adapters.attention_layers(model)  # a ValueError when there is none
     return all(
-        type(module) is patch.patched or switch.runs_blocked(module, patch)
+        type(module) is patch.patched or state.runs_blocked(module, patch)
         for _, module, patch in adapters.find(model)[0]
     )
 

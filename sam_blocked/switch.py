@@ -12,66 +12,42 @@ While the switch is on:
 - `patch.stock(model)` (and verify_equivalence) run the model's layers stock: they are
   marked with STOCK_FLAG for the `with` body;
 - only the library's own classes switch: a subclass runs its own forward;
-- a layer the adapter does not cover (timm with a rope, dropout while training) runs stock
-  and warns once with the reason: nothing is refused mid-run, nothing falls back silently.
+- a layer the adapter does not cover (timm with a rope, dropout while training), or a call
+  it must leave stock (transformers' eager attention asked for its weights), runs stock
+  and warns once with the reason: nothing is refused mid-run, nothing falls back silently;
+- a model that is compiled rather than run (torch.jit.script, torch.jit.trace, torch.fx,
+  torch.compile, torch.export, torch.onnx.export) sees stock's forward and records stock's
+  graph, silently: that is what compiling asks for (sam_blocked.adapters.base).
+
+report() counts each call once it returned, as what it ran: blocked, or stock. The live
+state (the settings in force, the report) lives in sam_blocked.adapters.state, which the
+adapters read without importing this module.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-from collections import Counter
-from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable, Iterator, Optional
 
-import torch
-
 from sam_blocked import adapters
-from sam_blocked.adapters.base import ATTENTION, BLOCK, STOCK_FLAG, WRAPPED_FORWARD, ClassPatch, records_autograd, warn_once
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS
+from sam_blocked.adapters import state
+from sam_blocked.adapters.base import ATTENTION, BLOCK, STOCK_FLAG, WRAPPED_FORWARD, ClassPatch, compiling, records_autograd, stands_in_for, warn_once, warn_stock_call
 from sam_blocked.adapters.import_hooks import PostImportFinder
+from sam_blocked.adapters.state import SwitchReport
+from sam_blocked.attention.blocked import DEFAULT_CHUNKS
 from sam_blocked.encoder.layer import BlockConfig, check_config
 
-_config: Optional[BlockConfig] = None
+__all__ = ["SwitchReport", "disable", "enable", "enabled", "is_enabled", "report", "runs_blocked"]
+
 _replaced: list[tuple[type, Optional[Callable[..., Any]]]] = []  # (class, its own forward before), in order
 _finder = PostImportFinder(adapters.ADAPTERS, lambda module: _on_import(module))
 
 
-@dataclass
-class SwitchReport:
-    """What ran blocked since enable(): distinct layers and calls per library, and the settings."""
-
-    config: Optional[BlockConfig]
-    layers: Counter = field(default_factory=Counter)  # library -> distinct modules that ran blocked
-    calls: Counter = field(default_factory=Counter)  # library -> blocked calls
-    stock_layers: Counter = field(default_factory=Counter)  # library -> distinct modules run stock (not covered)
-    _seen: set = field(default_factory=set, repr=False)
-
-    def count(self, library: str, module: torch.nn.Module, blocked: bool) -> None:
-        key = (library, id(module), blocked)
-        if key not in self._seen:
-            self._seen.add(key)
-            (self.layers if blocked else self.stock_layers)[library] += 1
-        if blocked:
-            self.calls[library] += 1
-
-    def __str__(self) -> str:
-        if self.config is None:
-            return "blocked attention is off"
-        c = self.config
-        blocking = f"max_block_mb={c.max_block_mb:g}" if c.max_block_mb is not None else f"chunks={c.chunks}"
-        settings = f"backend {c.backend}, {blocking}"
-        if not self.layers and not self.stock_layers:
-            return f"blocked attention on ({settings}), but no SAM image-encoder attention ran"
-        ran = ", ".join(f"{n} {lib} attention layer{'s' * (n != 1)} ({self.calls[lib]} calls)" for lib, n in self.layers.items())
-        line = f"blocked attention ({settings}): {ran or 'no layer'} ran blocked"
-        if self.stock_layers:
-            line += "; left stock (not covered, see the warning): " + ", ".join(f"{n} {lib}" for lib, n in self.stock_layers.items())
-        return line
-
-
-_report = SwitchReport(None)
+def __getattr__(name: str) -> Any:
+    if name == "_config":  # the settings in force live in sam_blocked.adapters.state
+        return state.config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def enable(chunks: int = DEFAULT_CHUNKS, max_block_mb: Optional[float] = None, backend: str = "auto") -> BlockConfig:
@@ -83,16 +59,16 @@ def enable(chunks: int = DEFAULT_CHUNKS, max_block_mb: Optional[float] = None, b
     Args:
         chunks: blocks per (batch*head) score matrix: q_bands x k_bands (16 -> 4 x 4).
         max_block_mb: instead of chunks, a budget in MiB for the largest float32 score block.
-        backend: "auto", "blocked", "sdpa", "flashbias" or "flex" (sam_blocked.attention.dispatch).
+        backend: "auto", or one of sam_blocked.attention.dispatch.BACKENDS (the module's
+            docstring says what each computes).
 
     Returns:
         The settings now in force.
     """
-    global _config, _report
     config = check_config(chunks, max_block_mb, backend)
-    if _config is None:
-        _report = SwitchReport(config)
-    _config = _report.config = config
+    if state.config is None:
+        state.report = SwitchReport(config)
+    state.config = state.report.config = config
     _finder.install()
     for patch in adapters.imported_patches():
         _switch_on(patch)
@@ -101,7 +77,6 @@ def enable(chunks: int = DEFAULT_CHUNKS, max_block_mb: Optional[float] = None, b
 
 def disable() -> None:
     """Put back every forward enable() replaced, exactly; layers patched by patch_sam stay patched."""
-    global _config
     _finder.uninstall()
     while _replaced:
         cls, forward = _replaced.pop()
@@ -109,13 +84,13 @@ def disable() -> None:
             delattr(cls, "forward")
         else:
             setattr(cls, "forward", forward)
-    _config = None
+    state.config = None
 
 
 @contextlib.contextmanager
 def enabled(chunks: int = DEFAULT_CHUNKS, max_block_mb: Optional[float] = None, backend: str = "auto") -> Iterator[BlockConfig]:
     """enable(...) for the `with` body, then the switch as it was before (off, or its settings), also on an exception."""
-    before = _config
+    before = state.config
     config = enable(chunks, max_block_mb, backend)
     try:
         yield config
@@ -128,24 +103,16 @@ def enabled(chunks: int = DEFAULT_CHUNKS, max_block_mb: Optional[float] = None, 
 
 def is_enabled() -> bool:
     """True between enable() and disable()."""
-    return _config is not None
+    return state.config is not None
 
 
 def report() -> SwitchReport:
-    """What ran blocked through the switch since it was last turned on."""
-    return _report
+    """What ran blocked through the switch since it was last turned on: each call counted
+    once it returned, as what it ran (blocked, or stock with the reason warned)."""
+    return state.report
 
 
-def runs_blocked(module: torch.nn.Module, patch: ClassPatch) -> bool:
-    """True when the switch runs `module` (an instance of patch.stock) blocked right now."""
-    forward = type(module).__dict__.get("forward")
-    return (
-        _config is not None
-        and type(module) is patch.stock
-        and getattr(forward, WRAPPED_FORWARD, None) is not None
-        and not module.__dict__.get(STOCK_FLAG)
-        and not patch.reasons(module)
-    )
+runs_blocked = state.runs_blocked
 
 
 def _switch_on(patch: ClassPatch) -> None:
@@ -160,10 +127,9 @@ def _switch_on(patch: ClassPatch) -> None:
 def _switched_forward(patch: ClassPatch) -> Callable[..., Any]:
     stock_forward = patch.stock_forward
 
-    @functools.wraps(stock_forward)
     def forward(self, *args, **kwargs):
-        config = _config
-        if config is None or type(self) is not patch.stock or self.__dict__.get(STOCK_FLAG):
+        config = state.config
+        if config is None or type(self) is not patch.stock or self.__dict__.get(STOCK_FLAG) or compiling(args, kwargs):
             return stock_forward(self, *args, **kwargs)
         if records_autograd(self, args, kwargs, patch.name):
             return stock_forward(self, *args, **kwargs)
@@ -173,18 +139,25 @@ def _switched_forward(patch: ClassPatch) -> Callable[..., Any]:
                 f"switch-{patch.name}-{why[0]}",
                 f"sam_blocked left a {patch.name} stock: {'; '.join(why)}",
             )
-            if patch.kind == ATTENTION:  # a block left stock calls its attention, which reports itself
-                _report.count(patch.library, self, blocked=False)
-            return stock_forward(self, *args, **kwargs)
-        if patch.kind in (ATTENTION, BLOCK):  # a BLOCK computes its attention itself; an MLP block calls it
-            _report.count(patch.library, self, blocked=True)
-        return patch.blocked_forward(self, config, *args, **kwargs)
+        else:
+            why_call = patch.stock_call(self, *args, **kwargs)
+            if why_call is None:
+                out = patch.blocked_forward(self, config, *args, **kwargs)
+                if patch.kind in (ATTENTION, BLOCK):  # a BLOCK computes its attention itself; an MLP block calls it
+                    state.report.count(patch.library, self, blocked=True)
+                return out
+            warn_stock_call(patch.name, why_call)
+        out = stock_forward(self, *args, **kwargs)
+        if patch.kind == ATTENTION:  # a block left stock calls its attention, which reports itself
+            state.report.count(patch.library, self, blocked=False)
+        return out
 
+    forward = stands_in_for(stock_forward, forward)
     setattr(forward, WRAPPED_FORWARD, stock_forward)
     return forward
 
 
 def _on_import(module: ModuleType) -> None:
-    if _config is not None:
+    if state.config is not None:
         for patch in adapters.patches_of(module):
             _switch_on(patch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -188,3 +189,31 @@ def test_libraries_imported_later_are_patched_on_import_and_on_reload():
         """
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_report_counts_what_ran_weights_asked_for_run_stock():
+    model, _ = transformers_vision("eager")
+    x = pixels()
+    with torch.no_grad(), sam_blocked.enabled(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model(pixel_values=x, output_attentions=True)
+        assert len(out.attentions) == 2
+        assert switch.report().stock_layers["transformers"] == 2
+        assert switch.report().layers["transformers"] == 0 and switch.report().calls["transformers"] == 0
+        model(pixel_values=x)  # no weights wanted: the same layers run blocked
+        assert switch.report().layers["transformers"] == 2 and switch.report().calls["transformers"] == 2
+        assert "2 transformers attention layers (2 calls) ran blocked; left stock (see the warning): 2 transformers" in str(switch.report())
+    assert any("attention weights were asked for" in str(w.message) for w in caught)
+
+
+def test_report_counts_a_layer_built_where_a_freed_one_was():
+    x = torch.randn(1, 6, 6, 32)
+    with torch.no_grad(), sam_blocked.enabled():
+        for _ in range(3):  # each freed before the next is built: CPython may give it the same id()
+            layer = Attention(32, num_heads=2, use_rel_pos=True, input_size=(6, 6)).eval()
+            layer(x)
+            layer(x)
+            del layer
+            gc.collect()
+        assert switch.report().layers["segment_anything"] == 3
+        assert switch.report().calls["segment_anything"] == 6

@@ -18,64 +18,23 @@ The encoder blocks (Block, Sam*VisionLayer) are patched alongside their attentio
 token-wise half (norms, MLP, residual adds) runs a chunk of tokens at a time
 (sam_blocked.encoder.block, sam_blocked.encoder.tokenwise). `find(model)` walks a model of any of them
 and returns each supported layer with its ClassPatch. To support another class, return one more ClassPatch from the adapter's
-`class_patches`; another library: one more file and one more ADAPTERS entry.
+`class_patches`; another library: one more file and one more ADAPTERS entry (sam_blocked.adapters.registry).
+The switch's live state (its settings, its report) lives in sam_blocked.adapters.state, below
+both the adapters and sam_blocked.switch.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from types import ModuleType
 from typing import Optional
 
 import torch
 
 from sam_blocked.adapters.base import ATTENTION, ClassPatch, EncoderCall
+from sam_blocked.adapters.registry import ADAPTERS, imported_patches, patch_of, patches_of
 
-# library module that defines the classes -> the adapter module that patches them
-ADAPTERS: dict[str, str] = {
-    "segment_anything.modeling.image_encoder": "sam_blocked.adapters.segment_anything",
-    "segment_anything_hq.modeling.image_encoder": "sam_blocked.adapters.sam_hq",
-    "transformers.models.sam.modeling_sam": "sam_blocked.adapters.transformers",
-    "transformers.models.sam_hq.modeling_sam_hq": "sam_blocked.adapters.transformers",
-    "timm.models.vision_transformer_sam": "sam_blocked.adapters.timm",
-}
-
-_loaded: dict[str, tuple[ModuleType, list[ClassPatch]]] = {}  # library module name -> (module, its patches)
-_by_class: dict[type, ClassPatch] = {}  # stock and patched classes of every module read so far -> their patch
-
-
-def patches_of(module: ModuleType) -> list[ClassPatch]:
-    """The ClassPatches for a loaded library module (one of ADAPTERS), read once per version of its classes.
-
-    A reloaded module (importlib.reload) defines new classes: they get new patches, and the
-    old classes keep theirs, so models built before the reload stay recognised.
-    """
-    name = module.__name__
-    cached = _loaded.get(name)
-    if cached is not None and cached[0] is module and all(module.__dict__.get(p.stock.__name__) is p.stock for p in cached[1]):
-        return cached[1]
-    adapter = importlib.import_module(ADAPTERS[name])
-    patches = adapter.class_patches(module)
-    _loaded[name] = (module, patches)
-    for patch in patches:
-        _by_class[patch.stock] = _by_class[patch.patched] = patch
-    return patches
-
-
-def imported_patches() -> list[ClassPatch]:
-    """The ClassPatches of every supported library module imported so far (none is imported here)."""
-    patches = []
-    for name in ADAPTERS:
-        module = sys.modules.get(name)
-        if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
-            patches += patches_of(module)
-    return patches
-
-
-def patch_of(module: torch.nn.Module) -> Optional[ClassPatch]:
-    """The ClassPatch whose stock or patched class `module` is an instance of exactly, or None."""
-    return _by_class.get(type(module))
+__all__ = ["ADAPTERS", "attention_layers", "encoder_call", "find", "imported_patches", "no_attention_error", "patch_of", "patches_of"]
 
 
 def find(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Module, ClassPatch]], list[str]]:

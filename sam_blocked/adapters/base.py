@@ -6,12 +6,22 @@ blocked forward both of them run, and the checks an instance must pass first. Th
 (sam_blocked.switch) uses the same ClassPatch to change the stock class itself, for every
 model at once. An adapter may list several ClassPatches (transformers has an eager and an
 SDPA attention class; an encoder block with a chunked MLP is another kind).
+
+Compiled, not run: where a model is scripted, traced or exported (torch.jit.script,
+torch.jit.trace, torch.fx, torch.compile, torch.export, torch.onnx.export), a patched
+forward steps aside, silently, and stock's forward is what gets compiled: the compiler
+records the library's own graph, as it does for an unpatched model. TorchScript compiles a
+forward from its source: every forward sam_blocked installs (stands_in_for) reads, to the
+compiler, as stock's own source with stock's module globals; the tracers (jit.trace, FX,
+dynamo) call it, and it runs stock's forward while `compiling` says so. A scripted or
+exported model thus computes stock attention, with stock's memory.
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
 import sys
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -37,6 +47,13 @@ EMBED = "embed"
 
 BlockedForward = Callable[..., Any]  # (module, config: BlockConfig, *args, **kwargs) -> the stock forward's output
 Reasons = Callable[[torch.nn.Module], "list[str]"]
+# (module, *args, **kwargs) of one call -> None when it can run blocked, else why it runs stock's
+# forward: a warning, or "" when another layer speaks for it (a block whose attention runs stock).
+StockCall = Callable[..., Optional[str]]
+
+
+def _no_stock_call(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Optional[str]:
+    return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,6 +70,9 @@ class ClassPatch:
         blocked_forward: (module, config, *args, **kwargs) -> what stock_forward returns.
         reasons: why an instance cannot run blocked now (an attribute missing, a rope, dropout
             while training); [] when it can. Checked at patch time and on every call.
+        stock_call: why one call, with these arguments, runs stock's forward (attention
+            weights asked for), or None; decided before the call, so the switch reports
+            what ran.
     """
 
     library: str
@@ -62,6 +82,7 @@ class ClassPatch:
     stock_forward: Callable[..., Any]
     blocked_forward: BlockedForward
     reasons: Reasons
+    stock_call: StockCall = _no_stock_call
 
     @property
     def name(self) -> str:
@@ -93,21 +114,29 @@ def class_patch(
     *,
     home: str,
     kind: str = ATTENTION,
+    stock_call: StockCall = _no_stock_call,
 ) -> ClassPatch:
     """A ClassPatch for `stock`, with its patched subclass defined in the module `home` (for pickle).
 
     The subclass is named Blocked<stock's name> and published as an attribute of `home`, so
     a patched model pickles and unpickles by name. Its forward refuses (ValueError, with the
-    reasons) an instance that `reasons` does not clear.
+    reasons) an instance that `reasons` does not clear, runs stock's forward for a call that
+    `stock_call` names (warning once) and while compiled (silently, see the module's docstring).
     """
     stock_forward = stock_forward_of(stock)
     label = f"{library} {stock.__qualname__}"
 
     def forward(self, *args, **kwargs):
+        if compiling(args, kwargs):
+            return stock_forward(self, *args, **kwargs)
         why = reasons(self)
         if why:
             raise ValueError(f"{label}: blocked attention cannot run this call: {'; '.join(why)}")
         if records_autograd(self, args, kwargs, label):
+            return stock_forward(self, *args, **kwargs)
+        stock_why = stock_call(self, *args, **kwargs)
+        if stock_why is not None:
+            warn_stock_call(label, stock_why)
             return stock_forward(self, *args, **kwargs)
         return blocked_forward(self, self.blocked_config, *args, **kwargs)
 
@@ -119,29 +148,54 @@ def class_patch(
             "__module__": home,
             "__qualname__": name,
             "__doc__": f"{label} with the same parameters and a blocked forward (sam_blocked).",
-            "forward": forward,
-            "__annotations__": {"blocked_config": BlockConfig},
+            "forward": stands_in_for(stock_forward, forward),
+            # stock's own annotations (TorchScript reads Final constants there), and the settings,
+            # which TorchScript leaves out of a scripted module: it runs stock's forward.
+            "__annotations__": {**stock.__dict__.get("__annotations__", {}), "blocked_config": BlockConfig},
+            "__jit_ignored_attributes__": [*getattr(stock, "__jit_ignored_attributes__", []), "blocked_config"],
         },
     )
     setattr(sys.modules[home], name, patched)
-    return ClassPatch(library, kind, stock, patched, stock_forward, blocked_forward, reasons)
+    return ClassPatch(library, kind, stock, patched, stock_forward, blocked_forward, reasons, stock_call)
 
 
-def patched_class_named(home: str, modules: tuple[str, ...], name: str) -> type:
-    """An adapter module's `__getattr__`: its patched classes exist once its library modules are
-    read, so a patched model unpickled in a fresh process reads them (importing the library,
-    whose classes the pickle names anyway)."""
-    if name.startswith("Blocked"):
-        from sam_blocked import adapters
+def compiling(args: tuple, kwargs: dict) -> bool:
+    """True when this call is compiled or traced rather than run: TorchScript, torch.jit.trace,
+    dynamo (torch.compile, torch.export, torch.onnx.export), or an FX proxy among the arguments."""
+    return (
+        torch.jit.is_scripting()
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or any(isinstance(a, torch.fx.Proxy) for a in (*args, *kwargs.values()))
+    )
 
-        for module_name in modules:
-            try:
-                adapters.patches_of(importlib.import_module(module_name))
-            except ImportError:
-                continue
-            if name in sys.modules[home].__dict__:
-                return sys.modules[home].__dict__[name]
-    raise AttributeError(f"module {home!r} has no attribute {name!r}")
+
+def stands_in_for(stock_forward: Callable[..., Any], forward: Callable[..., Any]) -> Callable[..., Any]:
+    """`forward`, as a function that TorchScript compiles as `stock_forward`.
+
+    The scripter reads a method's source through `__wrapped__` (inspect.unwrap) and resolves
+    its names in the function's own globals and closure: the function returned has stock's
+    name, signature and `__wrapped__`, stock's module globals, and one closure cell, named so
+    that no library source uses it, holding `forward`. Calling it calls `forward`.
+    """
+
+    def build(_sam_blocked_forward):
+        def stand_in(self, *args, **kwargs):
+            return _sam_blocked_forward(self, *args, **kwargs)
+
+        return stand_in
+
+    template = build(forward)
+    stand_in = types.FunctionType(template.__code__, stock_forward.__globals__, stock_forward.__name__, None, template.__closure__)
+    stand_in.__kwdefaults__ = None
+    return functools.update_wrapper(stand_in, stock_forward)
+
+
+def warn_stock_call(label: str, why: str) -> None:
+    """Warn once per reason that a call of `label` runs stock's forward; "" is silent."""
+    if why:
+        warn_once(f"stock-call-{label}-{why}", why)
 
 
 def stock_forward_of(stock: type) -> Callable[..., Any]:

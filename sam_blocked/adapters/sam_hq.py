@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 
 from sam_blocked.adapters import segment_anything
-from sam_blocked.adapters.base import ClassPatch, EncoderCall, patched_class_named
+from sam_blocked.adapters.base import ClassPatch, EncoderCall
+from sam_blocked.adapters.registry import patched_class_named
 
 LIBRARY = "segment_anything_hq"
 MODULES = ("segment_anything_hq.modeling.image_encoder",)
@@ -29,5 +30,5 @@ def encoder_call(model: torch.nn.Module) -> Optional[EncoderCall]:
     return segment_anything.encoder_call(model, package=LIBRARY)
 
 
-def __getattr__(name: str) -> type:  # the Blocked* classes, for unpickling (base.patched_class_named)
+def __getattr__(name: str) -> type:  # the Blocked* classes, for unpickling (registry.patched_class_named)
     return patched_class_named(__name__, MODULES, name)

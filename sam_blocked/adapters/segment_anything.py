@@ -25,8 +25,9 @@ from typing import Optional
 
 import torch
 
-from sam_blocked import switch
-from sam_blocked.adapters.base import BLOCK, EMBED, ClassPatch, EncoderCall, class_patch, missing_attributes, patched_class_named, qkv_reasons
+from sam_blocked.adapters.base import BLOCK, EMBED, ClassPatch, EncoderCall, class_patch, missing_attributes, qkv_reasons
+from sam_blocked.adapters import state
+from sam_blocked.adapters.registry import patched_class_named
 from sam_blocked.encoder.block import AttentionParts, MLPParts, encoder_block
 from sam_blocked.encoder.layer import BlockConfig, attention_layer
 from sam_blocked.encoder.tokenwise import embed_chunk, patch_embedding
@@ -69,19 +70,25 @@ def class_patches(module: ModuleType, library: str = LIBRARY, home: str = __name
             why = [f"its attn is {type(block.attn).__qualname__}, not {attention.name}: the block leaves it its own forward"]
         return why or attention.reasons(block.attn)
 
+    def block_stock_call(block: torch.nn.Module, x: torch.Tensor) -> Optional[str]:
+        """"" (silently stock: its attention, called by stock's Block forward, speaks for itself)
+        when the block's attention does not run blocked, else None."""
+        if type(block.attn) is attention.patched or state.runs_blocked(block.attn, attention):
+            return None
+        return ""
+
     def block_forward(block: torch.nn.Module, config: BlockConfig, x: torch.Tensor) -> torch.Tensor:
-        """Block.forward, a chunk of tokens at a time. x: (B, H, W, dim) -> (B, H, W, dim)."""
+        """Block.forward, a chunk of tokens at a time, its attention's settings when patch_sam set them.
+        x: (B, H, W, dim) -> (B, H, W, dim)."""
         attn = block.attn
         if type(attn) is attention.patched:
             config = attn.blocked_config
-        elif not switch.runs_blocked(attn, attention):
-            return block_patch.stock_forward(block, x)  # its attention runs stock: so does the block
         rel_h, rel_w = (attn.rel_pos_h, attn.rel_pos_w) if attn.use_rel_pos else (None, None)
         parts = AttentionParts(attn.qkv, attn.proj, attn.num_heads, attn.scale, rel_h, rel_w)
         mlp = MLPParts(block.mlp.lin1, block.mlp.act, block.mlp.lin2)
         return encoder_block(x, block.norm1, parts, block.norm2, mlp, block.window_size, config)
 
-    block_patch = class_patch(library, module.Block, block_forward, block_reasons, home=home, kind=BLOCK)
+    block_patch = class_patch(library, module.Block, block_forward, block_reasons, home=home, kind=BLOCK, stock_call=block_stock_call)
 
     def embed_forward(embed: torch.nn.Module, config: BlockConfig, x: torch.Tensor) -> torch.Tensor:
         """PatchEmbed.forward, a band of patch rows at a time. x: (B, 3, H, W) -> (B, H/16, W/16, dim)."""
@@ -109,5 +116,5 @@ def encoder_call(model: torch.nn.Module, package: str = LIBRARY) -> Optional[Enc
     return None
 
 
-def __getattr__(name: str) -> type:  # the Blocked* classes, for unpickling (base.patched_class_named)
+def __getattr__(name: str) -> type:  # the Blocked* classes, for unpickling (registry.patched_class_named)
     return patched_class_named(__name__, MODULES, name)

@@ -31,7 +31,8 @@ from typing import Optional
 
 import torch
 
-from sam_blocked.adapters.base import MLP, ClassPatch, EncoderCall, class_patch, patched_class_named, dropout_reasons, missing_attributes, qkv_reasons
+from sam_blocked.adapters.base import MLP, ClassPatch, EncoderCall, class_patch, dropout_reasons, missing_attributes, qkv_reasons
+from sam_blocked.adapters.registry import patched_class_named
 from sam_blocked.encoder.layer import BlockConfig, attention_layer
 from sam_blocked.encoder.tokenwise import activate_, mlp_chunk, mlp_residual_
 
@@ -133,5 +134,5 @@ def encoder_call(model: torch.nn.Module) -> Optional[EncoderCall]:
     return EncoderCall(int(height), model.forward_features)
 
 
-def __getattr__(name: str) -> type:  # the Blocked* classes, for unpickling (base.patched_class_named)
+def __getattr__(name: str) -> type:  # the Blocked* classes, for unpickling (registry.patched_class_named)
     return patched_class_named(__name__, MODULES, name)

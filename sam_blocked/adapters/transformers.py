@@ -14,7 +14,7 @@ but for two rules, which the blocked forward meets:
 Both return `(output, weights)`. The blocked forward returns `(output, None)`: no N x N
 tensor. When weights are asked for (output_attentions=True, passed or recorded through the
 model's output capture) the eager class runs its stock forward for that call and warns
-once; the SDPA class returns None as its stock forward does. Eager's attention dropout
+once (its ClassPatch's stock_call, decided before the call: the switch reports it stock); the SDPA class returns None as its stock forward does. Eager's attention dropout
 has no blocked counterpart: training with dropout > 0 is refused.
 
 The encoder layers around them (SamVisionLayer, SamHQVisionLayer; kind MLP) keep their
@@ -29,11 +29,12 @@ from __future__ import annotations
 import inspect
 import sys
 from types import ModuleType
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 
-from sam_blocked.adapters.base import MLP, ClassPatch, EncoderCall, class_patch, patched_class_named, dropout_reasons, missing_attributes, qkv_reasons, stock_forward_of, warn_once
+from sam_blocked.adapters.base import MLP, ClassPatch, EncoderCall, class_patch, dropout_reasons, missing_attributes, qkv_reasons, stock_forward_of, warn_once
+from sam_blocked.adapters.registry import patched_class_named
 from sam_blocked.encoder.layer import BlockConfig, attention_layer
 from sam_blocked.encoder.tokenwise import mlp_chunk, mlp_residual_
 
@@ -76,19 +77,19 @@ def _eager_reasons(module: torch.nn.Module) -> list[str]:
     return _sdpa_reasons(module) or dropout_reasons(module, module.dropout)
 
 
-def _eager_forward(stock_forward: Callable[..., Any]) -> Callable[..., Any]:
-    def forward(module: torch.nn.Module, config: BlockConfig, hidden_states: torch.Tensor, output_attentions=None):
-        if _weights_asked(output_attentions):
-            warn_once(
-                f"transformers-weights-{type(module).__qualname__}",
-                f"{type(module).__qualname__}: attention weights were asked for (output_attentions=True): "
-                "these calls run the stock eager attention, which builds the N x N weights; "
-                "blocked attention returns no weights",
-            )
-            return stock_forward(module, hidden_states, output_attentions)
-        return _layer(module, config, hidden_states), None
+def _eager_stock_call(module: torch.nn.Module, hidden_states: torch.Tensor, output_attentions=None) -> Optional[str]:
+    """Why this eager call runs stock's forward (its attention weights are wanted), or None."""
+    if not _weights_asked(output_attentions):
+        return None
+    return (
+        f"{type(module).__qualname__}: attention weights were asked for (output_attentions=True): "
+        "these calls run the stock eager attention, which builds the N x N weights; "
+        "blocked attention returns no weights"
+    )
 
-    return forward
+
+def _eager_forward(module: torch.nn.Module, config: BlockConfig, hidden_states: torch.Tensor, output_attentions=None):
+    return _layer(module, config, hidden_states), None  # weights asked for: _eager_stock_call ran stock instead
 
 
 def _sdpa_forward(module: torch.nn.Module, config: BlockConfig, hidden_states: torch.Tensor, output_attentions=False):
@@ -128,8 +129,7 @@ def class_patches(module: ModuleType) -> list[ClassPatch]:
     patches = []
     eager = getattr(module, f"{prefix}VisionAttention", None)
     if eager is not None:
-        forward = _eager_forward(stock_forward_of(eager))
-        patches.append(class_patch(LIBRARY, eager, forward, _eager_reasons, home=__name__))
+        patches.append(class_patch(LIBRARY, eager, _eager_forward, _eager_reasons, home=__name__, stock_call=_eager_stock_call))
     sdpa = getattr(module, f"{prefix}VisionSdpaAttention", None)
     if sdpa is not None:
         patches.append(class_patch(LIBRARY, sdpa, _sdpa_forward, _sdpa_reasons, home=__name__))
@@ -172,5 +172,5 @@ def _image_size(encoder: torch.nn.Module) -> int:
     return int(height)
 
 
-def __getattr__(name: str) -> type:  # the Blocked* classes, for unpickling (base.patched_class_named)
+def __getattr__(name: str) -> type:  # the Blocked* classes, for unpickling (registry.patched_class_named)
     return patched_class_named(__name__, MODULES, name)
