@@ -278,6 +278,28 @@ def test_bad_engine_flags_exit_2_with_one_line(tmp_path, capsys, args, phrase):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_engine_names_settings_that_the_command_line_spells_as_flags(tmp_path, capsys):
+    from sam_blocked.engines.options import SegmentOptions
+    from sam_blocked.engines.ray import RayEngine
+    from sam_blocked.engines.ray_worker import _died
+    from sam_blocked.errors import SettingError, spell
+    from sam_blocked.models.load import ModelSettings
+    from sam_blocked.tiles.plan import Tiling
+
+    with pytest.raises(SettingError) as refused:
+        RayEngine(ModelSettings("tiny", device="cpu"), gpus_per_worker=1)
+    assert str(refused.value) == "device cpu with gpus_per_worker 1: the workers would hold GPUs they do not use; drop one"
+    assert segment(EXAMPLES / "coffee.jpg", "--auto", "--output", tmp_path / "out", "--engine", "ray", "--device", "cpu", "--gpus-per-worker", 1) == 2
+    assert "error: --device cpu with --gpus-per-worker 1.0: the workers would hold GPUs they do not use" in capsys.readouterr().err
+    with pytest.raises(SettingError) as refused:  # before Ray starts
+        RayEngine(ModelSettings("tiny", img_size=512)).prepare(SegmentOptions(tiling=Tiling(256)), prompt_mode=True)
+    assert str(refused.value) == "tile 256 must be the model's input size (img_size 512): set img_size to 256"
+    assert spell(refused.value, cli.FLAGS) == "--tile 256 must be the model's input size (--img-size 512): set --img-size to 256"
+    died = _died(3)
+    assert "try a smaller tile, points_per_batch or fewer workers per node" in str(died)
+    assert "try a smaller --tile, --points-per-batch or fewer --workers per node" in spell(died, cli.FLAGS)
+
+
 def test_importing_the_package_and_the_cli_does_not_import_ray():
     code = "import sys, sam_blocked, sam_blocked.cli, sam_blocked.segment, sam_blocked.engines; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}).returncode == 0

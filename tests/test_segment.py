@@ -489,6 +489,54 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, args, phrase):
     assert re.search(phrase, err), err
 
 
+def _options(**kwargs):
+    from sam_blocked.engines.options import SegmentOptions
+    from sam_blocked.tiles.plan import Tiling
+
+    return SegmentOptions(**{k: Tiling(256) if k == "tiling" else v for k, v in kwargs.items()})
+
+
+@pytest.mark.parametrize(
+    "refuse, library, args, command_line",
+    [
+        (lambda: load_prompts("nowhere.json"), "prompts nowhere.json: cannot read it", ["--prompts", "nowhere.json"], "--prompts nowhere.json: cannot read it"),
+        (lambda: collect_images([EXAMPLES], pattern="/abs/*.png"), "pattern '/abs/*.png': give a glob", ["--auto", "--pattern", "/abs/*.png"], "--pattern '/abs/*.png': give a glob"),
+        (lambda: _options(max_pixels=0), "max_pixels 0 must be a whole number >= 1", ["--auto", "--max-pixels", "0"], "--max-pixels 0 must be a whole number >= 1"),
+        (lambda: _options(amg={"points_per_side": 0}), "points_per_side 0 must be a whole number >= 1", ["--auto", "--points-per-side", "0"], "--points-per-side 0 must be a whole number >= 1"),
+        (lambda: _options(formats=("gif",)), "formats gif: choose one or more", ["--auto", "--format", "gif"], "--format gif: choose one or more"),
+        (
+            lambda: _options(overlay=True, tiling=True),
+            "overlay draws the masks on the whole image: it goes with formats png/coco, not with tiling or formats labels/table",
+            ["--auto", "--tile", "256", "--overlay"],
+            "--overlay draws the masks on the whole image: it goes with --format png/coco, not with --tile or --format labels/table",
+        ),
+        (
+            lambda: _options(amg={"crop_n_layers": 1}, tiling=True),
+            "crop_n_layers re-runs SAM",
+            ["--auto", "--tile", "256", "--crop-n-layers", "1"],
+            "--crop-n-layers re-runs SAM on crops of one 1024 px view to find small objects; with --tile every pixel",
+        ),
+    ],
+)  # fmt: skip
+def test_library_refusals_name_the_setting_and_the_command_line_its_flag(tmp_path, capsys, refuse, library, args, command_line):
+    from sam_blocked.errors import SettingError
+
+    with pytest.raises(SettingError) as refused:
+        refuse()
+    assert str(refused.value).startswith(library) and "--" not in str(refused.value)
+    assert segment(EXAMPLES, "--output", tmp_path / "out", *args) == 2
+    assert f"error: {command_line}" in capsys.readouterr().err
+
+
+def test_a_folder_without_matches_names_the_pattern_setting_and_the_command_line_its_flag(tmp_path, capsys):
+    _, problems = collect_images([EXAMPLES], pattern="*.nothing")
+    assert problems == [(str(EXAMPLES), "the folder has no new file with pattern '*.nothing'")]
+    _, problems = collect_images([EXAMPLES], pattern="*.nothing", names=cli.FLAGS)
+    assert problems == [(str(EXAMPLES), "the folder has no new file with --pattern '*.nothing'")]
+    assert segment(EXAMPLES, "--auto", "--pattern", "*.nothing", "--output", tmp_path / "out") == 2
+    assert "the folder has no new file with --pattern '*.nothing'" in capsys.readouterr().err
+
+
 def test_no_images_exits_2(tmp_path, capsys):
     assert segment(tmp_path / "nothing", "--auto", "--output", tmp_path / "out") == 2
     assert "no images to segment" in capsys.readouterr().err

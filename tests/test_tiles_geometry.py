@@ -172,14 +172,24 @@ def test_grid_points_at_tile_spacing_are_sams_grid_on_a_tile_sized_image():
 
 @pytest.mark.parametrize(
     "tile, overlap, phrase",
-    [(100, 10, "multiple of the patch size 16.*use 96 or 112"), (0, 0, "--tile 0"), (8, 0, "--tile 8"), (True, 0, "--tile True"),
-     (256, 256, r"--overlap 256 px must be a whole number in \[0, 256\)"), (256, -1, "--overlap -1"), (256, 2.5, "--overlap 2.5")],
+    [(100, 10, "multiple of the patch size 16.*use 96 or 112"), (0, 0, "^tile 0"), (8, 0, "^tile 8"), (True, 0, "^tile True"),
+     (256, 256, r"^overlap 256 px must be a whole number in \[0, 256\) for tile 256"), (256, -1, "^overlap -1"), (256, 2.5, "^overlap 2.5")],
 )  # fmt: skip
 def test_check_tiling_refuses_with_the_flag_to_change(tile, overlap, phrase):
     with pytest.raises(ValueError, match=phrase):
         check_tiling(tile, overlap)
     check_tiling(256, 0)
     check_tiling(2048, 2047)
+
+
+def test_check_tiling_names_settings_the_cli_spells_as_flags():
+    from sam_blocked.cli import FLAGS
+    from sam_blocked.errors import SettingError, spell
+
+    with pytest.raises(SettingError) as refused:
+        check_tiling(256, 300)
+    assert str(refused.value).startswith("overlap 300 px must be a whole number in [0, 256) for tile 256")
+    assert spell(refused.value, FLAGS).startswith("--overlap 300 px must be a whole number in [0, 256) for --tile 256")
 
 
 def test_centred_box_holds_the_extent_on_whole_pixels_inside_the_image():

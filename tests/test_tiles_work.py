@@ -110,12 +110,34 @@ def test_a_prompt_routed_to_a_tile_gives_the_crop_runs_mask_pasted_at_its_offset
 
 def test_a_prompt_set_too_large_for_a_tile_is_refused_naming_the_fix():
     tiling = Tiling(TILE, 64)
-    with pytest.raises(InputError, match=r"prompt set 'wide': box \[10.0, 10.0, 400.0, 50.0\] is 390 x 40 px, too large for one --tile 256 px tile.*raise --tile to 400"):
+    with pytest.raises(InputError, match=r"prompt set 'wide': box \[10.0, 10.0, 400.0, 50.0\] is 390 x 40 px, too large for one tile 256 px tile.*raise tile to 400"):
         plan_prompts(tiling, 1000, 1000, [Prompt("ok", foreground=((5.0, 5.0),)), Prompt("wide", box=(10.0, 10.0, 400.0, 50.0))])
     with pytest.raises(InputError, match=r"points spanning \[10, 10, 300, 10\] is 290 x 0 px"):
         plan_prompts(tiling, 1000, 1000, [Prompt("far", foreground=((10.0, 10.0), (300.0, 10.0)))])
-    with pytest.raises(InputError, match="256 x 0 px, too large.*raise --tile to 272"):
+    with pytest.raises(InputError, match="256 x 0 px, too large.*raise tile to 272"):
         plan_prompts(tiling, 1000, 1000, [Prompt("frac", foreground=((10.5, 10.0), (266.5, 10.0)))])  # 256 px, but not on whole pixels
+
+
+def test_a_too_large_prompt_set_says_the_tile_flag_on_the_command_line():
+    from sam_blocked.cli import FLAGS
+    from sam_blocked.errors import spell
+
+    with pytest.raises(InputError) as refused:
+        plan_prompts(Tiling(TILE, 64), 1000, 1000, [Prompt("wide", box=(10.0, 10.0, 400.0, 50.0))])
+    assert "--" not in str(refused.value)
+    assert spell(refused.value, FLAGS).endswith("too large for one --tile 256 px tile (the model's input size): raise --tile to 400 or more")
+
+
+def test_a_segmenter_refuses_a_tile_that_is_not_the_input_size_naming_the_setting(sam):
+    from sam_blocked.cli import FLAGS
+    from sam_blocked.engines.options import SegmentOptions
+    from sam_blocked.engines.unit import Segmenter
+    from sam_blocked.errors import SettingError, spell
+
+    with pytest.raises(SettingError) as refused:
+        Segmenter(sam, SegmentOptions(tiling=Tiling(512)), prompt_mode=True)
+    assert str(refused.value).startswith("tile 512 must be the model's input size (256 px)") and "--" not in str(refused.value)
+    assert spell(refused.value, FLAGS).startswith("--tile 512 must be the model's input size (256 px)")
 
 
 def test_a_prompt_set_straddling_tile_borders_gets_a_tile_of_its_own_centred_on_it():

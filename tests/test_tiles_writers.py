@@ -131,8 +131,14 @@ def test_coco_rle_refuses_crops_outside_and_images_beyond_32_bits():
         coco_rle(MaskCrop(np.ones((2, 2), bool), 9, 0), 10, 10)
     with pytest.raises(ValueError, match="32 bits"):
         coco_rle(MaskCrop(np.ones((2, 2), bool), 0, 0), 70000, 70000)
-    with pytest.raises(InputError, match="--format labels table"):
+    with pytest.raises(InputError, match="use formats labels table"):
         check_tiled_formats(["coco"], 70000, 70000)
+    from sam_blocked.cli import FLAGS
+    from sam_blocked.errors import spell
+
+    with pytest.raises(InputError) as refused:
+        check_tiled_formats(["png"], 5000, 4000)
+    assert spell(refused.value, FLAGS).startswith("--format png writes one full-size PNG per mask") and "use --format labels coco table" in spell(refused.value, FLAGS)
 
 
 def read_outputs(out: Path, stem: str) -> tuple[np.ndarray, dict, list[dict]]:
@@ -241,7 +247,7 @@ def test_png_is_written_for_small_images_and_refused_for_huge_ones(tmp_path):
     outputs.commit(crops, 16, 32)
     assert outputs.complete() and sorted(p.name for p in (tmp_path / "a").iterdir()) == ["0.png", "metadata.csv"]
     assert not (tmp_path / "a.labels.tif").exists()
-    with pytest.raises(InputError, match="above 4096 x 4096.*--format labels coco table"):
+    with pytest.raises(InputError, match="^formats png .*above 4096 x 4096.*use formats labels coco table"):
         HugeImageOutputs(tmp_path, ImageItem(tmp_path / "b.tif", "b.tif"), ["png"]).check(5000, 4000)
     with pytest.raises(ValueError, match="one or more of"):
         HugeImageOutputs(tmp_path, ImageItem(tmp_path / "c.tif", "c.tif"), ["overlay"])

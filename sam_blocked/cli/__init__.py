@@ -19,7 +19,7 @@ from typing import Sequence
 from sam_blocked.errors import FlagNames, spell
 
 # Each setting's flag: its name with dashes, but for these (setting -> flag name).
-FLAGS = FlagNames({"formats": "format"})
+FLAGS = FlagNames({"formats": "format", "tiling": "tile"})
 
 
 def build_parser() -> argparse.ArgumentParser:

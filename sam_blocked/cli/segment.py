@@ -176,7 +176,7 @@ def main(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts) if args.prompts else None
     output = Path(args.output)
     engine = _ray_engine(args, tile) if args.engine == "ray" else None  # refuses bad engine flags before anything is read
-    images, problems = collect_images(args.inputs, args.pattern, exclude=output)
+    images, problems = collect_images(args.inputs, args.pattern, exclude=output, names=FLAGS)
     if not images:
         raise ValueError("no images to segment: " + "; ".join(f"{arg}: {reason}" for arg, reason in problems))
     flags = {k: v for k, v in vars(args).items() if k != "main"}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from importlib.util import find_spec
 from typing import Any, Callable, Optional
 
+from sam_blocked.errors import SettingError
 from sam_blocked.inputs.images import DEFAULT_MAX_PIXELS
 from sam_blocked.outputs.images import FORMATS
 from sam_blocked.outputs.huge import DEFAULT_TILED_FORMATS, TILED_FORMATS
@@ -69,31 +70,33 @@ class SegmentOptions:
             self.formats = DEFAULT_TILED_FORMATS if self.tiling is not None else ("png",)
         self.formats = tuple(dict.fromkeys(self.formats))
         if not self.formats or any(f not in ALL_FORMATS for f in self.formats):
-            raise ValueError(f"--format {','.join(map(str, self.formats))}: choose one or more of {', '.join(ALL_FORMATS)}")
+            raise SettingError(f"{{formats}} {','.join(map(str, self.formats))}: choose one or more of {', '.join(ALL_FORMATS)}", "formats")
         if self.overlay and self.huge_outputs:
-            raise ValueError(
-                "--overlay draws the masks on the whole image: it goes with --format png/coco/both, "
-                "not with --tile or --format labels/table"
-            )
+            raise SettingError(
+                "{overlay} draws the masks on the whole image: it goes with {formats} png/coco, "
+                "not with {tiling} or {formats} labels/table",
+                "overlay", "formats", "tiling",
+            )  # fmt: skip
         if self.tiling is not None and self.amg.get("crop_n_layers", 0) > 0:
-            raise ValueError(
-                "--crop-n-layers re-runs SAM on crops of one 1024 px view to find small objects; with --tile "
-                "every pixel is seen at native resolution already: leave --crop-n-layers at 0"
-            )
+            raise SettingError(
+                "{crop_n_layers} re-runs SAM on crops of one 1024 px view to find small objects; with {tiling} "
+                "every pixel is seen at native resolution already: leave {crop_n_layers} at 0",
+                "crop_n_layers", "tiling",
+            )  # fmt: skip
         if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
-            raise ValueError(f"--max-pixels {self.max_pixels!r} must be a whole number >= 1")
+            raise SettingError(f"{{max_pixels}} {self.max_pixels!r} must be a whole number >= 1", "max_pixels")
         for key, value in self.amg.items():
             if key not in AMG_SETTINGS:
                 raise ValueError(f"unknown automatic-mask setting {key!r}: choose from {', '.join(AMG_SETTINGS)}")
             kind, ok, rule = AMG_SETTINGS[key]
-            flag = "--" + key.replace("_", "-")
             number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not number or (kind is int and value != int(value)) or not ok(value):
-                raise ValueError(f"{flag} {value!r} must be {'a whole number ' if kind is int else ''}{rule}")
+                raise SettingError(f"{{{key}}} {value!r} must be {'a whole number ' if kind is int else ''}{rule}", key)
         if self.amg.get("min_mask_region_area", 0) > 0 and find_spec("cv2") is None:
-            raise ValueError(
-                "--min-mask-region-area > 0 needs OpenCV, which segment_anything uses to remove small regions: "
-                "pip install opencv-python-headless, or leave it at 0"
+            raise SettingError(
+                "{min_mask_region_area} > 0 needs OpenCV, which segment_anything uses to remove small regions: "
+                "pip install opencv-python-headless, or leave it at 0",
+                "min_mask_region_area",
             )
 
     @property

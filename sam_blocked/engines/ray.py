@@ -38,6 +38,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from sam_blocked.engines.base import RunContext, UnitRecord
+from sam_blocked.errors import SettingError
 from sam_blocked.inputs.images import ImageItem
 from sam_blocked.encoder.layer import BlockConfig
 from sam_blocked.models.load import ModelSettings
@@ -57,12 +58,12 @@ DATA_SETTINGS = {"enable_progress_bars": False, "print_on_execution_start": Fals
 
 
 def import_ray() -> Any:
-    """The ray module with Ray Data, or a ValueError saying how to install it."""
+    """The ray module with Ray Data, or a SettingError (a ValueError) saying how to install it."""
     try:
         import ray
         import ray.data  # noqa: F401
     except ImportError as error:
-        raise ValueError(f"--engine ray needs Ray Data, which is not installed ({error}): {INSTALL}") from None
+        raise SettingError(f"{{engine}} ray needs Ray Data, which is not installed ({error}): {INSTALL}", "engine") from None
     return ray
 
 
@@ -101,21 +102,26 @@ class RayEngine:
     ) -> None:
         import_ray()
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-            raise ValueError(f"--workers {workers!r} must be a whole number >= 1")
+            raise SettingError(f"{{workers}} {workers!r} must be a whole number >= 1", "workers")
         if gpus_per_worker is not None and not (_number(gpus_per_worker) and gpus_per_worker >= 0):
-            raise ValueError(f"--gpus-per-worker {gpus_per_worker!r} must be a number >= 0 (0.5: two workers share a GPU)")
+            raise SettingError(f"{{gpus_per_worker}} {gpus_per_worker!r} must be a number >= 0 (0.5: two workers share a GPU)", "gpus_per_worker")
         if not (_number(cpus_per_worker) and cpus_per_worker > 0):
-            raise ValueError(f"--cpus-per-worker {cpus_per_worker!r} must be a number > 0")
+            raise SettingError(f"{{cpus_per_worker}} {cpus_per_worker!r} must be a number > 0", "cpus_per_worker")
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ValueError(f"max_attempts {max_attempts!r} must be a whole number >= 1")
         if settings.device not in (None, "cpu", "cuda"):
-            raise ValueError(
-                f"--device {settings.device}: each Ray worker sees only the GPUs Ray gives it (--gpus-per-worker): give --device cuda, or leave it out"
-            )
+            raise SettingError(
+                f"{{device}} {settings.device}: each Ray worker sees only the GPUs Ray gives it ({{gpus_per_worker}}): give {{device}} cuda, or leave it out",
+                "device", "gpus_per_worker",
+            )  # fmt: skip
         if settings.device == "cpu" and gpus_per_worker:
-            raise ValueError(f"--device cpu with --gpus-per-worker {gpus_per_worker}: the workers would hold GPUs they do not use; drop one")
+            raise SettingError(
+                f"{{device}} cpu with {{gpus_per_worker}} {gpus_per_worker}: the workers would hold GPUs they do not use; drop one", "device", "gpus_per_worker"
+            )
         if settings.device == "cuda" and gpus_per_worker == 0:
-            raise ValueError("--device cuda with --gpus-per-worker 0: give each worker a GPU (--gpus-per-worker 1, or 0.5 to share)")
+            raise SettingError(
+                "{device} cuda with {gpus_per_worker} 0: give each worker a GPU ({gpus_per_worker} 1, or 0.5 to share)", "device", "gpus_per_worker"
+            )
         from sam_blocked.models.checkpoints import find_checkpoint
 
         checkpoint = settings.checkpoint or find_checkpoint("vit_h" if settings.model_type == "default" else settings.model_type)
@@ -132,7 +138,9 @@ class RayEngine:
     def prepare(self, options: SegmentOptions, prompt_mode: bool) -> str:
         size = self.settings.img_size or DEFAULT_IMG_SIZE
         if options.tiling is not None and size != options.tiling.tile:
-            raise ValueError(f"the tile ({options.tiling.tile} px) must be the model's input size ({size} px): set ModelSettings.img_size to it (the CLI's --tile does)")
+            raise SettingError(
+                f"{{tile}} {options.tiling.tile} must be the model's input size ({{img_size}} {size}): set {{img_size}} to {options.tiling.tile}", "tile", "img_size"
+            )
         ray = import_ray()
         if not ray.is_initialized():
             # "local": a new instance; Ray's None would join any cluster started on this machine
@@ -155,11 +163,11 @@ class RayEngine:
         per_gpu = self.gpus_per_worker
         if self.workers is None:
             self.workers = max(1, int(gpus // per_gpu)) if per_gpu > 0 else 1
-        need = f"--workers {self.workers} x (--cpus-per-worker {self.cpus_per_worker:g}, --gpus-per-worker {per_gpu:g})"
+        need = f"{{workers}} {self.workers} x ({{cpus_per_worker}} {self.cpus_per_worker:g}, {{gpus_per_worker}} {per_gpu:g})"
         have = f"the cluster has {cpus:g} CPU(s) and {gpus:g} GPU(s) on {len(nodes)} node(s) (see `ray status`)"
         fits_a_node = any(n.get("CPU", 0.0) >= self.cpus_per_worker and n.get("GPU", 0.0) >= per_gpu for n in nodes)
         if not fits_a_node or self.workers * self.cpus_per_worker > cpus + 1e-9 or self.workers * per_gpu > gpus + 1e-9:
-            raise ValueError(f"{need} does not fit: {have}; ask for fewer workers or resources, or add nodes")
+            raise SettingError(f"{need} does not fit: {have}; ask for fewer workers or resources, or add nodes", "workers", "cpus_per_worker", "gpus_per_worker")
         device = "cuda" if per_gpu > 0 else "cpu"
         self.settings = dataclasses.replace(self.settings, device=device)
         model = self.settings.checkpoint or "seeded random weights (no checkpoint found)"

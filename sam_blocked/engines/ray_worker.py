@@ -26,6 +26,7 @@ import ray
 import torch
 
 from sam_blocked.encoder.layer import BlockConfig
+from sam_blocked.errors import SettingError, spell
 from sam_blocked.models.load import ModelSettings, load_model
 from sam_blocked.memory.measure import peak_bytes
 from sam_blocked.engines.options import SegmentOptions
@@ -117,9 +118,11 @@ class SegmentWorker:
         torch.set_num_threads(threads)
         loaded = load_model(settings, blocking)
         if settings.checkpoint is None and not loaded.random_weights:
-            raise ValueError(
-                f"this worker found weights ({loaded.description}) that the driver did not: give --checkpoint, a path every node sees"
+            refusal = SettingError(
+                f"this worker found weights ({loaded.description}) that the driver did not: give {{checkpoint}}, a path every node sees", "checkpoint"
             )
+            # It reaches the driver as text (in Ray's ActorDiedError), so it is spelled here, as the front end spells settings.
+            raise SettingError(spell(refusal, names))
         self.segmenter = Segmenter(loaded.sam, options, prompt_mode)
         self.output, self.attempts, self.max_attempts, self.names = Path(output), attempts, max_attempts, names
         context = ray.get_runtime_context()
@@ -141,7 +144,7 @@ class SegmentWorker:
         attempt = ray.get(self.attempts.start.remote(unit.index))
         started = time.perf_counter()
         if attempt > self.max_attempts:
-            result: dict[str, Any] = {"reason": _died(attempt - 1)}
+            result: dict[str, Any] = {"reason": spell(_died(attempt - 1), self.names)}
         else:
             result = self._run(unit)
         result.update(index=unit.index, seconds=time.perf_counter() - started, attempt=attempt, **self.identity)
@@ -175,11 +178,12 @@ class SegmentWorker:
         return self._source[1]
 
 
-def _died(times: int) -> str:
-    return (
+def _died(times: int) -> SettingError:
+    return SettingError(
         f"the Ray worker segmenting it died {times} time(s) (killed for using too much memory, or a crash in a decoder?): "
-        "see the Ray logs of its node; try a smaller --tile, --points-per-batch or fewer --workers per node"
-    )
+        "see the Ray logs of its node; try a smaller {tile}, {points_per_batch} or fewer {workers} per node",
+        "tile", "points_per_batch", "workers",
+    )  # fmt: skip
 
 
 def _exit_mid_image_for_tests() -> None:

@@ -25,7 +25,7 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 
-from sam_blocked.errors import InputError, spell
+from sam_blocked.errors import InputError, SettingError, spell
 from sam_blocked.inputs.images import ImageItem, read_image
 from sam_blocked.masks import auto_masks, prompt_masks
 from sam_blocked.memory.measure import peak_bytes, reset_peak
@@ -74,9 +74,10 @@ class Segmenter:
 
     def __init__(self, sam: Sam, options: SegmentOptions, prompt_mode: bool) -> None:
         if options.tiling is not None and sam.image_encoder.img_size != options.tiling.tile:
-            raise ValueError(
-                f"the tile ({options.tiling.tile} px) must be the model's input size ({sam.image_encoder.img_size} px), so pixels "
-                f"go in at scale 1: set_image_size(sam, {options.tiling.tile}) first (the CLI's --tile does)"
+            raise SettingError(
+                f"{{tile}} {options.tiling.tile} must be the model's input size ({sam.image_encoder.img_size} px), so pixels "
+                f"go in at scale 1: set_image_size(sam, {options.tiling.tile}) first",
+                "tile",
             )
         self.options = options
         self.prompt_mode = prompt_mode

@@ -13,12 +13,12 @@ import struct
 from dataclasses import dataclass
 from glob import glob
 from pathlib import Path, PurePosixPath
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from sam_blocked.errors import InputError
+from sam_blocked.errors import InputError, SettingError
 
 DEFAULT_MAX_PIXELS = 16384 * 16384  # PIL's own bomb limit (89.5 MPix) is below a 12000 x 9000 scan
 _HIGH_BITS_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -49,7 +49,10 @@ def image_extensions() -> frozenset[str]:
 
 
 def collect_images(
-    inputs: Sequence[str | os.PathLike], pattern: Optional[str] = None, exclude: Optional[Path] = None
+    inputs: Sequence[str | os.PathLike],
+    pattern: Optional[str] = None,
+    exclude: Optional[Path] = None,
+    names: Optional[Mapping[str, str]] = None,
 ) -> tuple[list[ImageItem], list[tuple[str, str]]]:
     """Expand files, folders and globs into images, in input order, each file once.
 
@@ -59,12 +62,14 @@ def collect_images(
             default: the files directly in the folder with an extension PIL can open.
             Hidden files and folders are left out.
         exclude: a folder whose files are never collected (the output folder).
+        names: how the front end spells the settings a problem names (the CLI: pattern as
+            --pattern; sam_blocked.errors); default the settings' own names.
 
     Returns:
         (images, problems): problems are (input, reason) for inputs that named nothing.
     """
     if pattern is not None and (not pattern or os.path.isabs(pattern)):
-        raise ValueError(f"--pattern {pattern!r}: give a glob relative to each folder, e.g. '*.tif' or '**/*.png'")
+        raise SettingError(f"{{pattern}} {pattern!r}: give a glob relative to each folder, e.g. '*.tif' or '**/*.png'", "pattern")
     images: list[ImageItem] = []
     problems: list[tuple[str, str]] = []
     seen: set[Path] = set()
@@ -100,7 +105,7 @@ def collect_images(
             problems.append((arg, f"cannot list it: {error.strerror or error}"))
             continue
         if len(images) == before and not path.is_file():
-            what = f"--pattern {pattern!r}" if pattern else "an image extension"
+            what = SettingError(f"{{pattern}} {pattern!r}", "pattern").spelled(names) if pattern else "an image extension"
             problems.append((arg, f"the folder has no new file with {what}" if path.is_dir() else "the glob matched no new file"))
     return images, problems
 

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from sam_blocked.errors import SettingError
 from sam_blocked.inputs.images import ImageItem, InputError
 
 
@@ -66,14 +67,14 @@ def load_prompts(path: str | os.PathLike) -> dict[str, list[Prompt]]:
     """
     path = Path(path)
     if path.suffix.lower() not in (".json", ".csv"):
-        raise ValueError(f"--prompts {path}: give a .json or .csv prompt file (see `sam-blocked segment --help`)")
+        raise SettingError(f"{{prompts}} {path}: give a .json or .csv prompt file (see `sam-blocked segment --help`)", "prompts")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"--prompts {path}: cannot read it ({error})") from error
+        raise SettingError(f"{{prompts}} {path}: cannot read it ({error})", "prompts") from error
     sets = _prompts_from_json(path, text) if path.suffix.lower() == ".json" else _prompts_from_csv(path, text)
     if not sets:
-        raise ValueError(f"--prompts {path}: the file holds no prompts")
+        raise SettingError(f"{{prompts}} {path}: the file holds no prompts", "prompts")
     return sets
 
 

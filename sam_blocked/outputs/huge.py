@@ -44,13 +44,15 @@ def check_tiled_formats(formats: Sequence[str], height: int, width: int) -> None
     fit = [f for f in DEFAULT_TILED_FORMATS if f != "coco" or height * width <= MAX_RLE_PIXELS]
     if "png" in formats and height * width > PNG_MAX_PIXELS:
         raise InputError(
-            f"--format png writes one full-size PNG per mask, not for a {width} x {height} image "
-            f"(above 4096 x 4096): use --format {' '.join(fit)} (label TIFF, COCO RLE JSON, object table)"
+            f"{{formats}} png writes one full-size PNG per mask, not for a {width} x {height} image "
+            f"(above 4096 x 4096): use {{formats}} {' '.join(fit)} (label TIFF, COCO RLE JSON, object table)",
+            "formats",
         )
     if "coco" in formats and height * width > MAX_RLE_PIXELS:
         raise InputError(
-            f"--format coco: COCO RLE counts in 32 bits, too few for a {width} x {height} image "
-            f"(2**32 pixels or more): use --format {' '.join(fit)}"
+            f"{{formats}} coco: COCO RLE counts in 32 bits, too few for a {width} x {height} image "
+            f"(2**32 pixels or more): use {{formats}} {' '.join(fit)}",
+            "formats",
         )
 
 

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from sam_blocked.errors import SettingError
 from sam_blocked.models.registry import PATCH_SIZE
 
 Box = tuple[int, int, int, int]
@@ -32,18 +33,21 @@ def check_tiling(tile: int, overlap: int, patch: int = PATCH_SIZE) -> None:
     """Refuse a tile size that is not a positive multiple of the patch size, or an overlap outside [0, tile).
 
     Raises:
-        ValueError: naming the flag (--tile, --overlap) and a value that works.
+        SettingError: naming the setting (tile, overlap) and a value that works.
     """
     whole = not isinstance(tile, bool) and isinstance(tile, (int, np.integer))
     if not whole or tile < patch or tile % patch:
         lower = int(tile) // patch * patch if whole else 0
         hint = f"{lower} or {lower + patch}" if lower >= patch else f"{patch * 64} (SAM's 1024)"
-        raise ValueError(f"--tile {tile!r} must be a positive multiple of the patch size {patch} (the tile is the model's input size): use {hint}")
-    if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or not 0 <= overlap < tile:
-        raise ValueError(
-            f"--overlap {overlap!r} px must be a whole number in [0, {tile}) for --tile {tile}: "
-            f"neighbouring tiles share this many pixels (default {default_overlap(tile)})"
+        raise SettingError(
+            f"{{tile}} {tile!r} must be a positive multiple of the patch size {patch} (the tile is the model's input size): use {hint}", "tile"
         )
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or not 0 <= overlap < tile:
+        raise SettingError(
+            f"{{overlap}} {overlap!r} px must be a whole number in [0, {tile}) for {{tile}} {tile}: "
+            f"neighbouring tiles share this many pixels (default {default_overlap(tile)})",
+            "overlap", "tile",
+        )  # fmt: skip
 
 
 def default_overlap(tile: int) -> int:

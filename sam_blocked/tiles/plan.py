@@ -93,7 +93,7 @@ def plan_prompts(tiling: Tiling, height: int, width: int, prompts: Sequence[Prom
 
     Raises:
         InputError: a prompt set no tile can hold (larger than a tile), naming it, its size,
-            the tile and the flag to raise.
+            the tile and the setting to raise (tile).
     """
     boxes = tiling.boxes(height, width)
     routed: dict[int, list[tuple[int, Prompt]]] = {}
@@ -103,7 +103,7 @@ def plan_prompts(tiling: Tiling, height: int, width: int, prompts: Sequence[Prom
         if where is None:
             own = centred_box(extent, tiling.tile, height, width)
             if own is None:
-                raise InputError(_too_big(prompt, extent, tiling))
+                raise _too_big(prompt, extent, tiling)
             boxes.append(own)
             where = len(boxes) - 1
         routed.setdefault(where, []).append((index, prompt))
@@ -129,11 +129,12 @@ def tile_to_hold(extent: Sequence[float]) -> int:
     return -(-(span + 1) // PATCH_SIZE) * PATCH_SIZE
 
 
-def _too_big(prompt: Prompt, extent: tuple[float, ...], tiling: Tiling) -> str:
+def _too_big(prompt: Prompt, extent: tuple[float, ...], tiling: Tiling) -> InputError:
     x0, y0, x1, y1 = extent
     what = f"box {list(prompt.box)}" if prompt.box is not None else f"points spanning [{x0:g}, {y0:g}, {x1:g}, {y1:g}]"
     bigger = tile_to_hold(extent)
-    return (
-        f"prompt set {prompt.name!r}: {what} is {x1 - x0:g} x {y1 - y0:g} px, too large for one --tile {tiling.tile} px tile "
-        f"(the model's input size): raise --tile to {bigger} or more"
+    return InputError(
+        f"prompt set {prompt.name!r}: {what} is {x1 - x0:g} x {y1 - y0:g} px, too large for one {{tile}} {tiling.tile} px tile "
+        f"(the model's input size): raise {{tile}} to {bigger} or more",
+        "tile",
     )
