@@ -29,7 +29,7 @@ import torch
 
 from sam_blocked import adapters
 from sam_blocked.adapters.base import ATTENTION, BLOCK, STOCK_FLAG, WRAPPED_FORWARD, ClassPatch, records_autograd, warn_once
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS
+from sam_blocked.attention.common import DEFAULT_CHUNKS
 from sam_blocked.adapters.import_hooks import PostImportFinder
 from sam_blocked.encoder.layer import BlockConfig, check_config
 

@@ -3,10 +3,10 @@
 Every backend computes softmax(q k^T * scale + rel_h + rel_w) v as stock segment_anything
 does, and none builds an N x N tensor (N = H*W tokens):
 
-- "blocked": attention.blocked_attention, pure PyTorch, online softmax over (query band,
+- "blocked": attention.blocked.blocked_attention, pure PyTorch, online softmax over (query band,
   key band) blocks. Runs everywhere; the reference the others are tested against.
 - "sdpa", "bands", "flashbias", "flex": query bands against every key at once, in
-  sam_blocked.attention.fused, where the module doc says how each folds the bias in and what it
+  sam_blocked.attention.bands, .flashbias and .flex, where each module doc says how it folds the bias in and what it
   needs ("bands" is plain PyTorch GEMMs, "sdpa" and "flashbias" SDPA's fused kernels,
   "flex" a compiled kernel).
 
@@ -34,19 +34,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS, BlockPlan, blocked_attention, plan_blocks
-from sam_blocked.attention.fused import (
-    augmented_head_dim,
-    bands_attention,
-    flashbias_attention,
-    flashbias_reasons,
-    flex_attention,
-    flex_reasons,
-    plan_fused,
-    plan_sdpa,
-    sdpa_attention,
-    sdpa_reasons,
-)
+from sam_blocked.attention.bands import bands_attention, plan_sdpa, sdpa_attention, sdpa_reasons
+from sam_blocked.attention.blocked import blocked_attention, plan_blocks
+from sam_blocked.attention.common import DEFAULT_CHUNKS, BlockPlan
+from sam_blocked.attention.flashbias import augmented_head_dim, flashbias_attention, flashbias_reasons, plan_fused
+from sam_blocked.attention.flex import flex_attention, flex_reasons
 
 Tensor = torch.Tensor
 
@@ -164,8 +156,8 @@ def plan_backend(
     device: Optional[torch.device | str] = None,
 ) -> BlockPlan:
     """How `backend` cuts one call into steps; `group` (batch*head rows per step) is what
-    BlockedAttention projects at once. blocked: attention.plan_blocks; sdpa, bands: fused.plan_sdpa;
-    flashbias, flex: fused.plan_fused.
+    BlockedAttention projects at once. blocked: blocked.plan_blocks; sdpa, bands: bands.plan_sdpa;
+    flashbias, flex: flashbias.plan_fused.
 
     Args:
         backend: one of BACKENDS.
@@ -173,7 +165,7 @@ def plan_backend(
         grid: (H, W) token grid.
         head_dim: C.
         chunks, max_block_mb: as patch_sam takes them.
-        device: where it runs: on the CPU, steps stay within attention.CPU_STEP_BYTES
+        device: where it runs: on the CPU, steps stay within common.CPU_STEP_BYTES
             (None: no cap).
     """
     check_backend_name(backend)  # each plan_* checks the grid and max_block_mb

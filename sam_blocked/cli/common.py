@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS
+from sam_blocked.attention.common import DEFAULT_CHUNKS
 from sam_blocked.attention.dispatch import BACKEND_CHOICES
 from sam_blocked.encoder.layer import check_config
 from sam_blocked.models.load import DTYPES, MODEL_TYPE_CHOICES, LoadedModel, ModelSettings, load_model, resolve_device

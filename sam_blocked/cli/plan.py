@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS
+from sam_blocked.attention.common import DEFAULT_CHUNKS
 from sam_blocked.memory.measure import format_bytes
 from sam_blocked.models.registry import ENCODER_CONFIGS, MODEL_TYPES
 from sam_blocked.memory.planner import DTYPE_BYTES, MemoryPlan, largest_input_size, plan_memory

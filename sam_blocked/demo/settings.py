@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from segment_anything import SamPredictor
 
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS, chunk_bands
+from sam_blocked.attention.common import DEFAULT_CHUNKS, chunk_bands
 from sam_blocked.interactive.whole import MAX_PIXELS, MAX_UPLOAD_MB
 from sam_blocked.interactive.tiled import MAX_TILED_PIXELS
 from sam_blocked.models.load import DTYPES, LoadedModel, ModelSettings

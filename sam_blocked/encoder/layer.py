@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS, chunk_bands
+from sam_blocked.attention.common import DEFAULT_CHUNKS, chunk_bands
 from sam_blocked.attention.dispatch import ATTENTION, check_backend_name, plan_backend, resolve_backend
 from sam_blocked.encoder.tokenwise import token_chunk
 

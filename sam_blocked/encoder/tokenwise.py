@@ -26,13 +26,13 @@ from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
-from sam_blocked.attention.blocked import step_budget
+from sam_blocked.attention.common import step_budget
 
 Tensor = torch.Tensor
 Module = Callable[[Tensor], Tensor]
 
 # A token step's working set under `chunks` (no max_block_mb); on the CPU at most
-# attention.CPU_STEP_BYTES either way (GEMMs of a few hundred tokens already run at full
+# common.CPU_STEP_BYTES either way (GEMMs of a few hundred tokens already run at full
 # rate there, and larger freed steps linger in glibc's heap).
 DEFAULT_TOKEN_BYTES = 32 * 2**20
 _FP32_BYTES = 4

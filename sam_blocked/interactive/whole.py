@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS
+from sam_blocked.attention.common import DEFAULT_CHUNKS
 from sam_blocked.memory.measure import MIB, current_bytes, format_bytes, peak_bytes, reset_peak
 from sam_blocked.memory.planner import planned_encoder_bytes
 from sam_blocked.patch import patched, stock

@@ -29,9 +29,9 @@ from typing import Optional
 
 import torch
 
-from sam_blocked.attention.blocked import CPU_STEP_BYTES
+from sam_blocked.attention.common import CPU_STEP_BYTES
 from sam_blocked.attention.dispatch import choose_backend, plan_backend
-from sam_blocked.attention.fused import augmented_head_dim
+from sam_blocked.attention.flashbias import augmented_head_dim
 from sam_blocked.encoder.layer import projected_heads
 from sam_blocked.models.registry import ENCODER_CONFIGS, PATCH_SIZE, PROMPT_EMBED_DIM
 from sam_blocked.encoder.tokenwise import mlp_chunk, window_chunk, windows_per_step

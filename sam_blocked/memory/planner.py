@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS, chunk_bands
+from sam_blocked.attention.common import DEFAULT_CHUNKS, chunk_bands
 from sam_blocked.memory.encoder import EncoderShape, encoder_phases
 from sam_blocked.models.registry import ENCODER_CONFIGS, PATCH_SIZE, PROMPT_EMBED_DIM
 
