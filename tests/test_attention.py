@@ -17,7 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sam_blocked.attention.blocked import blocked_attention, plan_blocks
 from sam_blocked.attention.common import band_rows, chunk_bands, resize_rel_pos
-from sam_blocked.attention.dispatch import ATTENTION, BACKENDS, not_supported_reasons, plan_backend
+from sam_blocked.attention.dispatch import BACKENDS, not_supported_reasons, plan_backend
+from sam_blocked.attention.dispatch import KERNELS as ATTENTION
 from sam_blocked.attention.flex import flex_attention
 
 # Largest error allowed in float32, relative to max |stock output|.

@@ -13,7 +13,7 @@ from segment_anything.modeling.image_encoder import Attention
 import sam_blocked
 from sam_blocked.attention.blocked import plan_blocks
 from sam_blocked.attention.dispatch import (
-    ATTENTION,
+    KERNELS as ATTENTION,
     auto_order,
     BACKEND_CHOICES,
     BACKENDS,

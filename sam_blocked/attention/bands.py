@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sam_blocked.attention.common import (
-    _FP32_BYTES,
+    FP32_BYTES,
     CPU_STEP_BYTES,
     DEFAULT_CHUNKS,
     DEFAULT_GROUP_BYTES,
@@ -33,6 +33,7 @@ from sam_blocked.attention.common import (
     rel_pos_tables,
     row_groups,
     step_budget,
+    step_rows,
 )
 
 Tensor = torch.Tensor
@@ -41,7 +42,7 @@ Tensor = torch.Tensor
 def sdpa_reasons(grid: Tuple[int, int], max_block_mb: Optional[float]) -> list[str]:
     """Why "sdpa" or "bands" (the same query bands) cannot keep to max_block_mb on this grid; empty when they can."""
     H, W = grid
-    row_bytes = W * H * W * _FP32_BYTES  # one token row of queries against every key
+    row_bytes = W * H * W * FP32_BYTES  # one token row of queries against every key
     if max_block_mb is not None and row_bytes > max_block_mb * 2**20:
         return [
             f"the smallest query band is one token row of queries against all {H * W} keys "
@@ -70,7 +71,7 @@ def plan_sdpa(
     check_plan_args(grid, max_block_mb)
     H, W = grid
     n = H * W
-    row_bytes = W * n * _FP32_BYTES  # one token row of queries against every key
+    row_bytes = W * n * FP32_BYTES  # one token row of queries against every key
     if max_block_mb is None:
         chunk_bands(chunks)  # raises on a bad count
         q_bands = min(H, chunks)
@@ -84,6 +85,60 @@ def plan_sdpa(
     per_row = math.ceil(H / q_bands) * row_bytes
     group = max(1, min(batch_heads, budget // per_row))
     return BlockPlan(q_bands, 1, group, group * per_row)
+
+
+def _rel_pos_bytes(rows: int, band: int, grid: Tuple[int, int], head_dim: int) -> int:
+    """band_terms' bytes: the resized tables, the float32 q its einsums read and their terms,
+    for the whole group at once or a band (as band_terms chooses)."""
+    H, W = grid
+    n = H * W
+    whole_group = rows * n * (H + W) * FP32_BYTES <= CPU_STEP_BYTES  # the terms of every band at once
+    q_rows = rows * (n if whole_group else band)
+    tables = (H * H + W * W) * head_dim * FP32_BYTES
+    return tables + q_rows * (head_dim + H + W + max(H, W)) * FP32_BYTES
+
+
+def sdpa_workspace_bytes(plan: BlockPlan, batch_heads: int, grid: Tuple[int, int], head_dim: int, dtype: torch.dtype, strided_out: bool = False) -> int:
+    """Bytes sdpa_attention holds beyond q, k, v and out, at its largest step, with SAM's
+    rel-pos tables: the band's bias in q's dtype, band_terms' tables and terms (and the
+    terms cast to q's dtype when it is not float32), and SDPA's output for the band.
+
+    Args:
+        plan: the call's plan (plan_sdpa).
+        batch_heads: B*heads of the call's q, k, v.
+        grid: (H, W) token grid.
+        head_dim: C.
+        dtype: of q, k, v.
+        strided_out: unused (SDPA's output is copied into `out` either way).
+    """
+    H, W = grid
+    e = dtype.itemsize
+    rows, band = step_rows(plan, batch_heads, grid)
+    rel = _rel_pos_bytes(rows, band, grid, head_dim)
+    rel += rows * band * (H + W) * e if e != FP32_BYTES else 0  # the terms in q's dtype
+    return rows * band * H * W * e + rel + rows * band * head_dim * e  # the band's bias, the band's output
+
+
+def bands_workspace_bytes(plan: BlockPlan, batch_heads: int, grid: Tuple[int, int], head_dim: int, dtype: torch.dtype, strided_out: bool = False) -> int:
+    """Bytes bands_attention holds beyond q, k, v and out, at its largest step, with SAM's
+    rel-pos tables: the float32 score band, band_terms' tables and terms, q * scale and the
+    band's output unless it is written straight into a contiguous float32 `out`, and k and v
+    in float32 when they are not.
+
+    Args:
+        plan: the call's plan (plan_sdpa).
+        batch_heads: B*heads of the call's q, k, v.
+        grid: (H, W) token grid.
+        head_dim: C.
+        dtype: of q, k, v.
+        strided_out: whether `out` is a strided view (then each band's output is a new tensor, copied in).
+    """
+    H, W = grid
+    n = H * W
+    rows, band = step_rows(plan, batch_heads, grid)
+    in_place = not strided_out and dtype.itemsize == FP32_BYTES
+    off_float = 2 * rows * n * head_dim * FP32_BYTES if dtype.itemsize != FP32_BYTES else 0  # k, v in float32
+    return rows * band * n * FP32_BYTES + _rel_pos_bytes(rows, band, grid, head_dim) + (1 if in_place else 2) * rows * band * head_dim * FP32_BYTES + off_float
 
 
 def _band_settings(q, k, v, grid, rel_pos_h, rel_pos_w, scale, chunks, max_block_mb, plan):
@@ -166,7 +221,7 @@ def band_terms(q_g: Tensor, grid: Tuple[int, int], tables, group: int) -> Callab
     G, N, C = q_g.shape
     if tables is None:
         return lambda qa, qb: (None, None)
-    if group * N * (H + W) * _FP32_BYTES <= CPU_STEP_BYTES:
+    if group * N * (H + W) * FP32_BYTES <= CPU_STEP_BYTES:
         rel_h, rel_w = decomposed_rel_pos(q_g.float().view(G, H, W, C), *tables, 0)  # (G, H, W, H), (G, H, W, W)
         return lambda qa, qb: (rel_h[:, qa:qb], rel_w[:, qa:qb])
     return lambda qa, qb: decomposed_rel_pos(q_g[:, qa * W : qb * W].float().view(G, qb - qa, W, C), *tables, qa)

@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 
 from sam_blocked.attention.common import (
-    _FP32_BYTES,
+    FP32_BYTES,
     DEFAULT_CHUNKS,
     DEFAULT_GROUP_BYTES,
     BlockPlan,
@@ -36,6 +36,7 @@ from sam_blocked.attention.common import (
     kernel_output,
     rel_pos_tables,
     row_groups,
+    step_rows,
 )
 
 Tensor = torch.Tensor
@@ -59,7 +60,7 @@ def plan_blocks(
     H, W = grid
 
     def row_block_bytes(q_bands: int, k_bands: int) -> int:
-        return math.ceil(H / q_bands) * W * math.ceil(H / k_bands) * W * _FP32_BYTES
+        return math.ceil(H / q_bands) * W * math.ceil(H / k_bands) * W * FP32_BYTES
 
     if max_block_mb is None:
         q_bands, k_bands = (min(b, H) for b in chunk_bands(chunks))
@@ -79,6 +80,26 @@ def plan_blocks(
     per_row = row_block_bytes(q_bands, k_bands)
     group = max(1, min(batch_heads, budget // per_row))
     return BlockPlan(q_bands, k_bands, group, group * per_row)
+
+
+def workspace_bytes(plan: BlockPlan, batch_heads: int, grid: Tuple[int, int], head_dim: int, dtype: torch.dtype, strided_out: bool = False) -> int:
+    """Bytes blocked_attention holds beyond q, k, v and out, at its largest step, with SAM's
+    rel-pos tables: the float32 score block, a band's rel_h and rel_w, the band's float32
+    accumulators, and k and v in float32 when they are not.
+
+    Args:
+        plan: the call's plan (plan_blocks).
+        batch_heads: B*heads of the call's q, k, v.
+        grid: (H, W) token grid.
+        head_dim: C.
+        dtype: of q, k, v.
+        strided_out: unused (the band's output is copied into `out` either way).
+    """
+    H, W = grid
+    rows, band = step_rows(plan, batch_heads, grid)
+    rel = rows * band * (H + W) * FP32_BYTES  # rel_h, rel_w
+    off_float = 2 * rows * H * W * head_dim * FP32_BYTES if dtype.itemsize != FP32_BYTES else 0  # k, v in float32
+    return plan.block_bytes + rel + 2 * rows * band * head_dim * FP32_BYTES + off_float
 
 
 def blocked_attention(

@@ -23,7 +23,7 @@ DEFAULT_GROUP_BYTES = 4 * 2**20
 # cache between being written and read is cheaper), and glibc keeps the freed blocks of a
 # few such steps in its heap, so they would count twice in the resident set.
 CPU_STEP_BYTES = 8 * 2**20
-_FP32_BYTES = 4
+FP32_BYTES = 4  # the softmax statistics, accumulators and score blocks are float32
 
 
 def step_budget(budget: int, device: Optional[torch.device | str]) -> int:
@@ -64,6 +64,20 @@ def check_plan_args(grid: Tuple[int, int], max_block_mb: Optional[float]) -> Non
         raise ValueError(f"token grid must be at least 1 x 1, got {H} x {W}")
     if max_block_mb is not None and not max_block_mb > 0:
         raise ValueError(f"max_block_mb must be > 0, got {max_block_mb!r}")
+
+
+def plan_one_band(batch_heads: int, per_row: int, max_block_mb: Optional[float], device: Optional[torch.device | str]) -> BlockPlan:
+    """One query band, and as many batch*head rows per step as keep `per_row` bytes each within
+    max_block_mb or DEFAULT_FUSED_BYTES (on the CPU, within CPU_STEP_BYTES too): flashbias's and flex's steps."""
+    budget = step_budget(DEFAULT_FUSED_BYTES if max_block_mb is None else int(max_block_mb * 2**20), device)
+    group = max(1, min(batch_heads, budget // per_row))
+    return BlockPlan(1, 1, group, group * per_row)
+
+
+def step_rows(plan: BlockPlan, batch_heads: int, grid: Tuple[int, int]) -> Tuple[int, int]:
+    """(batch*head rows, query tokens) of a call's largest step under `plan`."""
+    H, W = grid
+    return min(plan.group, batch_heads), math.ceil(H / plan.q_bands) * W
 
 
 def band_rows(rows: int, bands: int) -> list[Tuple[int, int]]:

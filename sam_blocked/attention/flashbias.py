@@ -2,8 +2,8 @@
 the dot product: q' = [q * scale, rel_h(q), rel_w(q)], k' = [k, onehot(row(k)), onehot(col(k))],
 padded with zeros to a multiple of 8 (v too: the fused kernels want one head dim), and SDPA
 runs with scale 1, restricted to its fused kernels (flash / memory-efficient / cuDNN on
-CUDA, flash on the CPU). flashbias_reasons says where no fused kernel takes it; plan_fused
-cuts a call into steps (flashbias's and flex's).
+CUDA, flash on the CPU). flashbias_reasons says where no fused kernel takes it, plan_flashbias
+how a call is cut into steps and workspace_bytes what a step holds.
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from sam_blocked.attention.common import (
-    _FP32_BYTES,
+    FP32_BYTES,
     DEFAULT_CHUNKS,
-    DEFAULT_FUSED_BYTES,
     BlockPlan,
     check_attention_inputs,
     check_plan_args,
     decomposed_rel_pos,
     kernel_output,
     rel_pos_tables,
+    plan_one_band,
     row_groups,
-    step_budget,
+    step_rows,
 )
 
 Tensor = torch.Tensor
@@ -82,20 +82,17 @@ def augmented_head_dim(grid: Tuple[int, int], head_dim: int) -> int:
     return -(-(head_dim + H + W) // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
 
 
-def plan_fused(
-    backend: str,
+def plan_flashbias(
     batch_heads: int,
     grid: Tuple[int, int],
     head_dim: int,
     max_block_mb: Optional[float] = None,
     device: Optional[torch.device | str] = None,
 ) -> BlockPlan:
-    """flashbias's or flex's steps: one band, and as many batch*head rows as keep q', k', v'
-    (flashbias) or q, k, v and the rel-pos terms (flex) within max_block_mb or
-    DEFAULT_FUSED_BYTES (on the CPU, within common.CPU_STEP_BYTES too).
+    """flashbias's steps: one band, and as many batch*head rows as keep q', k', v' within
+    max_block_mb or DEFAULT_FUSED_BYTES (on the CPU, within common.CPU_STEP_BYTES too).
 
     Args:
-        backend: "flashbias" or "flex".
         batch_heads: B*heads.
         grid: (H, W) token grid.
         head_dim: C.
@@ -104,14 +101,27 @@ def plan_fused(
     """
     check_plan_args(grid, max_block_mb)
     H, W = grid
-    n = H * W
-    if backend == "flashbias":
-        per_row = 3 * n * augmented_head_dim(grid, head_dim) * _FP32_BYTES  # q', k', v'
-    else:
-        per_row = n * (3 * head_dim + H + W) * _FP32_BYTES  # q, k, v, rel_h, rel_w
-    budget = step_budget(DEFAULT_FUSED_BYTES if max_block_mb is None else int(max_block_mb * 2**20), device)
-    group = max(1, min(batch_heads, budget // per_row))
-    return BlockPlan(1, 1, group, group * per_row)
+    per_row = 3 * H * W * augmented_head_dim(grid, head_dim) * FP32_BYTES  # q', k', v'
+    return plan_one_band(batch_heads, per_row, max_block_mb, device)
+
+
+def workspace_bytes(plan: BlockPlan, batch_heads: int, grid: Tuple[int, int], head_dim: int, dtype: torch.dtype, strided_out: bool = False) -> int:
+    """Bytes flashbias_attention holds beyond q, k, v and out, at its largest step, with SAM's
+    rel-pos tables: q', k', v' and SDPA's output, all (rows, N, augmented head dim) in q's
+    dtype, and rel_h and rel_w in float32.
+
+    Args:
+        plan: the call's plan (plan_flashbias).
+        batch_heads: B*heads of the call's q, k, v.
+        grid: (H, W) token grid.
+        head_dim: C.
+        dtype: of q, k, v.
+        strided_out: unused (SDPA's output is copied into `out` either way).
+    """
+    H, W = grid
+    rows, band = step_rows(plan, batch_heads, grid)
+    rel = rows * band * (H + W) * FP32_BYTES  # rel_h, rel_w
+    return 4 * rows * H * W * augmented_head_dim(grid, head_dim) * dtype.itemsize + rel  # q', k', v' and the output
 
 
 def flashbias_attention(
@@ -138,7 +148,7 @@ def flashbias_attention(
         grid: (H, W), tokens in row-major order.
         rel_pos_h, rel_pos_w: SAM's tables (resized like get_rel_pos), or both None.
         scale: multiplies q k^T; default C**-0.5.
-        chunks: unused (one query band); max_block_mb: see plan_fused; `plan` overrides it.
+        chunks: unused (one query band); max_block_mb: see plan_flashbias; `plan` overrides it.
         out: where to write the result, (B*heads, H*W, Cv), any strides; default new.
 
     Returns:
@@ -155,7 +165,7 @@ def flashbias_attention(
     reasons = flashbias_reasons(q.device, q.dtype, grid, C)
     if reasons:
         raise ValueError(f"flashbias: {'; '.join(reasons)}")
-    plan = plan or plan_fused("flashbias", BH, grid, C, max_block_mb, q.device)
+    plan = plan or plan_flashbias(BH, grid, C, max_block_mb, q.device)
     tables = rel_pos_tables(rel_pos_h, rel_pos_w, grid)
     dim = max(augmented_head_dim(grid, C) if tables is not None else C, Cv)
     dim = -(-dim // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE

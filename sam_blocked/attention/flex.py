@@ -1,17 +1,29 @@
 """The "flex" backend: torch.nn.attention.flex_attention, compiled, with a score_mod adding
 rel_h[q, kv // W] + rel_w[q, kv % W]. CUDA only: see FLEX_CPU_REASON. flex_reasons says
-where it cannot run; its steps are flashbias.plan_fused's.
+where it cannot run, plan_flex how a call is cut into steps and workspace_bytes what a
+step holds.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
-from sam_blocked.attention.common import DEFAULT_CHUNKS, BlockPlan, check_attention_inputs, decomposed_rel_pos, kernel_output, rel_pos_tables, row_groups
-from sam_blocked.attention.flashbias import plan_fused
+from sam_blocked.attention.common import (
+    DEFAULT_CHUNKS,
+    FP32_BYTES,
+    BlockPlan,
+    check_attention_inputs,
+    check_plan_args,
+    decomposed_rel_pos,
+    kernel_output,
+    plan_one_band,
+    rel_pos_tables,
+    row_groups,
+    step_rows,
+)
 
 Tensor = torch.Tensor
 
@@ -46,6 +58,47 @@ def flex_reasons(device: torch.device) -> list[str]:
     return []
 
 
+def plan_flex(
+    batch_heads: int,
+    grid: Tuple[int, int],
+    head_dim: int,
+    max_block_mb: Optional[float] = None,
+    device: Optional[torch.device | str] = None,
+) -> BlockPlan:
+    """flex's steps: one band, and as many batch*head rows as keep q, k, v and the rel-pos
+    terms within max_block_mb or DEFAULT_FUSED_BYTES (on the CPU, within CPU_STEP_BYTES too).
+
+    Args:
+        batch_heads: B*heads.
+        grid: (H, W) token grid.
+        head_dim: C.
+        max_block_mb: the patch's block budget, if any.
+        device: where it runs (None: no CPU cap).
+    """
+    check_plan_args(grid, max_block_mb)
+    H, W = grid
+    per_row = H * W * (3 * head_dim + H + W) * FP32_BYTES  # q, k, v, rel_h, rel_w
+    return plan_one_band(batch_heads, per_row, max_block_mb, device)
+
+
+def workspace_bytes(plan: BlockPlan, batch_heads: int, grid: Tuple[int, int], head_dim: int, dtype: torch.dtype, strided_out: bool = False) -> int:
+    """Bytes flex_attention holds beyond q, k, v and out, at its largest step, with SAM's
+    rel-pos tables: rel_h and rel_w in float32 and the compiled kernel's output in q's dtype
+    (the kernel's own scratch, its row statistics, is not counted).
+
+    Args:
+        plan: the call's plan (plan_flex).
+        batch_heads: B*heads of the call's q, k, v.
+        grid: (H, W) token grid.
+        head_dim: C.
+        dtype: of q, k, v.
+        strided_out: unused (the output is copied into `out` either way).
+    """
+    H, W = grid
+    rows, band = step_rows(plan, batch_heads, grid)
+    return rows * band * (H + W) * FP32_BYTES + rows * band * head_dim * dtype.itemsize  # rel_h, rel_w; the output
+
+
 def flex_attention(
     q: Tensor,
     k: Tensor,
@@ -68,7 +121,7 @@ def flex_attention(
         grid: (H, W), tokens in row-major order.
         rel_pos_h, rel_pos_w: SAM's tables (resized like get_rel_pos), or both None.
         scale: multiplies q k^T; default C**-0.5.
-        chunks: unused (one query band); max_block_mb: see plan_fused; `plan` overrides it.
+        chunks: unused (one query band); max_block_mb: see plan_flex; `plan` overrides it.
         out: where to write the result, (B*heads, H*W, Cv), any strides; default new.
         compiled: False runs flex_attention eagerly, which materializes the full score
             matrix: for checking the score_mod on small inputs only.
@@ -82,7 +135,7 @@ def flex_attention(
     H, W = grid
     BH, N, C = q.shape
     scale = C**-0.5 if scale is None else scale
-    plan = plan or plan_fused("flex", BH, grid, C, max_block_mb, q.device)
+    plan = plan or plan_flex(BH, grid, C, max_block_mb, q.device)
     tables = rel_pos_tables(rel_pos_h, rel_pos_w, grid)
     run = _compiled_flex() if compiled else _flex_call
 

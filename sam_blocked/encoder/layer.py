@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from sam_blocked.attention.common import DEFAULT_CHUNKS, chunk_bands
-from sam_blocked.attention.dispatch import ATTENTION, check_backend_name, plan_backend, resolve_backend
+from sam_blocked.attention.dispatch import KERNELS, check_backend_name, plan_backend, resolve_backend
 from sam_blocked.encoder.tokenwise import token_chunk
 
 Tensor = torch.Tensor
@@ -130,9 +130,9 @@ def attention_heads(
         if k_norm is not None:
             k = k_norm(k)
         if B == 1:  # the kernel writes straight into this step's heads: (g, N, C), strided
-            ATTENTION[backend](q, k, v, (H, W), rel_pos_h, rel_pos_w, scale=scale, plan=plan, out=out[0, :, h0:h1].transpose(0, 1))
+            KERNELS[backend](q, k, v, (H, W), rel_pos_h, rel_pos_w, scale=scale, plan=plan, out=out[0, :, h0:h1].transpose(0, 1))
         else:
-            o = ATTENTION[backend](q, k, v, (H, W), rel_pos_h, rel_pos_w, scale=scale, plan=plan)  # (B*g, N, C)
+            o = KERNELS[backend](q, k, v, (H, W), rel_pos_h, rel_pos_w, scale=scale, plan=plan)  # (B*g, N, C)
             out[:, :, h0:h1] = o.view(B, g, H * W, head_dim).transpose(1, 2)
             del o
         del qkv_g, q, k, v
