@@ -44,7 +44,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=list(BACKEND_CHOICES),
         help="attention kernel: auto (default: chosen per device and layer shape, see README), "
-        "blocked (pure PyTorch), sdpa, flashbias, flex (CUDA only)",
+        "blocked (pure PyTorch), sdpa, bands (plain GEMMs), flashbias, flex (CUDA only)",
     )
 
 

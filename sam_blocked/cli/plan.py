@@ -6,6 +6,7 @@ import argparse
 import json
 
 from sam_blocked.attention.common import DEFAULT_CHUNKS
+from sam_blocked.attention.dispatch import BACKEND_CHOICES
 from sam_blocked.memory.measure import format_bytes
 from sam_blocked.models.registry import ENCODER_CONFIGS, MODEL_TYPES
 from sam_blocked.memory.planner import DTYPE_BYTES, MemoryPlan, largest_input_size, plan_memory
@@ -39,6 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, help="blocks per attention matrix (default %(default)s)")
     parser.add_argument("--max-block-mb", type=float, default=None, help="memory budget in MiB for the largest attention block; overrides --chunks")
     parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=list(BACKEND_CHOICES),
+        help="attention kernel the run will use (default %(default)s); each kernel's workspace differs",
+    )
+    parser.add_argument(
         "--points-per-batch",
         type=int,
         default=64,
@@ -51,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     plan = plan_memory(
-        args.model_type, args.img_size, args.dtype, args.device, args.batch, args.chunks, args.max_block_mb, args.points_per_batch
+        args.model_type, args.img_size, args.dtype, args.device, args.batch, args.chunks, args.max_block_mb, args.points_per_batch, args.backend
     )
     fits = None
     if args.max_memory_mb is not None:
@@ -66,6 +73,7 @@ def main(args: argparse.Namespace) -> int:
                 chunks=args.chunks,
                 max_block_mb=args.max_block_mb,
                 points_per_batch=args.points_per_batch,
+                backend=args.backend,
             )
             for model in dict.fromkeys([args.model_type, *MODEL_TYPES])
         }
@@ -82,6 +90,7 @@ def main(args: argparse.Namespace) -> int:
 def report(plan: MemoryPlan, max_memory_mb: float | None = None, fits: dict[str, int | None] | None = None) -> str:
     """The plan as a short table, and what fits max_memory_mb."""
     blocking = f"attention blocks <= {plan.max_block_mb:g} MiB" if plan.max_block_mb else f"chunks {plan.chunks}"
+    blocking += f", backend {plan.backend}"
     lines = [
         f"{plan.model_type} at {plan.img_size} px ({plan.tokens} tokens{f', batch {plan.batch}' if plan.batch > 1 else ''}), "
         f"{plan.dtype} on {plan.device}, {blocking}",

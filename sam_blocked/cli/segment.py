@@ -272,6 +272,7 @@ def _auto_tile(args: argparse.Namespace, loaded, amg: dict) -> int:
         max_block_mb=args.max_block_mb,
         points_per_batch=amg.get("points_per_batch", 64) if args.auto else 1,
         multiple=16,
+        backend=args.backend,
     )
     if size is None:
         raise ValueError(

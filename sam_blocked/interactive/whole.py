@@ -163,26 +163,27 @@ def encode(
     chunks: int = DEFAULT_CHUNKS,
     max_block_mb: Optional[float] = None,
     stock_limit_bytes: Optional[int] = None,
+    backend: str = "auto",
 ) -> tuple[Embedding, MemoryReport]:
     """Run the image encoder once on `image`, patched, and measure its peak memory beside stock's.
 
     Args:
         sam: a stock (unpatched) Sam; it is patched for the encode and restored after.
         image: (H, W, 3) uint8 RGB.
-        chunks, max_block_mb: the blocking (see `patch_sam`).
+        chunks, max_block_mb, backend: the patch (see `patch_sam`); the planned figures are for it too.
         stock_limit_bytes: run stock too, on the same image, when the planner's estimate of
             its encoder peak is below this and below half the free memory; otherwise (and
             when None) stock's peak is the planner's estimate.
     """
     device = sam.device
     predictor = SamPredictor(sam)
-    with patched(sam, chunks, max_block_mb):
+    with patched(sam, chunks, max_block_mb, backend):
         start = time.perf_counter()
         patched_bytes = _measure(device, lambda: predictor.set_image(image))
         seconds = time.perf_counter() - start
     embedding = Embedding(predictor.features, predictor.original_size, predictor.input_size)
 
-    stock_plan, patched_plan = planned_encoder_bytes(sam.image_encoder, chunks, max_block_mb)
+    stock_plan, patched_plan = planned_encoder_bytes(sam.image_encoder, chunks, max_block_mb, backend)
     limit = None if stock_limit_bytes is None else min(stock_limit_bytes, _free_bytes(device) // 2)
     if limit is not None and stock_plan <= limit:
         with stock(sam):
@@ -193,6 +194,7 @@ def encode(
         stock_bytes = max(stock_plan, patched_bytes - patched_plan + stock_plan)
         reason = "stock comparison is off" if limit is None else f"stock's encoder would need {format_bytes(stock_plan)}, over the {format_bytes(limit)} allowed here"
     blocking = f"chunks {chunks}" if max_block_mb is None else f"blocks <= {max_block_mb:g} MiB"
+    blocking += "" if backend == "auto" else f", {backend}"
     report = MemoryReport(str(device), sam.image_encoder.img_size, blocking, patched_bytes, stock_bytes, not reason, stock_plan, patched_plan, reason, seconds)
     return embedding, report
 

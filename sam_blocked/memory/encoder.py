@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from sam_blocked.attention.common import FP32_BYTES
-from sam_blocked.attention.dispatch import choose_backend, plan_backend, workspace_bytes
+from sam_blocked.attention.dispatch import plan_backend, resolve_backend, workspace_bytes
 from sam_blocked.encoder.layer import projected_heads
 from sam_blocked.models.registry import ENCODER_CONFIGS, PATCH_SIZE, PROMPT_EMBED_DIM
 from sam_blocked.encoder.tokenwise import mlp_chunk, window_chunk, windows_per_step
@@ -80,6 +80,7 @@ def encoder_phases(
     chunks: int = 16,
     max_block_mb: Optional[float] = None,
     patched: bool = True,
+    backend: str = "auto",
 ) -> dict[str, int]:
     """Bytes alive at once in each phase of one encoder forward, over the weights and the input.
 
@@ -91,6 +92,10 @@ def encoder_phases(
         batch: images per forward.
         chunks, max_block_mb: the patch's blocking; ignored when not `patched`.
         patched: sam_blocked's blocks, or stock segment_anything's.
+        backend: the patch's attention backend ("auto": the one auto picks for each layer).
+
+    Raises:
+        ValueError: the named backend cannot run one of the encoder's layers (as the patch would refuse it).
     """
     e = torch.empty((), dtype=dtype).element_size()
     grid = img_size // PATCH_SIZE
@@ -99,23 +104,23 @@ def encoder_phases(
     neck = batch * n * PROMPT_EMBED_DIM * max(e, FP32_BYTES)
     phases = {"patch embedding": 2 * a, "neck": a + 4 * neck}
     count = _patched if patched else _stock
-    phases.update(count(shape, grid, batch, e, dtype, torch.device(device), chunks, max_block_mb))
+    phases.update(count(shape, grid, batch, e, dtype, torch.device(device), chunks, max_block_mb, backend))
     return phases
 
 
-def _patched(s: EncoderShape, grid: int, batch: int, e: int, dtype, device, chunks: int, max_block_mb) -> dict[str, int]:
+def _patched(s: EncoderShape, grid: int, batch: int, e: int, dtype, device, chunks: int, max_block_mb, backend: str) -> dict[str, int]:
     n, head_dim = grid * grid, s.dim // s.heads
     a = batch * n * s.dim * e
     phases = {"MLP": 2 * a + min(mlp_chunk(s.dim, s.mlp_dim, max_block_mb, device), batch * n) * (s.dim + s.mlp_dim) * e}
     if s.global_blocks:
-        work, g = _attention(batch, s.heads, (grid, grid), head_dim, e, dtype, device, chunks, max_block_mb)
+        work, g = _attention(batch, s.heads, (grid, grid), head_dim, e, dtype, device, chunks, max_block_mb, backend)
         qkv = 3 * batch * g * n * head_dim * e * (2 if batch > 1 else 1)  # a view of the projection when batch == 1
         phases["global attention"] = 3 * a + qkv + work
     if len(s.global_blocks) < s.depth:
         ws = s.window
         k = min(windows_per_step(batch, ws, window_chunk(s.dim, max_block_mb, device)), math.ceil(grid / ws))
         step = batch * k * ws * ws  # tokens of one step's windows
-        work, g = _attention(batch * k, s.heads, (ws, ws), head_dim, e, dtype, device, chunks, max_block_mb)
+        work, g = _attention(batch * k, s.heads, (ws, ws), head_dim, e, dtype, device, chunks, max_block_mb, backend)
         qkv = 3 * step * g * head_dim * e  # the (3, B*g, N, C) copy of the projection, which lives beside it only while copied
         # the step's windows and heads' output beside q, k, v and the kernel (or the projection); then the output projection
         kernel = 2 * step * s.dim * e + qkv + max(qkv, work)
@@ -123,10 +128,10 @@ def _patched(s: EncoderShape, grid: int, batch: int, e: int, dtype, device, chun
     return phases
 
 
-def _attention(batch, heads, grid, head_dim, e, dtype, device, chunks, max_block_mb) -> tuple[int, int]:
+def _attention(batch, heads, grid, head_dim, e, dtype, device, chunks, max_block_mb, backend) -> tuple[int, int]:
     """A patched attention call's kernel workspace in bytes (the kernel's own workspace_bytes,
     and the kernel's output before the heads' buffer), and the heads projected per step."""
-    backend = choose_backend(device, dtype, grid, head_dim, max_block_mb)
+    backend = resolve_backend(backend, device, dtype, grid, head_dim, max_block_mb)  # as layer.attention_heads
     plan = plan_backend(backend, batch * heads, grid, head_dim, chunks, max_block_mb, device)
     H, W = grid
     n = H * W
@@ -138,7 +143,7 @@ def _attention(batch, heads, grid, head_dim, e, dtype, device, chunks, max_block
     return work + out, g
 
 
-def _stock(s: EncoderShape, grid: int, batch: int, e: int, dtype, device, chunks, max_block_mb) -> dict[str, int]:
+def _stock(s: EncoderShape, grid: int, batch: int, e: int, dtype, device, chunks, max_block_mb, backend) -> dict[str, int]:
     n = grid * grid
     a = batch * n * s.dim * e
     phases = {"MLP": 3 * a + 2 * batch * n * s.mlp_dim * e}
