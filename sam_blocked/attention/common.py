@@ -8,6 +8,7 @@ sam_blocked.attention.dispatch names them and picks one.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -57,13 +58,22 @@ def chunk_bands(chunks: int) -> Tuple[int, int]:
     return chunks // k_bands, k_bands
 
 
+def check_max_block_mb(max_block_mb: Optional[float]) -> Optional[float]:
+    """The block budget as a float (None: none, `chunks` decides), or a ValueError unless it is a number > 0 (MiB).
+    The one check of max_block_mb: the patch, the kernels, the planner and the demo call it."""
+    if max_block_mb is None:
+        return None
+    if isinstance(max_block_mb, bool) or not isinstance(max_block_mb, numbers.Real) or not max_block_mb > 0:
+        raise ValueError(f"max_block_mb must be > 0 (a number of MiB, or None to use chunks), got {max_block_mb!r}")
+    return float(max_block_mb)
+
+
 def check_plan_args(grid: Tuple[int, int], max_block_mb: Optional[float]) -> None:
     """ValueError unless the (H, W) grid is at least 1 x 1 and max_block_mb, if given, is > 0."""
     H, W = grid
     if H < 1 or W < 1:
         raise ValueError(f"token grid must be at least 1 x 1, got {H} x {W}")
-    if max_block_mb is not None and not max_block_mb > 0:
-        raise ValueError(f"max_block_mb must be > 0, got {max_block_mb!r}")
+    check_max_block_mb(max_block_mb)
 
 
 def plan_one_band(batch_heads: int, per_row: int, max_block_mb: Optional[float], device: Optional[torch.device | str]) -> BlockPlan:

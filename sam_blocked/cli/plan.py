@@ -8,8 +8,8 @@ import json
 from sam_blocked.attention.common import DEFAULT_CHUNKS
 from sam_blocked.attention.dispatch import BACKEND_CHOICES
 from sam_blocked.memory.measure import format_bytes
-from sam_blocked.models.registry import ENCODER_CONFIGS, MODEL_TYPES
-from sam_blocked.memory.planner import DTYPE_BYTES, MemoryPlan, largest_input_size, plan_memory
+from sam_blocked.models.registry import DTYPES, ENCODER_CONFIGS, MODEL_TYPES
+from sam_blocked.memory.planner import MemoryPlan, largest_input_size, plan_memory
 
 EPILOG = """\
 figures are counted from the architecture and the patched code's blocking rules (not run);
@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model-type", default="vit_b", choices=list(ENCODER_CONFIGS), help="SAM architecture (default %(default)s)")
     parser.add_argument("--img-size", type=int, default=1024, help="square input size in pixels, a multiple of 16 (default %(default)s)")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPE_BYTES), help="image encoder dtype (default %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="image encoder dtype (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: the device the run will use (default %(default)s)")
     parser.add_argument("--batch", type=int, default=1, help="images per encoder call (default %(default)s)")
     parser.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, help="blocks per attention matrix (default %(default)s)")

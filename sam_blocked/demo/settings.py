@@ -14,16 +14,15 @@ from pathlib import Path
 from typing import Hashable, Optional
 
 import numpy as np
-import torch
 from segment_anything import SamPredictor
 
 from sam_blocked.attention.common import DEFAULT_CHUNKS
 from sam_blocked.interactive.whole import MAX_PIXELS, MAX_UPLOAD_MB
 from sam_blocked.interactive.tiled import MAX_TILED_PIXELS
 from sam_blocked.encoder.layer import BlockConfig, check_config
-from sam_blocked.models.load import DTYPES, LoadedModel, ModelSettings, load_model
+from sam_blocked.models.load import LoadedModel, ModelSettings, load_model, resolve_device
 from sam_blocked.memory.measure import MIB
-from sam_blocked.models.registry import ENCODER_CONFIGS, PATCH_SIZE
+from sam_blocked.models.registry import MODEL_TYPE_CHOICES, PATCH_SIZE, check_dtype, check_model_type
 from sam_blocked.patch import patched
 
 STOCK_LIMIT_MB = 4096.0
@@ -89,21 +88,14 @@ class DemoSettings:
 def check_settings(settings: DemoSettings) -> DemoSettings:
     """Refuse settings that cannot run, with what to change; returns `settings`."""
     model = settings.model
-    if model.model_type not in ("auto", "default", *ENCODER_CONFIGS):
-        raise ValueError(f"model type {model.model_type!r} is unknown: choose one of auto, default, {', '.join(ENCODER_CONFIGS)}")
-    if model.dtype not in DTYPES:
-        raise ValueError(f"dtype {model.dtype!r} is unknown: choose one of {', '.join(DTYPES)}")
+    check_model_type(model.model_type, MODEL_TYPE_CHOICES)
+    check_dtype(model.dtype)
     if isinstance(model.img_size, bool) or not isinstance(model.img_size, int) or model.img_size <= 0 or model.img_size % PATCH_SIZE:
         raise ValueError(f"input size {model.img_size!r} must be a positive multiple of {PATCH_SIZE} pixels, e.g. 1024")
     if model.checkpoint is not None and not Path(model.checkpoint).is_file():
         raise ValueError(f"checkpoint {model.checkpoint} is not a file: give the path of a SAM .pth")
     if model.device is not None:
-        try:
-            device = torch.device(model.device)
-        except RuntimeError:
-            raise ValueError(f"device {model.device!r} is not a torch device: use cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {model.device}: CUDA is not available on this machine; use cpu")
+        resolve_device(model.device)
     check_config(settings.chunks, settings.max_block_mb, settings.backend)
     if settings.large_images not in LARGE_IMAGES:
         raise ValueError(f"large images {settings.large_images!r}: choose tiles (native resolution) or whole (resized)")

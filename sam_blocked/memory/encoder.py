@@ -33,10 +33,9 @@ import torch
 from sam_blocked.attention.common import FP32_BYTES
 from sam_blocked.attention.dispatch import plan_backend, resolve_backend, workspace_bytes
 from sam_blocked.encoder.layer import projected_heads
-from sam_blocked.models.registry import ENCODER_CONFIGS, PATCH_SIZE, PROMPT_EMBED_DIM
+from sam_blocked.models.registry import ENCODER_CONFIGS, MLP_RATIO, PATCH_SIZE, PROMPT_EMBED_DIM
 from sam_blocked.encoder.tokenwise import mlp_chunk, window_chunk, windows_per_step
 
-MLP_RATIO = 4
 
 
 @dataclass(frozen=True)

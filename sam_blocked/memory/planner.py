@@ -38,12 +38,11 @@ import torch
 from sam_blocked.attention.common import DEFAULT_CHUNKS
 from sam_blocked.encoder.layer import BlockConfig, check_config
 from sam_blocked.memory.encoder import EncoderShape, encoder_phases
-from sam_blocked.models.registry import ENCODER_CONFIGS, PATCH_SIZE, PROMPT_EMBED_DIM
+from sam_blocked.attention.common import FP32_BYTES
+from sam_blocked.models.registry import DTYPES, ENCODER_CONFIGS, MLP_RATIO, PATCH_SIZE, PROMPT_EMBED_DIM, check_dtype, check_model_type
 
 MIB = 2**20
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CHECKPOINT_SIZE = 1024  # the official checkpoints' input size: global rel-pos tables have 2 * 64 - 1 rows
-MLP_RATIO = 4
 PROMPT_DECODER_PARAMS = 6476 + 4058340 + 6  # prompt encoder, mask decoder, pixel mean/std (same for every model type)
 DECODER_ACTIVATIONS = 7.5  # a decoder batch peaks at about this many (prompts, 256, tokens) float32 tensors
 # On the CPU, resident extra peak <= resident_bound_bytes(the tensors counted, device). A
@@ -153,8 +152,8 @@ def plan_memory(
     _check(model_type, img_size, dtype, device, batch, chunks, max_block_mb, points_per_batch, backend)
     tokens = (img_size // PATCH_SIZE) ** 2
     tensors, stock_tensors, phase = encoder_tensor_bytes(EncoderShape.of(model_type), img_size, dtype, device, batch, chunks, max_block_mb, backend)
-    embedding = batch * PROMPT_EMBED_DIM * tokens * 4
-    decoder = DECODER_ACTIVATIONS * points_per_batch * PROMPT_EMBED_DIM * tokens * 4
+    embedding = batch * PROMPT_EMBED_DIM * tokens * FP32_BYTES
+    decoder = DECODER_ACTIVATIONS * points_per_batch * PROMPT_EMBED_DIM * tokens * FP32_BYTES
     return MemoryPlan(
         model_type=model_type,
         img_size=img_size,
@@ -166,7 +165,7 @@ def plan_memory(
         points_per_batch=points_per_batch,
         tokens=tokens,
         weights_bytes=weight_bytes(model_type, img_size, dtype),
-        input_bytes=batch * 3 * img_size * img_size * 4,
+        input_bytes=batch * 3 * img_size * img_size * FP32_BYTES,
         encoder_stock_bytes=resident_bound_bytes(stock_tensors, device),
         encoder_patched_bytes=resident_bound_bytes(tensors, device),
         encoder_peak_phase=phase,
@@ -278,16 +277,14 @@ def weight_bytes(model_type: str, img_size: int, dtype: str = "float32") -> int:
     neck = PROMPT_EMBED_DIM * dim + 2 * PROMPT_EMBED_DIM + PROMPT_EMBED_DIM * PROMPT_EMBED_DIM * 9 + 2 * PROMPT_EMBED_DIM
     embed = 3 * PATCH_SIZE * PATCH_SIZE * dim + dim + grid * grid * dim
     encoder = embed + depth * block + rel_pos + neck
-    return encoder * DTYPE_BYTES[dtype] + PROMPT_DECODER_PARAMS * 4
+    return encoder * DTYPES[dtype].itemsize + PROMPT_DECODER_PARAMS * FP32_BYTES
 
 
 def _check(model_type, img_size, dtype, device, batch, chunks, max_block_mb, points_per_batch, backend) -> None:
-    if model_type not in ENCODER_CONFIGS:
-        raise ValueError(f"unknown model type {model_type!r}: choose one of {', '.join(ENCODER_CONFIGS)}")
+    check_model_type(model_type)
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0 or img_size % PATCH_SIZE:
         raise ValueError(f"img_size={img_size!r} must be a positive multiple of the patch size {PATCH_SIZE}")
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype {dtype!r} is unknown: choose one of {', '.join(DTYPE_BYTES)}")
+    check_dtype(dtype)
     try:
         kind = torch.device(device).type
     except RuntimeError:

@@ -30,7 +30,7 @@ import torch
 from segment_anything.modeling import Sam
 from tqdm import tqdm
 
-from sam_blocked.models.registry import ENCODER_CONFIGS, MODEL_TYPES, PATCH_SIZE, build_sam, cast_image_encoder
+from sam_blocked.models.registry import ENCODER_CONFIGS, MODEL_TYPE_CHOICES, MODEL_TYPES, PATCH_SIZE, build_sam, cast_image_encoder, check_model_type
 
 WEIGHTS_ENV = "SAM_BLOCKED_WEIGHTS"
 _REPO_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
@@ -164,10 +164,7 @@ def _names_a_file(path: Path) -> bool:
 def _canonical_type(model_type: str) -> str:
     if model_type == "default":
         return "vit_h"
-    if model_type != "auto" and model_type not in ENCODER_CONFIGS:
-        choices = ", ".join(["auto", "default", *ENCODER_CONFIGS])
-        raise ValueError(f"unknown model type {model_type!r}: choose one of {choices}")
-    return model_type
+    return check_model_type(model_type, MODEL_TYPE_CHOICES)
 
 
 # ---------------------------------------------------------------------------- download and verify
