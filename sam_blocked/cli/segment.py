@@ -13,7 +13,8 @@ from sam_blocked.inputs.images import DEFAULT_MAX_PIXELS, collect_images
 from sam_blocked.memory import planner
 from sam_blocked.engines.options import AMG_SETTINGS, SegmentOptions
 from sam_blocked.inputs.prompts import load_prompts
-from sam_blocked.segment import available_bytes, segment_images
+from sam_blocked.memory.measure import available_bytes
+from sam_blocked.segment import segment_images
 from sam_blocked.summary import LOG_NAME, SUMMARY_NAME
 from sam_blocked.tiles.plan import Tiling
 

@@ -25,7 +25,7 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 
 from sam_blocked.attention.common import DEFAULT_CHUNKS
-from sam_blocked.memory.measure import MIB, current_bytes, format_bytes, peak_bytes, reset_peak
+from sam_blocked.memory.measure import MIB, available_bytes, format_bytes, measure_peak
 from sam_blocked.memory.planner import planned_encoder_bytes
 from sam_blocked.patch import patched, stock
 from sam_blocked.inputs.images import InputError, read_image
@@ -179,15 +179,15 @@ def encode(
     predictor = SamPredictor(sam)
     with patched(sam, chunks, max_block_mb, backend):
         start = time.perf_counter()
-        patched_bytes = _measure(device, lambda: predictor.set_image(image))
+        patched_bytes = measure_peak(device, lambda: predictor.set_image(image))
         seconds = time.perf_counter() - start
     embedding = Embedding(predictor.features, predictor.original_size, predictor.input_size)
 
     stock_plan, patched_plan = planned_encoder_bytes(sam.image_encoder, chunks, max_block_mb, backend)
-    limit = None if stock_limit_bytes is None else min(stock_limit_bytes, _free_bytes(device) // 2)
+    limit = None if stock_limit_bytes is None else min(stock_limit_bytes, (available_bytes(device) or 0) // 2)  # unknown: stock is not run
     if limit is not None and stock_plan <= limit:
         with stock(sam):
-            stock_bytes = _measure(device, lambda: SamPredictor(sam).set_image(image))
+            stock_bytes = measure_peak(device, lambda: SamPredictor(sam).set_image(image))
         reason = ""
     else:
         # Everything but the encoder (the image's preprocessing) is the same in both: swap the one for the other.
@@ -197,23 +197,6 @@ def encode(
     blocking += "" if backend == "auto" else f", {backend}"
     report = MemoryReport(str(device), sam.image_encoder.img_size, blocking, patched_bytes, stock_bytes, not reason, stock_plan, patched_plan, reason, seconds)
     return embedding, report
-
-
-def _measure(device: torch.device, fn: Callable[[], object]) -> int:
-    reset_peak(device)
-    before = current_bytes(device)
-    fn()
-    return max(0, peak_bytes(device) - before)
-
-
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("/proc/meminfo has no MemAvailable: the stock comparison needs Linux")
 
 
 def predict(sam: Sam, embedding: Embedding, prompts: Prompts) -> tuple[np.ndarray, np.ndarray]:
