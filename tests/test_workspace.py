@@ -31,3 +31,17 @@ def test_a_kernels_workspace_is_what_it_allocates(backend):
     _, measured = tensor_peak_bytes(lambda: KERNELS[backend](q, k, v, grid, rel_h, rel_w, plan=plan, out=out))
     predicted = workspace_bytes(backend, plan, bh, grid, c, torch.float32)
     assert predicted / 2 <= measured <= predicted * 2, f"{backend}: measured {measured / 2**20:.2f} MiB, workspace_bytes {predicted / 2**20:.2f} MiB"
+
+
+def test_blocked_counts_the_rows_of_the_call_not_of_the_plan():
+    # BlockedAttention plans for every head but projects a few at a time: the score buffer is
+    # sized by the rows of the call (here 4 of a plan's group of 12), as the kernel allocates it
+    grid, c = (32, 32), 64
+    plan = plan_backend("blocked", 12, grid, c, max_block_mb=64.0)
+    assert plan.group == 12
+    q, k, v = (torch.randn(4, grid[0] * grid[1], c) for _ in range(3))
+    rel = torch.randn(2 * grid[0] - 1, c)
+    out = torch.empty_like(q)
+    _, measured = tensor_peak_bytes(lambda: KERNELS["blocked"](q, k, v, grid, rel, rel, plan=plan, out=out))
+    predicted = workspace_bytes("blocked", plan, 4, grid, c, torch.float32)
+    assert predicted / 1.25 <= measured <= predicted * 1.25, f"measured {measured / 2**20:.2f} MiB, workspace_bytes {predicted / 2**20:.2f} MiB"

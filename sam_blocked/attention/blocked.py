@@ -99,7 +99,8 @@ def workspace_bytes(plan: BlockPlan, batch_heads: int, grid: Tuple[int, int], he
     rows, band = step_rows(plan, batch_heads, grid)
     rel = rows * band * (H + W) * FP32_BYTES  # rel_h, rel_w
     off_float = 2 * rows * H * W * head_dim * FP32_BYTES if dtype.itemsize != FP32_BYTES else 0  # k, v in float32
-    return plan.block_bytes + rel + 2 * rows * band * head_dim * FP32_BYTES + off_float
+    scores = rows * (plan.block_bytes // plan.group)  # the score buffer holds the call's rows, not the plan's group
+    return scores + rel + 2 * rows * band * head_dim * FP32_BYTES + off_float
 
 
 def blocked_attention(
