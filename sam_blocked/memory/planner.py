@@ -1,7 +1,8 @@
 """What a SAM run needs in memory, before any weights are downloaded: a count, not a measurement.
 
 plan_memory(model_type, img_size, ...) adds up, from the architecture (models.ENCODER_CONFIGS)
-and the blocking rules the patched code itself uses (backends.plan_backend, tokenwise's chunks):
+and the blocking rules the patched code itself uses (attention.dispatch.plan_backend, tokenwise's chunks)
+and what each attention kernel says it holds (its workspace_bytes), for the backend the patch runs:
 
 - weights: every parameter and buffer, the image encoder in `dtype`, the rest float32;
 - input: the (batch, 3, S, S) float32 image tensor the encoder reads;
