@@ -1,6 +1,7 @@
 """sam_blocked: exact blocked attention for Segment Anything's image encoder."""
 
-from sam_blocked.attention.blocked import BlockPlan, blocked_attention, plan_blocks
+from sam_blocked.attention.blocked import blocked_attention, plan_blocks
+from sam_blocked.attention.common import BlockPlan
 from sam_blocked.attention.dispatch import BACKEND_CHOICES, BACKENDS, choose_backend, not_supported_reasons
 from sam_blocked.models.checkpoints import detect_model_type, download_checkpoint, find_checkpoint, load_sam
 from sam_blocked.models.registry import MODEL_TYPES, build_sam

@@ -24,7 +24,7 @@ import torch
 from sam_blocked import adapters
 from sam_blocked.adapters import state
 from sam_blocked.adapters.base import ATTENTION, STOCK_FLAG, ClassPatch
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS
+from sam_blocked.attention.common import DEFAULT_CHUNKS
 from sam_blocked.encoder.layer import BlockConfig, check_config
 
 __all__ = ["BlockConfig", "BlockedAttention", "BlockedBlock", "BlockedPatchEmbed", "is_patched", "patch_sam", "patched", "sam_attentions", "stock", "unpatch_sam"]

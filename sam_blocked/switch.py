@@ -35,7 +35,7 @@ from sam_blocked.adapters import state
 from sam_blocked.adapters.base import ATTENTION, BLOCK, STOCK_FLAG, WRAPPED_FORWARD, ClassPatch, compiling, records_autograd, stands_in_for, warn_once, warn_stock_call
 from sam_blocked.adapters.import_hooks import PostImportFinder
 from sam_blocked.adapters.state import SwitchReport
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS
+from sam_blocked.attention.common import DEFAULT_CHUNKS
 from sam_blocked.encoder.layer import BlockConfig, check_config
 
 __all__ = ["SwitchReport", "disable", "enable", "enabled", "is_enabled", "report", "runs_blocked"]

@@ -16,7 +16,7 @@ import torch
 
 from sam_blocked import adapters
 from sam_blocked.adapters.base import EncoderCall
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS
+from sam_blocked.attention.common import DEFAULT_CHUNKS
 from sam_blocked.patch import patched, stock
 
 # Largest |patched - stock| allowed, relative to max |stock|, per encoder dtype. float32

@@ -15,9 +15,11 @@ import torch
 from segment_anything.modeling.image_encoder import add_decomposed_rel_pos, get_rel_pos
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sam_blocked.attention.blocked import band_rows, blocked_attention, chunk_bands, plan_blocks, resize_rel_pos
-from sam_blocked.attention.dispatch import ATTENTION, BACKENDS, not_supported_reasons, plan_backend
-from sam_blocked.attention.fused import flex_attention
+from sam_blocked.attention.blocked import blocked_attention, plan_blocks
+from sam_blocked.attention.common import band_rows, chunk_bands, resize_rel_pos
+from sam_blocked.attention.dispatch import BACKENDS, not_supported_reasons, plan_backend
+from sam_blocked.attention.dispatch import KERNELS as ATTENTION
+from sam_blocked.attention.flex import flex_attention
 
 # Largest error allowed in float32, relative to max |stock output|.
 FP32_RTOL = 1e-5

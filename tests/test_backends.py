@@ -13,7 +13,7 @@ from segment_anything.modeling.image_encoder import Attention
 import sam_blocked
 from sam_blocked.attention.blocked import plan_blocks
 from sam_blocked.attention.dispatch import (
-    ATTENTION,
+    KERNELS as ATTENTION,
     auto_order,
     BACKEND_CHOICES,
     BACKENDS,
@@ -24,7 +24,8 @@ from sam_blocked.attention.dispatch import (
     plan_backend,
     resolve_backend,
 )
-from sam_blocked.attention.fused import FLEX_CPU_REASON, augmented_head_dim
+from sam_blocked.attention.flashbias import augmented_head_dim
+from sam_blocked.attention.flex import FLEX_CPU_REASON
 from sam_blocked.models.registry import cast_image_encoder
 from sam_blocked.patch import BlockConfig
 
@@ -190,8 +191,8 @@ def test_flex_score_mod_traces_as_one_graph():
     # here that it traces without a graph break (inductor's CPU kernel is refused anyway).
     from test_attention import make_inputs, stock_attention
 
-    from sam_blocked.attention.blocked import decomposed_rel_pos, rel_pos_rows
-    from sam_blocked.attention.fused import _flex_call
+    from sam_blocked.attention.common import decomposed_rel_pos, rel_pos_rows
+    from sam_blocked.attention.flex import _flex_call
 
     grid = (5, 7)
     q, k, v, rh, rw = make_inputs(grid, batch_heads=2)
@@ -207,7 +208,7 @@ def test_sdpa_with_cuda_row_padding_matches_stock(monkeypatch):
     # the same layout, forced on the CPU, must give stock's result (37 x 53 = 1961 tokens, not a multiple of 16).
     from test_attention import make_inputs, stock_attention
 
-    from sam_blocked.attention import fused
+    from sam_blocked.attention import bands as fused
 
     grid = (37, 53)
     q, k, v, rh, rw = make_inputs(grid, batch_heads=3, peak=2.0)  # scores up to about |80|

@@ -73,7 +73,7 @@ def mosaic_path(tmp_path_factory) -> str:
 def count_encodes(settings: demo.DemoSettings):
     """Counts image-encoder runs of the cached model of `settings`."""
     calls = []
-    handle = demo.load_model(settings.model).sam.image_encoder.register_forward_hook(lambda *_: calls.append(1))
+    handle = demo.shared_model(settings.model).sam.image_encoder.register_forward_hook(lambda *_: calls.append(1))
     yield calls
     handle.remove()
 
@@ -226,7 +226,7 @@ def test_sessions_are_isolated(image_path, tmp_path, photo):
 
 @pytest.mark.slow
 def test_memory_panel_measures_stock_when_it_fits_else_estimates(photo):
-    sam = demo.load_model(SETTINGS.model).sam
+    sam = demo.shared_model(SETTINGS.model).sam
     _, measured = interactive.encode(sam, photo, stock_limit_bytes=2**30)
     assert measured.stock_measured and measured.reason == "" and measured.blocking == "chunks 16"
     assert measured.stock_planned_bytes > measured.patched_planned_bytes > 0

@@ -39,7 +39,7 @@ def tile_encodes():
 
 def library_masks(settings: demo.DemoSettings, image: np.ndarray, prompt: Prompt) -> tuple[TileTask, list[MaskCrop]]:
     """What sam_blocked.tiles gives for one prompt set: routed, its tile encoded (patched as the demo patches), decoded."""
-    sam = demo.load_model(settings.model).sam
+    sam = demo.shared_model(settings.model).sam
     (task,) = plan_prompts(Tiling(settings.model.img_size), *image.shape[:2], [prompt])
     predictor = SamPredictor(sam)
     with patched(sam, settings.chunks, settings.max_block_mb):

@@ -214,7 +214,7 @@ def planner(monkeypatch):
 
     stand_in = types.SimpleNamespace(calls=[], size=256)
 
-    def largest_input_size(model_type, max_memory_mb, *, dtype, device, chunks, max_block_mb, points_per_batch, multiple=16):
+    def largest_input_size(model_type, max_memory_mb, *, dtype, device, chunks, max_block_mb, points_per_batch, multiple=16, backend="auto"):
         stand_in.calls.append(dict(model_type=model_type, max_memory_mb=max_memory_mb, dtype=dtype, device=device, points_per_batch=points_per_batch, multiple=multiple))
         return stand_in.size
 

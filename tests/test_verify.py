@@ -42,8 +42,8 @@ def test_detects_a_wrong_result(tiny_sam, monkeypatch):
     # A patched forward that is off by a little must fail the check, whatever the backend.
     from sam_blocked.attention import dispatch as backends
 
-    for name, attend in list(backends.ATTENTION.items()):
-        monkeypatch.setitem(backends.ATTENTION, name, lambda *a, _attend=attend, **kw: _attend(*a, **kw) * 1.01)
+    for name, attend in list(backends.KERNELS.items()):
+        monkeypatch.setitem(backends.KERNELS, name, lambda *a, _attend=attend, **kw: _attend(*a, **kw) * 1.01)
     report = verify_equivalence(tiny_sam, points=1)
     assert not report.passed and report.max_rel_error > 1e-3
     assert "FAIL" in str(report)

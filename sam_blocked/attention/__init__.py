@@ -1,1 +1,2 @@
-"""The attention math: exact blocked kernels with decomposed relative-position terms, and the dispatcher that picks one."""
+"""The attention math, one file per backend: common (shared settings, plans and rel-pos
+helpers), blocked, bands (sdpa and bands), flashbias, flex; dispatch names them and picks one."""

@@ -19,56 +19,27 @@ Blocking rule, for a token grid of H rows and W columns:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
+
+from sam_blocked.attention.common import (
+    FP32_BYTES,
+    DEFAULT_CHUNKS,
+    DEFAULT_GROUP_BYTES,
+    BlockPlan,
+    band_rows,
+    chunk_bands,
+    check_attention_inputs,
+    check_plan_args,
+    decomposed_rel_pos,
+    kernel_output,
+    rel_pos_tables,
+    row_groups,
+    step_rows,
+)
 
 Tensor = torch.Tensor
-
-DEFAULT_CHUNKS = 16
-DEFAULT_GROUP_BYTES = 4 * 2**20
-# On the CPU a step's working set (a bias block, q'/k'/v', a chunk of tokens) is kept to this
-# even when max_block_mb allows more: larger steps ran no faster here (a block that stays in
-# cache between being written and read is cheaper), and glibc keeps the freed blocks of a
-# few such steps in its heap, so they would count twice in the resident set.
-CPU_STEP_BYTES = 8 * 2**20
-_FP32_BYTES = 4
-
-
-def step_budget(budget: int, device: Optional[torch.device | str]) -> int:
-    """The bytes a step may hold: `budget`, capped at CPU_STEP_BYTES on the CPU (None: no cap)."""
-    if device is not None and torch.device(device).type == "cpu":
-        return min(budget, CPU_STEP_BYTES)
-    return budget
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    """How one attention call is cut: bands of token rows and groups of batch*head rows."""
-
-    q_bands: int
-    k_bands: int
-    group: int
-    block_bytes: int  # float32 bytes of the largest (group, queries, keys) score block
-
-
-def chunk_bands(chunks: int) -> Tuple[int, int]:
-    """Split a chunk count into (query bands, key bands), factors as close as possible."""
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-        raise ValueError(f"chunks must be a whole number >= 1, got {chunks!r}")
-    k_bands = max(d for d in range(1, math.isqrt(chunks) + 1) if chunks % d == 0)
-    return chunks // k_bands, k_bands
-
-
-def check_plan_args(grid: Tuple[int, int], max_block_mb: Optional[float]) -> None:
-    """ValueError unless the (H, W) grid is at least 1 x 1 and max_block_mb, if given, is > 0."""
-    H, W = grid
-    if H < 1 or W < 1:
-        raise ValueError(f"token grid must be at least 1 x 1, got {H} x {W}")
-    if max_block_mb is not None and not max_block_mb > 0:
-        raise ValueError(f"max_block_mb must be > 0, got {max_block_mb!r}")
 
 
 def plan_blocks(
@@ -89,7 +60,7 @@ def plan_blocks(
     H, W = grid
 
     def row_block_bytes(q_bands: int, k_bands: int) -> int:
-        return math.ceil(H / q_bands) * W * math.ceil(H / k_bands) * W * _FP32_BYTES
+        return math.ceil(H / q_bands) * W * math.ceil(H / k_bands) * W * FP32_BYTES
 
     if max_block_mb is None:
         q_bands, k_bands = (min(b, H) for b in chunk_bands(chunks))
@@ -111,102 +82,25 @@ def plan_blocks(
     return BlockPlan(q_bands, k_bands, group, group * per_row)
 
 
-def band_rows(rows: int, bands: int) -> list[Tuple[int, int]]:
-    """[start, end) row ranges of `bands` near-equal bands, larger ones first (torch.tensor_split's rule)."""
-    size, extra = divmod(rows, bands)
-    edges = [0]
-    for i in range(bands):
-        edges.append(edges[-1] + size + (1 if i < extra else 0))
-    return list(zip(edges[:-1], edges[1:]))
-
-
-def resize_rel_pos(rel_pos: Tensor, size: int) -> Tensor:
-    """Table of 2*size-1 relative offsets, (L, C) -> (2*size-1, C), by get_rel_pos's rule."""
-    length = 2 * size - 1
-    if rel_pos.shape[0] == length:
-        return rel_pos
-    resized = F.interpolate(
-        rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1),  # (1, C, L)
-        size=length,
-        mode="linear",
-    )
-    return resized.reshape(-1, length).permute(1, 0)  # (2*size-1, C)
-
-
-def rel_pos_rows(table: Tensor, size: int, start: int, end: int) -> Tensor:
-    """Rel-pos embeddings for query rows [start, end) against all key rows: (end-start, size, C)."""
-    q = torch.arange(start, end, device=table.device)[:, None]
-    k = torch.arange(size, device=table.device)[None, :]
-    return table[q - k + (size - 1)]
-
-
-def check_attention_inputs(
-    q: Tensor, k: Tensor, v: Tensor, grid: Tuple[int, int], rel_pos_h: Optional[Tensor], rel_pos_w: Optional[Tensor]
-) -> None:
-    """Raise a ValueError naming the problem unless q, k, v are (B*heads, H*W, C) on an (H, W) grid."""
-    if q.dim() != 3 or k.shape != q.shape or v.shape[:2] != q.shape[:2]:
-        raise ValueError(
-            f"q, k, v must be (B*heads, H*W, C) with matching shapes, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    H, W = grid
-    if H * W != q.shape[1]:
-        raise ValueError(f"grid {H} x {W} has {H * W} tokens but q has {q.shape[1]}")
-    if (rel_pos_h is None) != (rel_pos_w is None):
-        raise ValueError("give both rel_pos_h and rel_pos_w, or neither")
-
-
-def rel_pos_tables(
-    rel_pos_h: Optional[Tensor], rel_pos_w: Optional[Tensor], grid: Tuple[int, int]
-) -> Optional[Tuple[Tensor, Tensor]]:
-    """SAM's tables made ready for decomposed_rel_pos, or None when there are none.
+def workspace_bytes(plan: BlockPlan, batch_heads: int, grid: Tuple[int, int], head_dim: int, dtype: torch.dtype, strided_out: bool = False) -> int:
+    """Bytes blocked_attention holds beyond q, k, v and out, at its largest step, with SAM's
+    rel-pos tables: the float32 score block, a band's rel_h and rel_w, the band's float32
+    accumulators, and k and v in float32 when they are not.
 
     Args:
-        rel_pos_h, rel_pos_w: (Lh, C) and (Lw, C), or both None.
+        plan: the call's plan (plan_blocks).
+        batch_heads: B*heads of the call's q, k, v.
         grid: (H, W) token grid.
-
-    Returns:
-        table_h (2*H-1, C) and rel_w_table (W, W, C), float32.
+        head_dim: C.
+        dtype: of q, k, v.
+        strided_out: unused (the band's output is copied into `out` either way).
     """
-    if rel_pos_h is None:
-        return None
     H, W = grid
-    table_h = resize_rel_pos(rel_pos_h, H).float()  # (2*H-1, C)
-    rel_w_table = rel_pos_rows(resize_rel_pos(rel_pos_w, W).float(), W, 0, W)  # (W, W, C)
-    return table_h, rel_w_table
-
-
-def kernel_output(out: Optional[Tensor], q: Tensor, v: Tensor) -> Tensor:
-    """The kernels' (B*heads, N, Cv) result: `out` when given (any strides), checked, else new."""
-    shape = (q.shape[0], q.shape[1], v.shape[-1])
-    if out is None:
-        return q.new_empty(shape)
-    if tuple(out.shape) != shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"out must be {shape} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
-    return out
-
-
-def row_groups(batch_heads: int, group: int) -> list[Tuple[int, int]]:
-    """[start, end) ranges of `group` batch*head rows at a time (the last may be shorter)."""
-    return [(g0, min(batch_heads, g0 + group)) for g0 in range(0, batch_heads, group)]
-
-
-def decomposed_rel_pos(q_rows: Tensor, table_h: Tensor, rel_w_table: Tensor, start: int) -> Tuple[Tensor, Tensor]:
-    """SAM's two rel-pos terms for the queries of token rows [start, start + rows).
-
-    Args:
-        q_rows: (G, rows, W, C) unscaled queries, float32.
-        table_h: (2*H-1, C), already resized (resize_rel_pos).
-        rel_w_table: (W, W, C), rel_pos_rows of the resized width table.
-
-    Returns:
-        rel_h (G, rows, W, H): added to every key in key row kh; rel_w (G, rows, W, W):
-        added to every key in key column kw.
-    """
-    rows = q_rows.shape[1]
-    H = (table_h.shape[0] + 1) // 2
-    rel_h = torch.einsum("grwc,rkc->grwk", q_rows, rel_pos_rows(table_h, H, start, start + rows))  # (G, rows, W, H)
-    rel_w = torch.einsum("grwc,wkc->grwk", q_rows, rel_w_table)  # (G, rows, W, W)
-    return rel_h, rel_w
+    rows, band = step_rows(plan, batch_heads, grid)
+    rel = rows * band * (H + W) * FP32_BYTES  # rel_h, rel_w
+    off_float = 2 * rows * H * W * head_dim * FP32_BYTES if dtype.itemsize != FP32_BYTES else 0  # k, v in float32
+    scores = rows * (plan.block_bytes // plan.group)  # the score buffer holds the call's rows, not the plan's group
+    return scores + rel + 2 * rows * band * head_dim * FP32_BYTES + off_float
 
 
 def blocked_attention(

@@ -3,10 +3,10 @@
 Every backend computes softmax(q k^T * scale + rel_h + rel_w) v as stock segment_anything
 does, and none builds an N x N tensor (N = H*W tokens):
 
-- "blocked": attention.blocked_attention, pure PyTorch, online softmax over (query band,
+- "blocked": attention.blocked.blocked_attention, pure PyTorch, online softmax over (query band,
   key band) blocks. Runs everywhere; the reference the others are tested against.
 - "sdpa", "bands", "flashbias", "flex": query bands against every key at once, in
-  sam_blocked.attention.fused, where the module doc says how each folds the bias in and what it
+  sam_blocked.attention.bands, .flashbias and .flex, where each module doc says how it folds the bias in and what it
   needs ("bands" is plain PyTorch GEMMs, "sdpa" and "flashbias" SDPA's fused kernels,
   "flex" a compiled kernel).
 
@@ -34,19 +34,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS, BlockPlan, blocked_attention, plan_blocks
-from sam_blocked.attention.fused import (
-    augmented_head_dim,
-    bands_attention,
-    flashbias_attention,
-    flashbias_reasons,
-    flex_attention,
-    flex_reasons,
-    plan_fused,
-    plan_sdpa,
-    sdpa_attention,
-    sdpa_reasons,
-)
+from sam_blocked.attention import blocked, flashbias, flex
+from sam_blocked.attention.bands import bands_attention, bands_workspace_bytes, plan_sdpa, sdpa_attention, sdpa_reasons, sdpa_workspace_bytes
+from sam_blocked.attention.blocked import blocked_attention, plan_blocks
+from sam_blocked.attention.common import DEFAULT_CHUNKS, BlockPlan
+from sam_blocked.attention.flashbias import augmented_head_dim, flashbias_attention, flashbias_reasons, plan_flashbias
+from sam_blocked.attention.flex import flex_attention, flex_reasons, plan_flex
 
 Tensor = torch.Tensor
 
@@ -164,8 +157,8 @@ def plan_backend(
     device: Optional[torch.device | str] = None,
 ) -> BlockPlan:
     """How `backend` cuts one call into steps; `group` (batch*head rows per step) is what
-    BlockedAttention projects at once. blocked: attention.plan_blocks; sdpa, bands: fused.plan_sdpa;
-    flashbias, flex: fused.plan_fused.
+    BlockedAttention projects at once. blocked: blocked.plan_blocks; sdpa, bands: bands.plan_sdpa;
+    flashbias: flashbias.plan_flashbias; flex: flex.plan_flex.
 
     Args:
         backend: one of BACKENDS.
@@ -173,7 +166,7 @@ def plan_backend(
         grid: (H, W) token grid.
         head_dim: C.
         chunks, max_block_mb: as patch_sam takes them.
-        device: where it runs: on the CPU, steps stay within attention.CPU_STEP_BYTES
+        device: where it runs: on the CPU, steps stay within common.CPU_STEP_BYTES
             (None: no cap).
     """
     check_backend_name(backend)  # each plan_* checks the grid and max_block_mb
@@ -181,16 +174,55 @@ def plan_backend(
         return plan_blocks(batch_heads, grid, chunks, max_block_mb)
     if backend in ("sdpa", "bands"):
         return plan_sdpa(batch_heads, grid, chunks, max_block_mb, device)
-    return plan_fused(backend, batch_heads, grid, head_dim, max_block_mb, device)
+    if backend == "flashbias":
+        return plan_flashbias(batch_heads, grid, head_dim, max_block_mb, device)
+    return plan_flex(batch_heads, grid, head_dim, max_block_mb, device)
 
 
-ATTENTION = {
+# backend -> its kernel, called as blocked_attention is
+KERNELS = {
     "blocked": blocked_attention,
     "sdpa": sdpa_attention,
     "bands": bands_attention,
     "flashbias": flashbias_attention,
     "flex": flex_attention,
 }
+
+
+# backend -> the bytes its kernel holds beyond q, k, v and out: each kernel's own workspace_bytes
+WORKSPACE = {
+    "blocked": blocked.workspace_bytes,
+    "sdpa": sdpa_workspace_bytes,
+    "bands": bands_workspace_bytes,
+    "flashbias": flashbias.workspace_bytes,
+    "flex": flex.workspace_bytes,
+}
+
+
+def workspace_bytes(
+    backend: str,
+    plan: BlockPlan,
+    batch_heads: int,
+    grid: Tuple[int, int],
+    head_dim: int,
+    dtype: torch.dtype,
+    strided_out: bool = False,
+) -> int:
+    """Bytes `backend`'s kernel holds beyond q, k, v and out at the largest step of one call,
+    as the kernel itself states it (its workspace_bytes): what the memory planner adds up.
+
+    Args:
+        backend: one of BACKENDS (resolve "auto" first: resolve_backend).
+        plan: the call's plan (plan_backend).
+        batch_heads: B*heads of the call's q, k, v.
+        grid: (H, W) token grid.
+        head_dim: C.
+        dtype: of q, k, v.
+        strided_out: whether the call writes into a strided `out` (BlockedAttention's heads at batch 1).
+    """
+    if backend not in WORKSPACE:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} here, got {backend!r}")
+    return WORKSPACE[backend](plan, batch_heads, grid, head_dim, dtype, strided_out)
 
 
 def backend_attention(
@@ -217,4 +249,4 @@ def backend_attention(
     name = resolve_backend(backend, q.device, q.dtype, grid, q.shape[-1], max_block_mb)
     if plan is None:
         plan = plan_backend(name, q.shape[0], grid, q.shape[-1], chunks, max_block_mb, q.device)
-    return ATTENTION[name](q, k, v, grid, rel_pos_h, rel_pos_w, scale=scale, plan=plan, out=out)
+    return KERNELS[name](q, k, v, grid, rel_pos_h, rel_pos_w, scale=scale, plan=plan, out=out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS
+from sam_blocked.attention.common import DEFAULT_CHUNKS
 from sam_blocked.attention.dispatch import BACKEND_CHOICES
 from sam_blocked.encoder.layer import check_config
 from sam_blocked.models.load import DTYPES, MODEL_TYPE_CHOICES, LoadedModel, ModelSettings, load_model, resolve_device
@@ -44,7 +44,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=list(BACKEND_CHOICES),
         help="attention kernel: auto (default: chosen per device and layer shape, see README), "
-        "blocked (pure PyTorch), sdpa, flashbias, flex (CUDA only)",
+        "blocked (pure PyTorch), sdpa, bands (plain GEMMs), flashbias, flex (CUDA only)",
     )
 
 

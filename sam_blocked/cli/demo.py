@@ -76,6 +76,7 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
         model,
         chunks=args.chunks,
         max_block_mb=args.max_block_mb,
+        backend=args.backend,
         stock_limit_mb=args.stock_limit_mb,
         max_pixels=args.max_pixels,
         max_upload_mb=args.max_upload_mb,

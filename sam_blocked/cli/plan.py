@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS
+from sam_blocked.attention.common import DEFAULT_CHUNKS
+from sam_blocked.attention.dispatch import BACKEND_CHOICES
 from sam_blocked.memory.measure import format_bytes
-from sam_blocked.models.registry import ENCODER_CONFIGS, MODEL_TYPES
-from sam_blocked.memory.planner import DTYPE_BYTES, MemoryPlan, largest_input_size, plan_memory
+from sam_blocked.models.registry import DTYPES, ENCODER_CONFIGS, MODEL_TYPES
+from sam_blocked.memory.planner import MemoryPlan, largest_input_size, plan_memory
 
 EPILOG = """\
 figures are counted from the architecture and the patched code's blocking rules (not run);
@@ -33,11 +34,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model-type", default="vit_b", choices=list(ENCODER_CONFIGS), help="SAM architecture (default %(default)s)")
     parser.add_argument("--img-size", type=int, default=1024, help="square input size in pixels, a multiple of 16 (default %(default)s)")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPE_BYTES), help="image encoder dtype (default %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="image encoder dtype (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: the device the run will use (default %(default)s)")
     parser.add_argument("--batch", type=int, default=1, help="images per encoder call (default %(default)s)")
     parser.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, help="blocks per attention matrix (default %(default)s)")
     parser.add_argument("--max-block-mb", type=float, default=None, help="memory budget in MiB for the largest attention block; overrides --chunks")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=list(BACKEND_CHOICES),
+        help="attention kernel the run will use (default %(default)s); each kernel's workspace differs",
+    )
     parser.add_argument(
         "--points-per-batch",
         type=int,
@@ -51,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     plan = plan_memory(
-        args.model_type, args.img_size, args.dtype, args.device, args.batch, args.chunks, args.max_block_mb, args.points_per_batch
+        args.model_type, args.img_size, args.dtype, args.device, args.batch, args.chunks, args.max_block_mb, args.points_per_batch, args.backend
     )
     fits = None
     if args.max_memory_mb is not None:
@@ -66,6 +73,7 @@ def main(args: argparse.Namespace) -> int:
                 chunks=args.chunks,
                 max_block_mb=args.max_block_mb,
                 points_per_batch=args.points_per_batch,
+                backend=args.backend,
             )
             for model in dict.fromkeys([args.model_type, *MODEL_TYPES])
         }
@@ -82,6 +90,7 @@ def main(args: argparse.Namespace) -> int:
 def report(plan: MemoryPlan, max_memory_mb: float | None = None, fits: dict[str, int | None] | None = None) -> str:
     """The plan as a short table, and what fits max_memory_mb."""
     blocking = f"attention blocks <= {plan.max_block_mb:g} MiB" if plan.max_block_mb else f"chunks {plan.chunks}"
+    blocking += f", backend {plan.backend}"
     lines = [
         f"{plan.model_type} at {plan.img_size} px ({plan.tokens} tokens{f', batch {plan.batch}' if plan.batch > 1 else ''}), "
         f"{plan.dtype} on {plan.device}, {blocking}",

@@ -21,7 +21,7 @@ import sys
 import types
 import zipfile
 
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS
+from sam_blocked.attention.common import DEFAULT_CHUNKS
 from sam_blocked.attention.dispatch import BACKEND_CHOICES
 
 

@@ -14,7 +14,8 @@ from sam_blocked.inputs.images import DEFAULT_MAX_PIXELS, collect_images
 from sam_blocked.memory import planner
 from sam_blocked.engines.options import AMG_SETTINGS, SegmentOptions
 from sam_blocked.inputs.prompts import load_prompts
-from sam_blocked.segment import available_bytes, segment_images
+from sam_blocked.memory.measure import available_bytes
+from sam_blocked.segment import segment_images
 from sam_blocked.summary import LOG_NAME, SUMMARY_NAME
 from sam_blocked.tiles.plan import Tiling
 
@@ -275,6 +276,7 @@ def _auto_tile(args: argparse.Namespace, loaded, amg: dict) -> int:
         max_block_mb=args.max_block_mb,
         points_per_batch=amg.get("points_per_batch", 64) if args.auto else 1,
         multiple=16,
+        backend=args.backend,
     )
     if size is None:
         raise ValueError(

@@ -8,7 +8,7 @@ Two kinds of state, kept apart:
 
 - per session: a `DemoSession` in gr.State (the image, its embedding or kept tile
   embeddings, the prompts, the masks, the memory report, the download files);
-- shared: models, built once per `ModelSettings` by `load_model`, an lru_cache. A cached
+- shared: models, built once per `ModelSettings` by `shared_model`, an lru_cache. A cached
   model is always stock; an encode patches it for its own duration (`patched`). The UI
   runs every event that may encode in one concurrency group of one, so two sessions never
   encode on the same model at once and the memory peaks are their own.
@@ -35,7 +35,7 @@ from PIL import Image
 
 from sam_blocked.demo.session import VIEW, DemoSession, check_whole, decode, is_tiled, prepare, view  # noqa: F401  (VIEW: demo_ui's)
 from sam_blocked.demo.memory_panel import format_memory  # noqa: F401  (re-exported: demo.X is the UI's and the tests' name)
-from sam_blocked.demo.settings import DemoSettings, banner, check_settings, list_examples, load_model  # noqa: F401  (as format_memory)
+from sam_blocked.demo.settings import DemoSettings, banner, check_settings, list_examples, shared_model  # noqa: F401  (as format_memory)
 from sam_blocked.errors import InputError
 from sam_blocked.interactive.whole import Prompts, check_clicks, encode, load_image, mask_image, parse_prompts, predict, segment_everything
 from sam_blocked.interactive.tiled import TileCache, full_mask, segment_everything_tiled, segment_in_tile
@@ -88,7 +88,7 @@ def on_settings(
         large_images=large_images,
     )
     check_settings(new)
-    load_model(new.model)  # a bad checkpoint is refused now, not at the next click
+    shared_model(new.model)  # a bad checkpoint is refused now, not at the next click
     return new, gr.update(value=banner(new), visible=new.random_weights)
 
 
@@ -206,7 +206,7 @@ def on_everything(
     if not session.ready:
         raise ValueError("no image yet: upload one or pick an example first")
     settings, side = session.settings, int(points_per_side)
-    sam = load_model(settings.model).sam
+    sam = shared_model(settings.model).sam
     report = lambda fraction, text: progress(fraction, desc=text)  # noqa: E731
     if not session.tiled:
         records = segment_everything(
@@ -227,7 +227,7 @@ def on_everything(
                 f"--tile {tiling.tile} --output masks (label TIFF, COCO RLE and object table)"
             )
         result = segment_everything_tiled(
-            sam, session.image, tiling, chunks=settings.chunks, max_block_mb=settings.max_block_mb, points_per_side=side,
+            sam, session.image, tiling, chunks=settings.chunks, max_block_mb=settings.max_block_mb, backend=settings.backend, points_per_side=side,
             pred_iou_thresh=float(pred_iou_thresh), stability_score_thresh=float(stability_score_thresh), progress=report,
         )  # fmt: skip
         session.everything_crops, session.tile = result.masks, None
@@ -254,12 +254,12 @@ def segment_api(image_path: Optional[str], prompts_json: str, settings: DemoSett
         check_settings(settings)
         image, notes = _load_image(image_path, settings)
         prompts, index = parse_prompts(prompts_json, image.shape[:2])
-        loaded = load_model(settings.model)
+        loaded = shared_model(settings.model)
         extra: dict[str, Any] = {}
         if is_tiled(image, settings):
             tile = segment_in_tile(
                 loaded.sam, image, prompts, Tiling(settings.model.img_size), TileCache(), settings.encode_key,
-                chunks=settings.chunks, max_block_mb=settings.max_block_mb, stock_limit_bytes=None,
+                chunks=settings.chunks, max_block_mb=settings.max_block_mb, backend=settings.backend, stock_limit_bytes=None,
             )  # fmt: skip
             scores, report = tile.scores, tile.report
             index = int(np.argmax(scores)) if index is None else index
@@ -267,7 +267,7 @@ def segment_api(image_path: Optional[str], prompts_json: str, settings: DemoSett
             extra = {"tile": list(tile.task.box), "truncated": bool(tile.crops[index].record["truncated"])}
         else:
             check_whole(image, settings, Path(image_path).name)
-            embedding, report = encode(loaded.sam, image, chunks=settings.chunks, max_block_mb=settings.max_block_mb)
+            embedding, report = encode(loaded.sam, image, chunks=settings.chunks, max_block_mb=settings.max_block_mb, backend=settings.backend)
             masks, scores = predict(loaded.sam, embedding, prompts)
             index = int(np.argmax(scores)) if index is None else index
             mask = masks[index]

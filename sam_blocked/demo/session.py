@@ -23,7 +23,7 @@ import gradio as gr
 import numpy as np
 
 from sam_blocked.demo.memory_panel import format_memory
-from sam_blocked.demo.settings import DemoSettings, check_settings, load_model
+from sam_blocked.demo.settings import DemoSettings, check_settings, shared_model
 from sam_blocked.interactive.whole import (
     Embedding,
     MemoryReport,
@@ -137,9 +137,10 @@ def prepare(session: DemoSession, settings: DemoSettings) -> DemoSession:
 
 
 def encode_whole(session: DemoSession, settings: DemoSettings) -> DemoSession:
-    loaded = load_model(check_settings(settings).model)
+    loaded = shared_model(check_settings(settings).model)
     session.embedding, session.memory = encode(
-        loaded.sam, session.image, chunks=settings.chunks, max_block_mb=settings.max_block_mb, stock_limit_bytes=settings.stock_limit_bytes
+        loaded.sam, session.image, chunks=settings.chunks, max_block_mb=settings.max_block_mb, backend=settings.backend,
+        stock_limit_bytes=settings.stock_limit_bytes,
     )
     session.settings = settings
     session.masks = session.scores = session.everything = None
@@ -159,11 +160,11 @@ def decode(session: DemoSession) -> DemoSession:
         session.message = "Click on the image: foreground / background points, or a box by two clicks."
         return session
     settings = session.settings
-    sam = load_model(settings.model).sam
+    sam = shared_model(settings.model).sam
     if session.tiled:
         tile = segment_in_tile(
             sam, session.image, session.prompts, Tiling(settings.model.img_size), session.tiles, settings.encode_key,
-            chunks=settings.chunks, max_block_mb=settings.max_block_mb, stock_limit_bytes=settings.stock_limit_bytes,
+            chunks=settings.chunks, max_block_mb=settings.max_block_mb, backend=settings.backend, stock_limit_bytes=settings.stock_limit_bytes,
         )  # fmt: skip
         session.tile, session.scores, session.memory = tile, tile.scores, tile.report
     else:

@@ -2,7 +2,7 @@
 
 `DemoSettings` is frozen: a session keeps the settings its embeddings were computed with,
 and the tile embeddings it keeps are keyed by them. Models are built once per
-`ModelSettings` (sam_blocked.models.load) by `load_model`, an lru_cache shared by every session.
+`ModelSettings` (sam_blocked.models.load) by `shared_model`, an lru_cache shared by every session.
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ from pathlib import Path
 from typing import Hashable, Optional
 
 import numpy as np
-import torch
 from segment_anything import SamPredictor
 
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS, chunk_bands
+from sam_blocked.attention.common import DEFAULT_CHUNKS
 from sam_blocked.interactive.whole import MAX_PIXELS, MAX_UPLOAD_MB
 from sam_blocked.interactive.tiled import MAX_TILED_PIXELS
-from sam_blocked.models.load import DTYPES, LoadedModel, ModelSettings
-from sam_blocked.models.load import load_model as load_settings
+from sam_blocked.encoder.layer import BlockConfig, check_config
+from sam_blocked.models.load import LoadedModel, ModelSettings, load_model, resolve_device
 from sam_blocked.memory.measure import MIB
-from sam_blocked.models.registry import ENCODER_CONFIGS, PATCH_SIZE
+from sam_blocked.models.registry import MODEL_TYPE_CHOICES, PATCH_SIZE, check_dtype, check_model_type
 from sam_blocked.patch import patched
 
 STOCK_LIMIT_MB = 4096.0
@@ -38,7 +37,7 @@ class DemoSettings:
 
     Args:
         model: the model; its input size is also the tile size of large images.
-        chunks, max_block_mb: the blocking (see `patch_sam`).
+        chunks, max_block_mb, backend: the patch (see `patch_sam`), as `blocking` gathers them.
         measure_stock, stock_limit_mb: run stock too, for the memory panel, below this estimate.
         large_images: "tiles": an image larger than the input size is segmented tile by tile
             at native resolution (a click encodes the tile around it); "whole": resized into
@@ -52,6 +51,7 @@ class DemoSettings:
     model: ModelSettings = ModelSettings("vit_b", img_size=1024)  # the demo always names its input size
     chunks: int = DEFAULT_CHUNKS
     max_block_mb: Optional[float] = None
+    backend: str = "auto"
     measure_stock: bool = True  # run stock too when its planned encoder peak is below the limit
     stock_limit_mb: float = STOCK_LIMIT_MB
     max_pixels: int = MAX_PIXELS
@@ -70,9 +70,14 @@ class DemoSettings:
         return (self.max_tiled_pixels, "--max-tiled-pixels") if self.large_images == "tiles" else (self.max_pixels, "--max-pixels")
 
     @property
+    def blocking(self) -> BlockConfig:
+        """The patch an encode runs with: what the memory panel's planned figures describe too."""
+        return BlockConfig(self.chunks, self.max_block_mb, self.backend)
+
+    @property
     def encode_key(self) -> Hashable:
         """What an embedding depends on besides the pixels: kept tile embeddings are keyed by it."""
-        return (self.model, self.chunks, self.max_block_mb)
+        return (self.model, self.blocking)
 
     @property
     def stock_limit_bytes(self) -> Optional[int]:
@@ -83,24 +88,15 @@ class DemoSettings:
 def check_settings(settings: DemoSettings) -> DemoSettings:
     """Refuse settings that cannot run, with what to change; returns `settings`."""
     model = settings.model
-    if model.model_type not in ("auto", "default", *ENCODER_CONFIGS):
-        raise ValueError(f"model type {model.model_type!r} is unknown: choose one of auto, default, {', '.join(ENCODER_CONFIGS)}")
-    if model.dtype not in DTYPES:
-        raise ValueError(f"dtype {model.dtype!r} is unknown: choose one of {', '.join(DTYPES)}")
+    check_model_type(model.model_type, MODEL_TYPE_CHOICES)
+    check_dtype(model.dtype)
     if isinstance(model.img_size, bool) or not isinstance(model.img_size, int) or model.img_size <= 0 or model.img_size % PATCH_SIZE:
         raise ValueError(f"input size {model.img_size!r} must be a positive multiple of {PATCH_SIZE} pixels, e.g. 1024")
     if model.checkpoint is not None and not Path(model.checkpoint).is_file():
         raise ValueError(f"checkpoint {model.checkpoint} is not a file: give the path of a SAM .pth")
     if model.device is not None:
-        try:
-            device = torch.device(model.device)
-        except RuntimeError:
-            raise ValueError(f"device {model.device!r} is not a torch device: use cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {model.device}: CUDA is not available on this machine; use cpu")
-    chunk_bands(settings.chunks)
-    if settings.max_block_mb is not None and not settings.max_block_mb > 0:
-        raise ValueError(f"memory budget {settings.max_block_mb!r} MiB must be > 0 (or empty to use chunks)")
+        resolve_device(model.device)
+    check_config(settings.chunks, settings.max_block_mb, settings.backend)
     if settings.large_images not in LARGE_IMAGES:
         raise ValueError(f"large images {settings.large_images!r}: choose tiles (native resolution) or whole (resized)")
     if min(settings.max_pixels, settings.max_tiled_pixels, settings.max_upload_mb, settings.max_everything_tiles) <= 0:
@@ -109,13 +105,13 @@ def check_settings(settings: DemoSettings) -> DemoSettings:
 
 
 @functools.lru_cache(maxsize=2)
-def load_model(settings: ModelSettings) -> LoadedModel:
+def shared_model(settings: ModelSettings) -> LoadedModel:
     """The stock (unpatched) model for `settings`, built once and shared by every session.
 
     It encodes a blank image once, patched, so that one-time allocations (thread pools,
     allocator caches) are not counted in the first measured peak.
     """
-    loaded = load_settings(settings, blocking=None)
+    loaded = load_model(settings, blocking=None)
     with patched(loaded.sam):
         SamPredictor(loaded.sam).set_image(np.zeros((PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8))
     return loaded
@@ -125,7 +121,7 @@ def banner(settings: DemoSettings) -> str:
     """The warning shown while the model has random weights ("" with a checkpoint)."""
     if not settings.random_weights:
         return ""
-    model_type = load_model(settings.model).model_type
+    model_type = shared_model(settings.model).model_type
     return (
         "⚠️ **Random weights: masks are meaningless until a checkpoint is given.** "
         f"Running {model_type} with seeded random weights (seed {settings.model.seed}). Start with "

@@ -50,7 +50,7 @@ def build_demo(settings: demo.DemoSettings, examples_dir: Optional[str | os.Path
         examples_dir: a folder of images listed as examples (default: `default_examples_dir()`).
     """
     demo.check_settings(settings)
-    demo.load_model(settings.model)
+    demo.shared_model(settings.model)
     examples = demo.list_examples(default_examples_dir() if examples_dir is None else examples_dir)
     model = settings.model
     device = model.device or ("cuda:0" if torch.cuda.is_available() else "cpu")

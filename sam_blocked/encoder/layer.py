@@ -13,8 +13,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS, chunk_bands
-from sam_blocked.attention.dispatch import ATTENTION, check_backend_name, plan_backend, resolve_backend
+from sam_blocked.attention.common import DEFAULT_CHUNKS, FP32_BYTES, check_max_block_mb, chunk_bands
+from sam_blocked.attention.dispatch import KERNELS, check_backend_name, plan_backend, resolve_backend
 from sam_blocked.encoder.tokenwise import token_chunk
 
 Tensor = torch.Tensor
@@ -32,10 +32,9 @@ class BlockConfig:
 def check_config(chunks: int, max_block_mb: Optional[float], backend: str) -> BlockConfig:
     """A BlockConfig, or a ValueError naming the bad setting."""
     chunk_bands(chunks)  # raises on a bad count
-    if max_block_mb is not None and not (isinstance(max_block_mb, (int, float)) and not isinstance(max_block_mb, bool) and max_block_mb > 0):
-        raise ValueError(f"max_block_mb must be a number > 0 (MiB), got {max_block_mb!r}")
+    max_block_mb = check_max_block_mb(max_block_mb)
     check_backend_name(backend)
-    return BlockConfig(chunks, None if max_block_mb is None else float(max_block_mb), backend)
+    return BlockConfig(chunks, max_block_mb, backend)
 
 
 def attention_layer(
@@ -76,8 +75,8 @@ def projected_heads(
     """Heads whose q, k, v are projected at once: all of them when their float32 q, k, v
     fit a token step (tokenwise.token_chunk's budget), else as many as fit, at least one
     and at most a third of the heads (q, k, v within one activation)."""
-    per_head = 3 * batch * tokens * head_dim * 4
-    fit = token_chunk(1, max_block_mb, device) * 4 // per_head
+    per_head = 3 * batch * tokens * head_dim * FP32_BYTES
+    fit = token_chunk(1, max_block_mb, device) * FP32_BYTES // per_head
     return heads if fit >= heads else max(1, min(fit, heads // 3))
 
 
@@ -130,9 +129,9 @@ def attention_heads(
         if k_norm is not None:
             k = k_norm(k)
         if B == 1:  # the kernel writes straight into this step's heads: (g, N, C), strided
-            ATTENTION[backend](q, k, v, (H, W), rel_pos_h, rel_pos_w, scale=scale, plan=plan, out=out[0, :, h0:h1].transpose(0, 1))
+            KERNELS[backend](q, k, v, (H, W), rel_pos_h, rel_pos_w, scale=scale, plan=plan, out=out[0, :, h0:h1].transpose(0, 1))
         else:
-            o = ATTENTION[backend](q, k, v, (H, W), rel_pos_h, rel_pos_w, scale=scale, plan=plan)  # (B*g, N, C)
+            o = KERNELS[backend](q, k, v, (H, W), rel_pos_h, rel_pos_w, scale=scale, plan=plan)  # (B*g, N, C)
             out[:, :, h0:h1] = o.view(B, g, H * W, head_dim).transpose(1, 2)
             del o
         del qkv_g, q, k, v

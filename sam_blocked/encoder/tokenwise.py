@@ -26,16 +26,15 @@ from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
-from sam_blocked.attention.blocked import step_budget
+from sam_blocked.attention.common import FP32_BYTES, step_budget
 
 Tensor = torch.Tensor
 Module = Callable[[Tensor], Tensor]
 
 # A token step's working set under `chunks` (no max_block_mb); on the CPU at most
-# attention.CPU_STEP_BYTES either way (GEMMs of a few hundred tokens already run at full
+# common.CPU_STEP_BYTES either way (GEMMs of a few hundred tokens already run at full
 # rate there, and larger freed steps linger in glibc's heap).
 DEFAULT_TOKEN_BYTES = 32 * 2**20
-_FP32_BYTES = 4
 
 
 def token_chunk(width: int, max_block_mb: Optional[float] = None, device: Optional[torch.device | str] = "cpu") -> int:
@@ -48,7 +47,7 @@ def token_chunk(width: int, max_block_mb: Optional[float] = None, device: Option
         device: where the step runs.
     """
     budget = step_budget(DEFAULT_TOKEN_BYTES if max_block_mb is None else int(max_block_mb * 2**20), device)
-    return max(1, budget // (width * _FP32_BYTES))
+    return max(1, budget // (width * FP32_BYTES))
 
 
 def mlp_chunk(dim: int, mlp_dim: int, max_block_mb: Optional[float] = None, device: Optional[torch.device | str] = "cpu") -> int:

@@ -28,14 +28,14 @@ import torch
 from sam_blocked.encoder.layer import BlockConfig
 from sam_blocked.errors import SettingError, spell
 from sam_blocked.models.load import ModelSettings, load_model
-from sam_blocked.memory.measure import peak_bytes
+from sam_blocked.memory.measure import peak_bytes, reset_peak_memory
 from sam_blocked.engines.options import SegmentOptions
 from sam_blocked.outputs.images import ImageOutputs, unique_token
 from sam_blocked.tiles.crops import MaskCrop
 from sam_blocked.tiles.plan import TileTask
 from sam_blocked.inputs.base import ImageSource
 from sam_blocked.inputs.sources import open_image
-from sam_blocked.engines.unit import Job, Segmenter, failure_reason, make_outputs, reset_peak_memory, segment_image, tile_crops, whole_crops
+from sam_blocked.engines.unit import Job, Segmenter, failure_reason, make_outputs, segment_image, tile_crops, whole_crops
 
 # How the tests kill a worker in the middle of an image: the first worker to write a mask of
 # image EXIT_AT (its name) exits at once, once: it creates the marker file EXIT_MARKER first.

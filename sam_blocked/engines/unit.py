@@ -28,7 +28,7 @@ from segment_anything.modeling import Sam
 from sam_blocked.errors import InputError, SettingError, spell
 from sam_blocked.inputs.images import ImageItem, read_image
 from sam_blocked.masks import auto_masks, prompt_masks
-from sam_blocked.memory.measure import peak_bytes, reset_peak
+from sam_blocked.memory.measure import available_bytes, peak_bytes, reset_peak_memory
 from sam_blocked.engines.options import SegmentOptions
 from sam_blocked.outputs.images import ImageOutputs
 from sam_blocked.outputs.writer import OutputWriter
@@ -285,24 +285,3 @@ def check_auto_batch(points_per_batch: int, height: int, width: int, device: tor
         f"~{points_per_batch * per_point / 2**30:.1f} GiB, but {available / 2**30:.1f} GiB is free on {device}: {hint}",
         "auto", "points_per_batch", "prompts",
     )
-
-
-def available_bytes(device: torch.device) -> Optional[int]:
-    """Bytes that can still be allocated on `device` (CUDA free + cached; CPU MemAvailable), None if unknown."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
-
-
-def reset_peak_memory(device: torch.device) -> bool:
-    """Start measuring this process's peak memory on `device`; False where it cannot be measured."""
-    try:
-        reset_peak(device)
-        return True
-    except OSError:  # no /proc/self/clear_refs (not Linux, or not allowed): peak not measured
-        return False

@@ -238,6 +238,7 @@ def segment_in_tile(
     chunks: int,
     max_block_mb: Optional[float],
     stock_limit_bytes: Optional[int],
+    backend: str = "auto",
 ) -> TileMasks:
     """Find the tile for `prompts` (tile_for_prompts), encode it unless `cache` holds it, and decode three candidates there.
 
@@ -247,14 +248,14 @@ def segment_in_tile(
         prompts: in whole-image pixels.
         cache: the session's kept tile embeddings; the key is (tile box, settings_key).
         settings_key: what the encode depends on besides the tile (model settings, blocking).
-        chunks, max_block_mb, stock_limit_bytes: as interactive.encode.
+        chunks, max_block_mb, stock_limit_bytes, backend: as interactive.encode.
     """
     task = tile_for_prompts(prompts, image.shape[:2], tiling)
     key = (task.box, settings_key)
     entry = cache.get(key)
     encoded = entry is None
     if entry is None:
-        entry = encode(sam, read_tile(image, task.box), chunks=chunks, max_block_mb=max_block_mb, stock_limit_bytes=stock_limit_bytes)
+        entry = encode(sam, read_tile(image, task.box), chunks=chunks, max_block_mb=max_block_mb, backend=backend, stock_limit_bytes=stock_limit_bytes)
         cache.put(key, entry)
     embedding, report = entry
     crops = prompt_crops(predictor_for(sam, embedding), task, multimask=True)
@@ -272,6 +273,7 @@ def segment_everything_tiled(
     pred_iou_thresh: float,
     stability_score_thresh: float,
     progress: Optional[Callable[[float, str], None]] = None,
+    backend: str = "auto",
 ) -> TiledResult:
     """Automatic masks over the whole image, tile by tile (tiles.tiled.segment_tiled), the encoder patched.
 
@@ -283,7 +285,7 @@ def segment_everything_tiled(
     if progress is not None:
         progress(0.0, f"tile 1 / {total}: encoding")
     on_tile = None if progress is None else (lambda done, n: progress(done / n, f"tile {done} / {n} done"))
-    with patched(sam, chunks, max_block_mb):
+    with patched(sam, chunks, max_block_mb, backend):
         return segment_tiled(SamPredictor(sam), image, height, width, tiling, points_per_side=points_per_side, settings=settings, on_tile=on_tile)
 
 

@@ -24,8 +24,8 @@ from PIL import Image, ImageDraw
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS
-from sam_blocked.memory.measure import MIB, current_bytes, format_bytes, peak_bytes, reset_peak
+from sam_blocked.attention.common import DEFAULT_CHUNKS
+from sam_blocked.memory.measure import MIB, available_bytes, format_bytes, measure_peak
 from sam_blocked.memory.planner import planned_encoder_bytes
 from sam_blocked.patch import patched, stock
 from sam_blocked.inputs.images import InputError, read_image
@@ -165,55 +165,40 @@ def encode(
     chunks: int = DEFAULT_CHUNKS,
     max_block_mb: Optional[float] = None,
     stock_limit_bytes: Optional[int] = None,
+    backend: str = "auto",
 ) -> tuple[Embedding, MemoryReport]:
     """Run the image encoder once on `image`, patched, and measure its peak memory beside stock's.
 
     Args:
         sam: a stock (unpatched) Sam; it is patched for the encode and restored after.
         image: (H, W, 3) uint8 RGB.
-        chunks, max_block_mb: the blocking (see `patch_sam`).
+        chunks, max_block_mb, backend: the patch (see `patch_sam`); the planned figures are for it too.
         stock_limit_bytes: run stock too, on the same image, when the planner's estimate of
             its encoder peak is below this and below half the free memory; otherwise (and
             when None) stock's peak is the planner's estimate.
     """
     device = sam.device
     predictor = SamPredictor(sam)
-    with patched(sam, chunks, max_block_mb):
+    with patched(sam, chunks, max_block_mb, backend):
         start = time.perf_counter()
-        patched_bytes = _measure(device, lambda: predictor.set_image(image))
+        patched_bytes = measure_peak(device, lambda: predictor.set_image(image))
         seconds = time.perf_counter() - start
     embedding = Embedding(predictor.features, predictor.original_size, predictor.input_size)
 
-    stock_plan, patched_plan = planned_encoder_bytes(sam.image_encoder, chunks, max_block_mb)
-    limit = None if stock_limit_bytes is None else min(stock_limit_bytes, _free_bytes(device) // 2)
+    stock_plan, patched_plan = planned_encoder_bytes(sam.image_encoder, chunks, max_block_mb, backend)
+    limit = None if stock_limit_bytes is None else min(stock_limit_bytes, (available_bytes(device) or 0) // 2)  # unknown: stock is not run
     if limit is not None and stock_plan <= limit:
         with stock(sam):
-            stock_bytes = _measure(device, lambda: SamPredictor(sam).set_image(image))
+            stock_bytes = measure_peak(device, lambda: SamPredictor(sam).set_image(image))
         reason = ""
     else:
         # Everything but the encoder (the image's preprocessing) is the same in both: swap the one for the other.
         stock_bytes = max(stock_plan, patched_bytes - patched_plan + stock_plan)
         reason = "stock comparison is off" if limit is None else f"stock's encoder would need {format_bytes(stock_plan)}, over the {format_bytes(limit)} allowed here"
     blocking = f"chunks {chunks}" if max_block_mb is None else f"blocks <= {max_block_mb:g} MiB"
+    blocking += "" if backend == "auto" else f", {backend}"
     report = MemoryReport(str(device), sam.image_encoder.img_size, blocking, patched_bytes, stock_bytes, not reason, stock_plan, patched_plan, reason, seconds)
     return embedding, report
-
-
-def _measure(device: torch.device, fn: Callable[[], object]) -> int:
-    reset_peak(device)
-    before = current_bytes(device)
-    fn()
-    return max(0, peak_bytes(device) - before)
-
-
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("/proc/meminfo has no MemAvailable: the stock comparison needs Linux")
 
 
 def predict(sam: Sam, embedding: Embedding, prompts: Prompts) -> tuple[np.ndarray, np.ndarray]:

@@ -1,12 +1,13 @@
 """What SAM's image encoder holds at once, phase by phase, stock and patched: a count of tensors.
 
 Each phase is a sum of the tensors alive together, from the shapes and the same blocking
-rules the code runs (backends.plan_backend, layer.projected_heads, tokenwise's chunks), in
+rules the code runs (dispatch.plan_backend, layer.projected_heads, tokenwise's chunks), in
 bytes over the weights and the input. a = one activation, batch x tokens x dim x itemsize.
 
 Patched (block.encoder_block):
 - global attention: the input, norm1(x), the heads (3 a), one step's q, k, v and the
-  kernel's workspace (its bias block, rel-pos terms and output);
+  kernel's workspace (its bias block, rel-pos terms and output: the kernel's own
+  workspace_bytes, asked through attention.dispatch);
 - windowed attention: input and output (2 a), one step's windows and heads beside their
   own q, k, v and kernel workspace (or, while it is copied, the projection), then the
   windows, heads and output projection;
@@ -29,15 +30,12 @@ from typing import Optional
 
 import torch
 
-from sam_blocked.attention.blocked import CPU_STEP_BYTES
-from sam_blocked.attention.dispatch import choose_backend, plan_backend
-from sam_blocked.attention.fused import augmented_head_dim
+from sam_blocked.attention.common import FP32_BYTES
+from sam_blocked.attention.dispatch import plan_backend, resolve_backend, workspace_bytes
 from sam_blocked.encoder.layer import projected_heads
-from sam_blocked.models.registry import ENCODER_CONFIGS, PATCH_SIZE, PROMPT_EMBED_DIM
+from sam_blocked.models.registry import ENCODER_CONFIGS, MLP_RATIO, PATCH_SIZE, PROMPT_EMBED_DIM
 from sam_blocked.encoder.tokenwise import mlp_chunk, window_chunk, windows_per_step
 
-MLP_RATIO = 4
-_FP32 = 4
 
 
 @dataclass(frozen=True)
@@ -81,6 +79,7 @@ def encoder_phases(
     chunks: int = 16,
     max_block_mb: Optional[float] = None,
     patched: bool = True,
+    backend: str = "auto",
 ) -> dict[str, int]:
     """Bytes alive at once in each phase of one encoder forward, over the weights and the input.
 
@@ -92,31 +91,35 @@ def encoder_phases(
         batch: images per forward.
         chunks, max_block_mb: the patch's blocking; ignored when not `patched`.
         patched: sam_blocked's blocks, or stock segment_anything's.
+        backend: the patch's attention backend ("auto": the one auto picks for each layer).
+
+    Raises:
+        ValueError: the named backend cannot run one of the encoder's layers (as the patch would refuse it).
     """
     e = torch.empty((), dtype=dtype).element_size()
     grid = img_size // PATCH_SIZE
     n = grid * grid
     a = batch * n * shape.dim * e
-    neck = batch * n * PROMPT_EMBED_DIM * max(e, _FP32)
+    neck = batch * n * PROMPT_EMBED_DIM * max(e, FP32_BYTES)
     phases = {"patch embedding": 2 * a, "neck": a + 4 * neck}
     count = _patched if patched else _stock
-    phases.update(count(shape, grid, batch, e, dtype, torch.device(device), chunks, max_block_mb))
+    phases.update(count(shape, grid, batch, e, dtype, torch.device(device), chunks, max_block_mb, backend))
     return phases
 
 
-def _patched(s: EncoderShape, grid: int, batch: int, e: int, dtype, device, chunks: int, max_block_mb) -> dict[str, int]:
+def _patched(s: EncoderShape, grid: int, batch: int, e: int, dtype, device, chunks: int, max_block_mb, backend: str) -> dict[str, int]:
     n, head_dim = grid * grid, s.dim // s.heads
     a = batch * n * s.dim * e
     phases = {"MLP": 2 * a + min(mlp_chunk(s.dim, s.mlp_dim, max_block_mb, device), batch * n) * (s.dim + s.mlp_dim) * e}
     if s.global_blocks:
-        work, g = _attention(batch, s.heads, (grid, grid), head_dim, e, dtype, device, chunks, max_block_mb)
+        work, g = _attention(batch, s.heads, (grid, grid), head_dim, e, dtype, device, chunks, max_block_mb, backend)
         qkv = 3 * batch * g * n * head_dim * e * (2 if batch > 1 else 1)  # a view of the projection when batch == 1
         phases["global attention"] = 3 * a + qkv + work
     if len(s.global_blocks) < s.depth:
         ws = s.window
         k = min(windows_per_step(batch, ws, window_chunk(s.dim, max_block_mb, device)), math.ceil(grid / ws))
         step = batch * k * ws * ws  # tokens of one step's windows
-        work, g = _attention(batch * k, s.heads, (ws, ws), head_dim, e, dtype, device, chunks, max_block_mb)
+        work, g = _attention(batch * k, s.heads, (ws, ws), head_dim, e, dtype, device, chunks, max_block_mb, backend)
         qkv = 3 * step * g * head_dim * e  # the (3, B*g, N, C) copy of the projection, which lives beside it only while copied
         # the step's windows and heads' output beside q, k, v and the kernel (or the projection); then the output projection
         kernel = 2 * step * s.dim * e + qkv + max(qkv, work)
@@ -124,36 +127,22 @@ def _patched(s: EncoderShape, grid: int, batch: int, e: int, dtype, device, chun
     return phases
 
 
-def _attention(batch, heads, grid, head_dim, e, dtype, device, chunks, max_block_mb) -> tuple[int, int]:
-    """A patched attention call's kernel workspace in bytes, and the heads projected per step."""
-    backend = choose_backend(device, dtype, grid, head_dim, max_block_mb)
+def _attention(batch, heads, grid, head_dim, e, dtype, device, chunks, max_block_mb, backend) -> tuple[int, int]:
+    """A patched attention call's kernel workspace in bytes (the kernel's own workspace_bytes,
+    and the kernel's output before the heads' buffer), and the heads projected per step."""
+    backend = resolve_backend(backend, device, dtype, grid, head_dim, max_block_mb)  # as layer.attention_heads
     plan = plan_backend(backend, batch * heads, grid, head_dim, chunks, max_block_mb, device)
     H, W = grid
     n = H * W
     g = projected_heads(batch, n, heads, head_dim, max_block_mb, device)
-    rows = min(plan.group, batch * g)  # batch*head rows per kernel step
-    band = math.ceil(H / plan.q_bands) * W  # query tokens per step
-    rel = rows * band * (H + W) * _FP32  # rel_h, rel_w
-    if backend in ("sdpa", "bands"):  # fused.band_terms: the resized tables, the float32 q its einsums read, their terms
-        whole_group = rows * n * (H + W) * _FP32 <= CPU_STEP_BYTES  # the terms of every band at once
-        q_rows = rows * (n if whole_group else band)
-        tables = (H * H + W * W) * head_dim * _FP32
-        rel = tables + q_rows * (head_dim + H + W + max(H, W)) * _FP32
-        rel += rows * band * (H + W) * e if backend == "sdpa" and e != _FP32 else 0  # sdpa: the terms in q's dtype
+    # layer.attention_heads: at batch 1 the kernel writes into a strided view of the heads' buffer,
+    # else it returns its own output, copied into the buffer after
+    work = workspace_bytes(backend, plan, batch * g, grid, head_dim, dtype, strided_out=batch == 1)
     out = 0 if batch == 1 else batch * g * n * head_dim * e  # the kernel's own output before the heads' buffer
-    if backend == "sdpa":
-        work = rows * band * n * e + rel + rows * band * head_dim * e  # the band's bias, the band's output
-    elif backend == "bands":  # the float32 score band, q * scale, the band's output unless written in place; k and v off float32
-        in_place = batch > 1 and e == _FP32  # a new contiguous float32 output; batch 1 writes into the strided heads' buffer
-        work = rows * band * n * _FP32 + rel + (1 if in_place else 2) * rows * band * head_dim * _FP32 + (2 * rows * n * head_dim * _FP32 if e != _FP32 else 0)
-    elif backend == "flashbias":
-        work = 4 * rows * n * augmented_head_dim(grid, head_dim) * e + rel  # q', k', v' and the output
-    else:  # blocked: the float32 score block, the band's accumulators, float32 k and v off float32
-        work = plan.block_bytes + rel + 2 * rows * band * head_dim * _FP32 + (2 * rows * n * head_dim * _FP32 if e != _FP32 else 0)
     return work + out, g
 
 
-def _stock(s: EncoderShape, grid: int, batch: int, e: int, dtype, device, chunks, max_block_mb) -> dict[str, int]:
+def _stock(s: EncoderShape, grid: int, batch: int, e: int, dtype, device, chunks, max_block_mb, backend) -> dict[str, int]:
     n = grid * grid
     a = batch * n * s.dim * e
     phases = {"MLP": 3 * a + 2 * batch * n * s.mlp_dim * e}

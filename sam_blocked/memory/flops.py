@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import math
 
-from sam_blocked.models.registry import ENCODER_CONFIGS, PATCH_SIZE, PROMPT_EMBED_DIM
+from sam_blocked.models.registry import ENCODER_CONFIGS, MLP_RATIO, PATCH_SIZE, PROMPT_EMBED_DIM, check_model_type
 
-MLP_RATIO = 4
 
 
 def encoder_flops(model_type: str, img_size: int, batch: int = 1) -> int:
@@ -25,8 +24,7 @@ def encoder_flops(model_type: str, img_size: int, batch: int = 1) -> int:
         img_size: square input side in pixels, a positive multiple of 16.
         batch: images per forward.
     """
-    if model_type not in ENCODER_CONFIGS:
-        raise ValueError(f"unknown model type {model_type!r}: choose one of {', '.join(ENCODER_CONFIGS)}")
+    check_model_type(model_type)
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0 or img_size % PATCH_SIZE:
         raise ValueError(f"img_size={img_size!r} must be a positive multiple of the patch size {PATCH_SIZE}")
     dim, depth, heads, global_idx, window = ENCODER_CONFIGS[model_type]

@@ -1,10 +1,12 @@
 """Peak-memory measurement: the CPU resident high-water mark, the CUDA allocator's peak, and
-on the CPU also the allocator's view (tensor_peak_bytes: the tensors alive at once)."""
+on the CPU also the allocator's view (tensor_peak_bytes: the tensors alive at once); and the
+one reader of the memory still available (available_bytes). Every caller (engines, the
+interactive encode, the CLI's --tile auto, the benchmarks) uses these."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -21,6 +23,39 @@ def reset_peak(device: torch.device | str = "cpu") -> None:
         # Linux: writing 5 to clear_refs resets VmHWM to the current resident size.
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+
+
+def reset_peak_memory(device: torch.device | str = "cpu") -> bool:
+    """reset_peak where it can be done: False where the peak cannot be measured (no
+    /proc/self/clear_refs: not Linux, or not allowed), and then peak_bytes means nothing."""
+    try:
+        reset_peak(device)
+        return True
+    except OSError:
+        return False
+
+
+def measure_peak(device: torch.device | str, fn: Callable[[], object]) -> int:
+    """Run fn() and return its peak memory on `device` over what was in use before it
+    (CUDA: the allocator's peak; CPU: the resident high-water mark), at least 0."""
+    reset_peak(device)
+    before = current_bytes(device)
+    fn()
+    return max(0, peak_bytes(device) - before)
+
+
+def available_bytes(device: torch.device | str = "cpu") -> Optional[int]:
+    """Bytes that can still be allocated on `device`, None if unknown: on CUDA the driver's
+    free memory plus what torch's allocator holds cached but unallocated; on the CPU MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
 
 
 def current_bytes(device: torch.device | str = "cpu") -> int:

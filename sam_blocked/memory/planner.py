@@ -1,7 +1,8 @@
 """What a SAM run needs in memory, before any weights are downloaded: a count, not a measurement.
 
 plan_memory(model_type, img_size, ...) adds up, from the architecture (models.ENCODER_CONFIGS)
-and the blocking rules the patched code itself uses (backends.plan_backend, tokenwise's chunks):
+and the blocking rules the patched code itself uses (attention.dispatch.plan_backend, tokenwise's chunks)
+and what each attention kernel says it holds (its workspace_bytes), for the backend the patch runs:
 
 - weights: every parameter and buffer, the image encoder in `dtype`, the rest float32;
 - input: the (batch, 3, S, S) float32 image tensor the encoder reads;
@@ -35,14 +36,14 @@ from typing import Optional
 
 import torch
 
-from sam_blocked.attention.blocked import DEFAULT_CHUNKS, chunk_bands
+from sam_blocked.attention.common import DEFAULT_CHUNKS
+from sam_blocked.encoder.layer import BlockConfig, check_config
 from sam_blocked.memory.encoder import EncoderShape, encoder_phases
-from sam_blocked.models.registry import ENCODER_CONFIGS, PATCH_SIZE, PROMPT_EMBED_DIM
+from sam_blocked.attention.common import FP32_BYTES
+from sam_blocked.models.registry import DTYPES, ENCODER_CONFIGS, MLP_RATIO, PATCH_SIZE, PROMPT_EMBED_DIM, check_dtype, check_model_type
 
 MIB = 2**20
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CHECKPOINT_SIZE = 1024  # the official checkpoints' input size: global rel-pos tables have 2 * 64 - 1 rows
-MLP_RATIO = 4
 PROMPT_DECODER_PARAMS = 6476 + 4058340 + 6  # prompt encoder, mask decoder, pixel mean/std (same for every model type)
 DECODER_ACTIVATIONS = 7.5  # a decoder batch peaks at about this many (prompts, 256, tokens) float32 tensors
 # On the CPU, resident extra peak <= resident_bound_bytes(the tensors counted, device). A
@@ -93,6 +94,12 @@ class MemoryPlan:
     encoder_stock_tensor_bytes: int  # the same, stock
     embedding_bytes: int  # the image embedding a predictor keeps
     decoder_bytes: int  # extra peak of one decoder batch of points_per_batch prompts
+    backend: str = "auto"  # the patch's attention backend the patched figures are for
+
+    @property
+    def blocking(self) -> BlockConfig:
+        """The patch's settings these figures are for."""
+        return BlockConfig(self.chunks, self.max_block_mb, self.backend)
 
     @property
     def total_bytes(self) -> int:
@@ -124,6 +131,7 @@ def plan_memory(
     chunks: int = DEFAULT_CHUNKS,
     max_block_mb: Optional[float] = None,
     points_per_batch: int = 64,
+    backend: str = "auto",
 ) -> MemoryPlan:
     """Predict the memory of encoding `batch` images at img_size px and decoding a prompt batch.
 
@@ -136,12 +144,17 @@ def plan_memory(
         chunks, max_block_mb: the patch's blocking, as patch_sam takes it.
         points_per_batch: prompts per mask-decoder batch (amg.py's flag; 1 for one prompt
             set at a time).
+        backend: the patch's attention backend ("auto", or one it names: BACKEND_CHOICES); each
+            kernel states its own workspace, so the patched figures follow it.
+
+    Raises:
+        ValueError: a bad setting, or a named backend that cannot run one of the encoder's layers.
     """
-    _check(model_type, img_size, dtype, device, batch, chunks, max_block_mb, points_per_batch)
+    _check(model_type, img_size, dtype, device, batch, chunks, max_block_mb, points_per_batch, backend)
     tokens = (img_size // PATCH_SIZE) ** 2
-    tensors, stock_tensors, phase = encoder_tensor_bytes(EncoderShape.of(model_type), img_size, dtype, device, batch, chunks, max_block_mb)
-    embedding = batch * PROMPT_EMBED_DIM * tokens * 4
-    decoder = DECODER_ACTIVATIONS * points_per_batch * PROMPT_EMBED_DIM * tokens * 4
+    tensors, stock_tensors, phase = encoder_tensor_bytes(EncoderShape.of(model_type), img_size, dtype, device, batch, chunks, max_block_mb, backend)
+    embedding = batch * PROMPT_EMBED_DIM * tokens * FP32_BYTES
+    decoder = DECODER_ACTIVATIONS * points_per_batch * PROMPT_EMBED_DIM * tokens * FP32_BYTES
     return MemoryPlan(
         model_type=model_type,
         img_size=img_size,
@@ -153,7 +166,7 @@ def plan_memory(
         points_per_batch=points_per_batch,
         tokens=tokens,
         weights_bytes=weight_bytes(model_type, img_size, dtype),
-        input_bytes=batch * 3 * img_size * img_size * 4,
+        input_bytes=batch * 3 * img_size * img_size * FP32_BYTES,
         encoder_stock_bytes=resident_bound_bytes(stock_tensors, device),
         encoder_patched_bytes=resident_bound_bytes(tensors, device),
         encoder_peak_phase=phase,
@@ -161,6 +174,7 @@ def plan_memory(
         encoder_stock_tensor_bytes=stock_tensors,
         embedding_bytes=embedding,
         decoder_bytes=int(decoder),
+        backend=backend,
     )
 
 
@@ -172,33 +186,36 @@ def encoder_tensor_bytes(
     batch: int = 1,
     chunks: int = DEFAULT_CHUNKS,
     max_block_mb: Optional[float] = None,
+    backend: str = "auto",
 ) -> tuple[int, int, str]:
     """The encoder's extra peak in tensors, (patched, stock, the phase of the patched peak):
     the largest of the counted phases (encoder_memory).
 
     Args:
         shape: the encoder (EncoderShape.of(model_type), or .from_encoder(a built encoder)).
-        img_size, dtype, device, batch, chunks, max_block_mb: as plan_memory.
+        img_size, dtype, device, batch, chunks, max_block_mb, backend: as plan_memory.
     """
     torch_dtype = getattr(torch, dtype)
-    patched = encoder_phases(shape, img_size, torch_dtype, device, batch, chunks, max_block_mb, patched=True)
+    patched = encoder_phases(shape, img_size, torch_dtype, device, batch, chunks, max_block_mb, patched=True, backend=backend)
     stock = encoder_phases(shape, img_size, torch_dtype, device, batch, patched=False)
     phase = max(patched, key=patched.get)
     return patched[phase], max(stock.values()), phase
 
 
-def planned_encoder_bytes(encoder: torch.nn.Module, chunks: int = DEFAULT_CHUNKS, max_block_mb: Optional[float] = None) -> tuple[int, int]:
+def planned_encoder_bytes(
+    encoder: torch.nn.Module, chunks: int = DEFAULT_CHUNKS, max_block_mb: Optional[float] = None, backend: str = "auto"
+) -> tuple[int, int]:
     """The planner's (stock, patched) extra peak of a built segment_anything image encoder at
     its input size, dtype and device (what the demo's memory panel shows).
 
     Args:
         encoder: an ImageEncoderViT, patched or not.
-        chunks, max_block_mb: the patch's blocking.
+        chunks, max_block_mb, backend: the patch's settings (BlockConfig's fields).
     """
     weight = next(encoder.parameters())
     dtype = str(weight.dtype).removeprefix("torch.")
     device = str(weight.device)
-    patched, stock, _ = encoder_tensor_bytes(EncoderShape.from_encoder(encoder), encoder.img_size, dtype, device, 1, chunks, max_block_mb)
+    patched, stock, _ = encoder_tensor_bytes(EncoderShape.from_encoder(encoder), encoder.img_size, dtype, device, 1, chunks, max_block_mb, backend)
     return resident_bound_bytes(stock, device), resident_bound_bytes(patched, device)
 
 
@@ -212,11 +229,12 @@ def largest_input_size(
     max_block_mb: Optional[float] = None,
     points_per_batch: int = 64,
     multiple: int = 16,
+    backend: str = "auto",
 ) -> Optional[int]:
     """The largest square input side (a multiple of `multiple`) whose patched total fits max_memory_mb.
 
     Args:
-        model_type, dtype, device, chunks, max_block_mb, points_per_batch: as plan_memory
+        model_type, dtype, device, chunks, max_block_mb, points_per_batch, backend: as plan_memory
             (one image per encoder call).
         max_memory_mb: the memory to fit in, MiB (everything: weights, encoder, decoder).
         multiple: sizes tried are multiples of this (a multiple of 16), up to MAX_INPUT_SIZE.
@@ -231,7 +249,7 @@ def largest_input_size(
     budget = max_memory_mb * MIB
 
     def fits(size: int) -> bool:
-        plan = plan_memory(model_type, size, dtype, device, 1, chunks, max_block_mb, points_per_batch)
+        plan = plan_memory(model_type, size, dtype, device, 1, chunks, max_block_mb, points_per_batch, backend)
         return plan.total_bytes <= budget
 
     # Totals grow with the size: bisect over the multiples, keeping one that fits.
@@ -260,16 +278,14 @@ def weight_bytes(model_type: str, img_size: int, dtype: str = "float32") -> int:
     neck = PROMPT_EMBED_DIM * dim + 2 * PROMPT_EMBED_DIM + PROMPT_EMBED_DIM * PROMPT_EMBED_DIM * 9 + 2 * PROMPT_EMBED_DIM
     embed = 3 * PATCH_SIZE * PATCH_SIZE * dim + dim + grid * grid * dim
     encoder = embed + depth * block + rel_pos + neck
-    return encoder * DTYPE_BYTES[dtype] + PROMPT_DECODER_PARAMS * 4
+    return encoder * DTYPES[dtype].itemsize + PROMPT_DECODER_PARAMS * FP32_BYTES
 
 
-def _check(model_type, img_size, dtype, device, batch, chunks, max_block_mb, points_per_batch) -> None:
-    if model_type not in ENCODER_CONFIGS:
-        raise ValueError(f"unknown model type {model_type!r}: choose one of {', '.join(ENCODER_CONFIGS)}")
+def _check(model_type, img_size, dtype, device, batch, chunks, max_block_mb, points_per_batch, backend) -> None:
+    check_model_type(model_type)
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0 or img_size % PATCH_SIZE:
         raise ValueError(f"img_size={img_size!r} must be a positive multiple of the patch size {PATCH_SIZE}")
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype {dtype!r} is unknown: choose one of {', '.join(DTYPE_BYTES)}")
+    check_dtype(dtype)
     try:
         kind = torch.device(device).type
     except RuntimeError:
@@ -279,6 +295,4 @@ def _check(model_type, img_size, dtype, device, batch, chunks, max_block_mb, poi
     for name, value in (("batch", batch), ("points_per_batch", points_per_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-    chunk_bands(chunks)
-    if max_block_mb is not None and not (isinstance(max_block_mb, (int, float)) and not isinstance(max_block_mb, bool) and max_block_mb > 0):
-        raise ValueError(f"max_block_mb must be a number > 0 (MiB), got {max_block_mb!r}")
+    check_config(chunks, max_block_mb, backend)

@@ -30,7 +30,7 @@ import torch
 from segment_anything.modeling import Sam
 from tqdm import tqdm
 
-from sam_blocked.models.registry import ENCODER_CONFIGS, MODEL_TYPES, PATCH_SIZE, build_sam, cast_image_encoder
+from sam_blocked.models.registry import ENCODER_CONFIGS, MODEL_TYPE_CHOICES, MODEL_TYPES, PATCH_SIZE, build_sam, cast_image_encoder, check_model_type
 
 WEIGHTS_ENV = "SAM_BLOCKED_WEIGHTS"
 _REPO_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
@@ -164,10 +164,7 @@ def _names_a_file(path: Path) -> bool:
 def _canonical_type(model_type: str) -> str:
     if model_type == "default":
         return "vit_h"
-    if model_type != "auto" and model_type not in ENCODER_CONFIGS:
-        choices = ", ".join(["auto", "default", *ENCODER_CONFIGS])
-        raise ValueError(f"unknown model type {model_type!r}: choose one of {choices}")
-    return model_type
+    return check_model_type(model_type, MODEL_TYPE_CHOICES)
 
 
 # ---------------------------------------------------------------------------- download and verify
@@ -249,7 +246,7 @@ def download_checkpoint(
     size = part.stat().st_size
     if size != info.size:
         part.unlink()
-        raise ValueError(f"{url} sent {size:,} bytes, the manifest expects {info.size:,}: the partial file was deleted; check --url")
+        raise ValueError(f"{url} sent {size:,} bytes, the manifest expects {info.size:,}: the partial file was deleted; check url")
     digest = sha256_file(part, progress=progress)
     if digest != info.sha256:
         part.unlink()
@@ -271,10 +268,10 @@ def _fetch(url: str, part: Path, offset: int, info: CheckpointInfo, progress: bo
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as error:
-        raise ConnectionError(f"download of {url} failed: HTTP {error.code} {error.reason}; check the address (--url){keep}") from None
+        raise ConnectionError(f"download of {url} failed: HTTP {error.code} {error.reason}; check the address (url){keep}") from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise ConnectionError(f"could not reach {url}: {reason}; check the network, or pass --url a mirror{keep}") from None
+        raise ConnectionError(f"could not reach {url}: {reason}; check the network, or give url a mirror{keep}") from None
     with response:
         if offset and response.status != 206:
             _note(progress, f"{url} ignores Range requests: downloading {info.file} from the start")
@@ -287,7 +284,7 @@ def _fetch(url: str, part: Path, offset: int, info: CheckpointInfo, progress: bo
         if length is not None and offset + int(length) != info.size:
             raise ValueError(
                 f"{url} serves {offset + int(length):,} bytes, the manifest expects {info.size:,} for {info.file}: "
-                "wrong address or mirror (--url); nothing was downloaded"
+                "wrong address or mirror (url); nothing was downloaded"
             )
         with open(part, "ab" if offset else "wb") as f, _bar(info.size, info.file, progress, initial=offset) as bar:
             try:

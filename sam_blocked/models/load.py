@@ -14,11 +14,10 @@ import torch
 from segment_anything.modeling import Sam
 
 from sam_blocked.encoder.layer import BlockConfig
-from sam_blocked.models.registry import ENCODER_CONFIGS, build_sam, cast_image_encoder
+from sam_blocked.models.registry import DTYPES, MODEL_TYPE_CHOICES, build_sam, cast_image_encoder, check_dtype, check_model_type
 from sam_blocked.patch import patch_sam
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODEL_TYPE_CHOICES = ("auto", "default", *ENCODER_CONFIGS)
+__all__ = ["DTYPES", "MODEL_TYPE_CHOICES", "LoadedModel", "ModelSettings", "load_model", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -59,9 +58,9 @@ def resolve_device(device: Optional[str]) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+        raise ValueError(f"device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine; use device 'cpu'")
     return resolved
 
 
@@ -72,10 +71,8 @@ def load_model(settings: ModelSettings, blocking: Optional[BlockConfig] = BlockC
         settings: the model (see ModelSettings).
         blocking: the patch (chunks or max_block_mb, and the backend); None leaves it stock.
     """
-    if settings.model_type not in MODEL_TYPE_CHOICES:
-        raise ValueError(f"model type {settings.model_type!r} is unknown: choose one of {', '.join(MODEL_TYPE_CHOICES)}")
-    if settings.dtype not in DTYPES:
-        raise ValueError(f"dtype {settings.dtype!r} is unknown: choose one of {', '.join(DTYPES)}")
+    check_model_type(settings.model_type, MODEL_TYPE_CHOICES)
+    check_dtype(settings.dtype)
     device = resolve_device(settings.device)
     model_type = "vit_h" if settings.model_type == "default" else settings.model_type
     from sam_blocked.models.checkpoints import find_checkpoint, load_sam

@@ -8,6 +8,7 @@ it has no checkpoint and its masks are meaningless.
 from __future__ import annotations
 
 from functools import partial
+from typing import Sequence
 
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -20,8 +21,27 @@ ENCODER_CONFIGS: dict[str, tuple[int, int, int, tuple[int, ...], int]] = {
     "tiny": (64, 2, 2, (1,), 7),
 }
 MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
+MODEL_TYPE_CHOICES = ("auto", "default", *ENCODER_CONFIGS)  # where a checkpoint may name the type: auto detects it, default is vit_h
 PATCH_SIZE = 16
 PROMPT_EMBED_DIM = 256
+MLP_RATIO = 4  # every SAM encoder's MLP: dim -> 4 * dim -> dim
+# the image encoder's dtypes, by the names settings and flags use
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_model_type(model_type: str, choices: Sequence[str] = tuple(ENCODER_CONFIGS)) -> str:
+    """`model_type` if it is one of `choices` (default: an architecture of ENCODER_CONFIGS;
+    MODEL_TYPE_CHOICES where a checkpoint may decide), else a ValueError naming them."""
+    if model_type not in choices:
+        raise ValueError(f"unknown model type {model_type!r}: choose one of {', '.join(choices)}")
+    return model_type
+
+
+def check_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype a dtype setting names (a key of DTYPES), else a ValueError naming them."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is unknown: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def build_sam(model_type: str, *, img_size: int = 1024, seed: int | None = 0, rel_pos_std: float = 0.5) -> Sam:
@@ -34,8 +54,7 @@ def build_sam(model_type: str, *, img_size: int = 1024, seed: int | None = 0, re
         rel_pos_std: std of the random rel-pos tables (stock SAM zero-initialises them,
             which would hide the relative-position term from any equivalence check).
     """
-    if model_type not in ENCODER_CONFIGS:
-        raise ValueError(f"unknown model type {model_type!r}: choose one of {', '.join(ENCODER_CONFIGS)}")
+    check_model_type(model_type)
     if img_size <= 0 or img_size % PATCH_SIZE:
         raise ValueError(f"img_size={img_size} must be a positive multiple of the patch size {PATCH_SIZE}")
     embed_dim, depth, heads, global_idx, window = ENCODER_CONFIGS[model_type]
@@ -49,7 +68,7 @@ def build_sam(model_type: str, *, img_size: int = 1024, seed: int | None = 0, re
                 depth=depth,
                 embed_dim=embed_dim,
                 img_size=img_size,
-                mlp_ratio=4,
+                mlp_ratio=MLP_RATIO,
                 norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
                 num_heads=heads,
                 patch_size=PATCH_SIZE,
