@@ -67,7 +67,12 @@ def load_prompts(path: str | os.PathLike) -> dict[str, list[Prompt]]:
     """
     path = Path(path)
     if path.suffix.lower() not in (".json", ".csv"):
-        raise SettingError(f"{{prompts}} {path}: give a .json or .csv prompt file (see `sam-blocked segment --help`)", "prompts")
+        raise SettingError(
+            f"{{prompts}} {path}: give a .json or .csv prompt file: JSON "
+            '{"photo.jpg": [{"foreground": [[x, y]], "box": [x0, y0, x1, y1]}]}, '
+            "CSV with the header image,name,kind,x0,y0,x1,y1",
+            "prompts",
+        )
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
