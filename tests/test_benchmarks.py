@@ -139,3 +139,19 @@ def test_bench_tiles_refuses_bad_arguments():
     for args, message in ((["--sizes", "8000x"], "WIDTHxHEIGHT"), (["--tiles", "1000"], "multiples of 16")):
         done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_tiles.py"), *args], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_bench_contention_writes_rows_plot_and_table(tmp_path):
+    # tiny model at 64 px, quiet and beside one busy process: four fresh children, busy process killed after each
+    run_script("bench_contention.py", "--model-type", "tiny", "--img-size", "64", "--repeat", "1", "--threads", "1",
+               "--busy", "0", "1", "--out-dir", str(tmp_path), "--machine", "test")  # fmt: skip
+    rows = read_csv(tmp_path / "contention_test.csv")
+    assert {(r["mode"], r["busy"]) for r in rows} == {(m, b) for m in ("stock", "patched") for b in ("0", "1")}
+    for r in rows:
+        assert r["status"] == "ok" and r["threads"] == "1" and r["wait_policy"] == "default", r
+        assert 0 < float(r["seconds"]) == min(float(r["second_s"]), float(r["third_s"])), r  # best of two after the warm-up
+    assert (tmp_path / "contention_test.png").stat().st_size > 0
+    table = run_script("bench_contention.py", "--table", "--out-dir", str(tmp_path), "--machine", "test")
+    assert table.startswith("| model | px | OMP_WAIT_POLICY | threads | load | mode | runs | median s | range s | x stock |")
+    assert "| tiny | 64 | default | 1 | 1 busy | patched | 1 |" in table
