@@ -20,6 +20,7 @@ re-measured, or --fresh) and a PNG next to it.
 
     python benchmarks/bench_contention.py                       # vit_b 1024 px, threads 1 2, busy 0 1 2
     python benchmarks/bench_contention.py --repeat 3 --max-minutes 20
+    python benchmarks/bench_contention.py --threads 2 --busy 1 --repeat 2 --first-round 2  # two more rounds of one pair
     python benchmarks/bench_contention.py --modes patched --threads 2 --busy 1 --wait-policy passive
     python benchmarks/bench_contention.py --table               # the CSV's medians as a Markdown table
 """
@@ -206,6 +207,7 @@ def main(argv=None) -> int:
     parser.add_argument("--busy", nargs="+", type=int, default=[0, 1, 2], help="busy processes beside the child (default 0 1 2)")
     parser.add_argument("--wait-policy", default="default", choices=WAIT_POLICIES, help="OMP_WAIT_POLICY in the child: unset, PASSIVE or ACTIVE")
     parser.add_argument("--repeat", type=int, default=3, help="rounds: fresh processes per variant (default %(default)s)")
+    parser.add_argument("--first-round", type=int, default=1, help="number of the first round (more rounds beside an earlier run's)")
     parser.add_argument("--max-minutes", type=float, default=0, help="start no new round after this many minutes (0: no limit)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per child (default %(default)s)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
     args.mem_cap_gb = 0  # no cap here: SweepCSV.open prints it
     sweep = SweepCSV.open(args, "contention", key, FIELDS, order)
     start = time.monotonic()
-    for round_ in range(1, args.repeat + 1):
+    for round_ in range(args.first_round, args.first_round + args.repeat):
         if args.max_minutes and time.monotonic() - start > 60 * args.max_minutes:
             print(f"--max-minutes {args.max_minutes:g}: stopping before round {round_}")
             break
