@@ -1,5 +1,10 @@
 """The process-wide switch: every supported SAM attention computes in blocks, no model object needed.
 
+The mask decoder and the automatic mask generator follow: segment_anything's MaskDecoder
+runs without a copy of the image per prompt, and SamAutomaticMaskGenerator's (and
+SAM-HQ's) per-batch work and small-region step run in bounded memory
+(sam_blocked.automatic), the same records as stock's to float rounding.
+
 `enable()` replaces the `forward` of each supported library class (sam_blocked.adapters)
 with one that runs the blocked forward, as liger-kernel's apply_liger_kernel_to_* does:
 models built before and after the call are covered alike. Library modules imported later
@@ -32,7 +37,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from sam_blocked import adapters
 from sam_blocked.adapters import state
-from sam_blocked.adapters.base import ATTENTION, BLOCK, STOCK_FLAG, WRAPPED_FORWARD, ClassPatch, compiling, records_autograd, stands_in_for, warn_once, warn_stock_call
+from sam_blocked.adapters.base import ATTENTION, BLOCK, STOCK_FLAG, WRAPPED_FORWARD, ClassPatch, MethodPatch, compiling, records_autograd, stands_in_for, warn_once, warn_stock_call
 from sam_blocked.adapters.import_hooks import PostImportFinder
 from sam_blocked.adapters.state import SwitchReport
 from sam_blocked.attention.common import DEFAULT_CHUNKS
@@ -40,7 +45,7 @@ from sam_blocked.encoder.layer import BlockConfig, check_config
 
 __all__ = ["SwitchReport", "disable", "enable", "enabled", "is_enabled", "report", "runs_blocked"]
 
-_replaced: list[tuple[type, Optional[Callable[..., Any]]]] = []  # (class, its own forward before), in order
+_replaced: list[tuple[type, str, Optional[Any]]] = []  # (class, attribute, its own attribute before), in order
 _finder = PostImportFinder(adapters.ADAPTERS, lambda module: _on_import(module))
 
 
@@ -72,18 +77,20 @@ def enable(chunks: int = DEFAULT_CHUNKS, max_block_mb: Optional[float] = None, b
     _finder.install()
     for patch in adapters.imported_patches():
         _switch_on(patch)
+    for method in adapters.imported_method_patches():
+        _switch_method(method)
     return config
 
 
 def disable() -> None:
-    """Put back every forward enable() replaced, exactly; layers patched by patch_sam stay patched."""
+    """Put back every forward and method enable() replaced, exactly; layers patched by patch_sam stay patched."""
     _finder.uninstall()
     while _replaced:
-        cls, forward = _replaced.pop()
-        if forward is None:
-            delattr(cls, "forward")
+        cls, name, own = _replaced.pop()
+        if own is None:
+            delattr(cls, name)
         else:
-            setattr(cls, "forward", forward)
+            setattr(cls, name, own)
     state.config = None
 
 
@@ -120,8 +127,19 @@ def _switch_on(patch: ClassPatch) -> None:
     own = cls.__dict__.get("forward")
     if getattr(own, WRAPPED_FORWARD, None) is not None:
         return  # already switched
-    _replaced.append((cls, own))
+    _replaced.append((cls, "forward", own))
     cls.forward = _switched_forward(patch)
+
+
+def _switch_method(method: MethodPatch) -> None:
+    cls = method.cls
+    own = cls.__dict__.get(method.name)
+    if any(c is cls and n == method.name for c, n, _ in _replaced):
+        return  # already switched
+    if own is None:
+        raise TypeError(f"{cls.__qualname__} defines no {method.name} of its own: sam_blocked was written against another version of {method.library}")
+    _replaced.append((cls, method.name, own))
+    setattr(cls, method.name, method.make(own))
 
 
 def _switched_forward(patch: ClassPatch) -> Callable[..., Any]:
@@ -161,3 +179,5 @@ def _on_import(module: ModuleType) -> None:
     if state.config is not None:
         for patch in adapters.patches_of(module):
             _switch_on(patch)
+        for method in adapters.method_patches_of(module):
+            _switch_method(method)

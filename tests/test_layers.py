@@ -1,4 +1,4 @@
-"""The package's imports run one way: math <- encoder <- surgery <- models and memory <- inputs,
+"""The package's imports run one way: math <- encoder, automatic <- surgery <- models and memory <- inputs,
 outputs, tiles <- engines, segment, interactive <- demo, cli; and nowhere in a circle.
 
 Every `import` in every module counts, those inside functions too (a circle hidden behind a
@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sam_blocked"
 # Lowest first. A module may import from its own layer or a lower one, never a higher one.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("math", ("attention", "errors")),
-    ("encoder blocks", ("encoder",)),
+    ("encoder blocks, mask decoder", ("encoder", "automatic")),
     ("surgery", ("adapters", "patch", "switch", "resolution")),
     ("models and memory", ("models", "memory", "verify")),
     ("inputs, outputs, tiles", ("inputs", "outputs", "tiles", "masks", "summary")),
@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 TIER = {concept: tier for tier, (_, concepts) in enumerate(LAYERS) for concept in concepts}
 # Folders: a concept of several files. Everything else at the top is a single-file concept.
-FOLDERS = {"attention", "encoder", "adapters", "resolution", "models", "memory", "inputs", "outputs", "tiles", "engines", "interactive", "demo", "cli"}
+FOLDERS = {"attention", "encoder", "automatic", "adapters", "resolution", "models", "memory", "inputs", "outputs", "tiles", "engines", "interactive", "demo", "cli"}
 
 
 def module_name(path: Path) -> str:

@@ -8,7 +8,10 @@ module is, so sam_blocked never imports transformers, timm or segment_anything_h
 
 | library | module | classes |
 |---|---|---|
-| segment_anything | segment_anything.modeling.image_encoder | Attention, Block |
+| segment_anything | segment_anything.modeling.image_encoder | Attention, Block, PatchEmbed |
+| segment_anything | segment_anything.modeling.mask_decoder | MaskDecoder (sam_blocked.automatic.decoder) |
+| segment_anything | segment_anything.automatic_mask_generator | SamAutomaticMaskGenerator's _process_batch, postprocess_small_regions (switch only) |
+| segment_anything_hq | segment_anything_hq.automatic_mask_generator | the same two (switch only) |
 | segment_anything_hq | segment_anything_hq.modeling.image_encoder | Attention, Block |
 | transformers | transformers.models.sam.modeling_sam | SamVisionAttention, SamVisionSdpaAttention, SamVisionLayer |
 | transformers | transformers.models.sam_hq.modeling_sam_hq | SamHQVisionAttention, SamHQVisionSdpaAttention, SamHQVisionLayer |
@@ -32,9 +35,12 @@ from typing import Optional
 import torch
 
 from sam_blocked.adapters.base import ATTENTION, ClassPatch, EncoderCall
-from sam_blocked.adapters.registry import ADAPTERS, imported_patches, patch_of, patches_of
+from sam_blocked.adapters.registry import ADAPTERS, imported_method_patches, imported_patches, method_patches_of, patch_of, patches_of
 
-__all__ = ["ADAPTERS", "attention_layers", "encoder_call", "find", "imported_patches", "no_attention_error", "patch_of", "patches_of"]
+__all__ = [
+    "ADAPTERS", "attention_layers", "encoder_call", "find", "imported_method_patches", "imported_patches",
+    "method_patches_of", "no_attention_error", "patch_of", "patches_of",
+]
 
 
 def find(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Module, ClassPatch]], list[str]]:

@@ -44,6 +44,8 @@ ATTENTION = "attention"
 BLOCK = "block"
 MLP = "mlp"
 EMBED = "embed"
+# SAM's mask decoder (sam_blocked.automatic.decoder): its forward without a copy of the image per prompt.
+DECODER = "decoder"
 
 BlockedForward = Callable[..., Any]  # (module, config: BlockConfig, *args, **kwargs) -> the stock forward's output
 Reasons = Callable[[torch.nn.Module], "list[str]"]
@@ -87,6 +89,24 @@ class ClassPatch:
     @property
     def name(self) -> str:
         return f"{self.library} {self.stock.__qualname__}"
+
+
+@dataclass(frozen=True, eq=False)
+class MethodPatch:
+    """A method of a library class (not a module's forward) that the switch replaces.
+
+    Attributes:
+        library: the library's import name, for messages.
+        cls: the library's class.
+        name: the attribute replaced (a function or a staticmethod in cls.__dict__).
+        make: (stock's attribute, as found in cls.__dict__) -> the attribute to install;
+            what it installs runs stock's while the switch is off (sam_blocked.adapters.state).
+    """
+
+    library: str
+    cls: type
+    name: str
+    make: Callable[[Any], Any]
 
 
 @dataclass(frozen=True)

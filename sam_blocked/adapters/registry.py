@@ -15,11 +15,14 @@ from typing import Optional
 
 import torch
 
-from sam_blocked.adapters.base import ClassPatch
+from sam_blocked.adapters.base import ClassPatch, MethodPatch
 
 # library module that defines the classes -> the adapter module that patches them
 ADAPTERS: dict[str, str] = {
     "segment_anything.modeling.image_encoder": "sam_blocked.adapters.segment_anything",
+    "segment_anything.modeling.mask_decoder": "sam_blocked.adapters.segment_anything",
+    "segment_anything.automatic_mask_generator": "sam_blocked.adapters.segment_anything",
+    "segment_anything_hq.automatic_mask_generator": "sam_blocked.adapters.sam_hq",
     "segment_anything_hq.modeling.image_encoder": "sam_blocked.adapters.sam_hq",
     "transformers.models.sam.modeling_sam": "sam_blocked.adapters.transformers",
     "transformers.models.sam_hq.modeling_sam_hq": "sam_blocked.adapters.transformers",
@@ -55,6 +58,22 @@ def imported_patches() -> list[ClassPatch]:
         module = sys.modules.get(name)
         if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
             patches += patches_of(module)
+    return patches
+
+
+def method_patches_of(module: ModuleType) -> list[MethodPatch]:
+    """The MethodPatches for a loaded library module (one of ADAPTERS): the switch's only."""
+    adapter = importlib.import_module(ADAPTERS[module.__name__])
+    return getattr(adapter, "method_patches", lambda module: [])(module)
+
+
+def imported_method_patches() -> list[MethodPatch]:
+    """The MethodPatches of every supported library module imported so far."""
+    patches = []
+    for name in ADAPTERS:
+        module = sys.modules.get(name)
+        if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
+            patches += method_patches_of(module)
     return patches
 
 

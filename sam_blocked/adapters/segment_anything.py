@@ -25,15 +25,17 @@ from typing import Optional
 
 import torch
 
-from sam_blocked.adapters.base import BLOCK, EMBED, ClassPatch, EncoderCall, class_patch, missing_attributes, qkv_reasons
+from sam_blocked.adapters.base import BLOCK, DECODER, EMBED, ClassPatch, EncoderCall, MethodPatch, class_patch, missing_attributes, qkv_reasons
 from sam_blocked.adapters import state
 from sam_blocked.adapters.registry import patched_class_named
+from sam_blocked.automatic.batch import postprocess_small_regions, process_batch
+from sam_blocked.automatic.decoder import budget_bytes, decoder_reasons, predict_masks
 from sam_blocked.encoder.block import AttentionParts, MLPParts, encoder_block
 from sam_blocked.encoder.layer import BlockConfig, attention_layer
 from sam_blocked.encoder.tokenwise import embed_chunk, patch_embedding
 
 LIBRARY = "segment_anything"
-MODULES = ("segment_anything.modeling.image_encoder",)
+MODULES = ("segment_anything.modeling.image_encoder", "segment_anything.modeling.mask_decoder")
 
 _ATTRIBUTES = ("qkv", "proj", "num_heads", "scale", "use_rel_pos")
 _BLOCK_ATTRIBUTES = ("norm1", "attn", "norm2", "mlp", "window_size")
@@ -61,7 +63,12 @@ def banded_embed_runs(embed: torch.nn.Module) -> bool:
 
 def class_patches(module: ModuleType, library: str = LIBRARY, home: str = __name__) -> list[ClassPatch]:
     """The ClassPatches for a loaded image_encoder module of segment_anything (or a copy of it):
-    its Attention, and its Block and PatchEmbed alongside."""
+    its Attention, and its Block and PatchEmbed alongside; for its mask_decoder module, the
+    MaskDecoder; none for its automatic_mask_generator (method_patches)."""
+    if hasattr(module, "MaskDecoder") and not hasattr(module, "Attention"):
+        return [decoder_patch(module, library, home)]
+    if not hasattr(module, "Attention"):
+        return []
     attention = class_patch(library, module.Attention, blocked_attention_forward, attention_reasons, home=home)
 
     def block_reasons(block: torch.nn.Module) -> list[str]:
@@ -101,6 +108,67 @@ def class_patches(module: ModuleType, library: str = LIBRARY, home: str = __name
     # No reasons: a PatchEmbed that cannot run in bands runs stock's forward, never refusing the model.
     embed_patch = class_patch(library, module.PatchEmbed, embed_forward, lambda embed: [], home=home, kind=EMBED)
     return [attention, block_patch, embed_patch]
+
+
+def _image_embeddings(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    return args[0] if args else kwargs.get("image_embeddings")
+
+
+def decoder_patch(module: ModuleType, library: str = LIBRARY, home: str = __name__) -> ClassPatch:
+    """MaskDecoder's forward on one image's embedding for many prompts (sam_blocked.automatic.decoder):
+    the image side shared while it is the same for every prompt, then reassociated onto the
+    prompt side; budget from max_block_mb. A decoder of another layout, or a batch of image
+    embeddings, runs stock's forward (warned once for the layout): it never refuses a model."""
+
+    def forward(decoder, config: BlockConfig, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output):
+        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+        return predict_masks(decoder, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, mask_slice, budget_bytes(config.max_block_mb))
+
+    def stock_call(decoder, *args, **kwargs) -> Optional[str]:
+        why = decoder_reasons(decoder)
+        if why:
+            return f"sam_blocked runs this {library} MaskDecoder stock: {'; '.join(why)}"
+        embeddings = _image_embeddings(args, kwargs)
+        if embeddings is None or embeddings.dim() != 4 or embeddings.shape[0] != 1:
+            return ""  # not one image's embedding: stock's forward, as asked
+        return None
+
+    return class_patch(library, module.MaskDecoder, forward, lambda decoder: [], home=home, kind=DECODER, stock_call=stock_call)
+
+
+def method_patches(module: ModuleType) -> list[MethodPatch]:
+    """For segment_anything.automatic_mask_generator: SamAutomaticMaskGenerator's _process_batch and
+    postprocess_small_regions (sam_blocked.automatic.batch), installed by the switch."""
+    generator = getattr(module, "SamAutomaticMaskGenerator", None)
+    if generator is None or not module.__name__.endswith("automatic_mask_generator"):
+        return []
+
+    def make_batch(stock):
+        def _process_batch(self, points, im_size, crop_box, orig_size):
+            config = state.config
+            if config is None:
+                return stock(self, points, im_size, crop_box, orig_size)
+            return process_batch(self, points, im_size, crop_box, orig_size, budget_bytes(config.max_block_mb))
+
+        return _process_batch
+
+    return [MethodPatch(LIBRARY, generator, "_process_batch", make_batch), small_regions_patch(LIBRARY, generator)]
+
+
+def small_regions_patch(library: str, generator: type) -> MethodPatch:
+    """The generator's postprocess_small_regions (a staticmethod), one full-size mask at a time while the switch is on."""
+
+    def make(stock):
+        stock_function = stock.__func__ if isinstance(stock, staticmethod) else stock
+
+        def postprocess(mask_data, min_area, nms_thresh):
+            if state.config is None:
+                return stock_function(mask_data, min_area, nms_thresh)
+            return postprocess_small_regions(mask_data, min_area, nms_thresh)
+
+        return staticmethod(postprocess)
+
+    return MethodPatch(library, generator, "postprocess_small_regions", make)
 
 
 def encoder_call(model: torch.nn.Module, package: str = LIBRARY) -> Optional[EncoderCall]:

@@ -1,0 +1,207 @@
+"""SamAutomaticMaskGenerator's per-batch work, the same records in a bounded amount of memory.
+
+Stock `_process_batch` decodes a batch of grid points (repeating the image embedding per
+point), upsamples all 3 masks of every point to the image size in float32 before the
+predicted-IoU filter drops most of them, and run-length encodes the survivors over whole
+images. `process_batch` returns the same MaskData:
+
+- the decoder runs on a chunk of points at a time without copying the image per point
+  (sam_blocked.automatic.decoder);
+- the predicted-IoU filter runs on the low-resolution masks (it reads only the scores), so
+  the masks it drops are never upsampled;
+- the survivors go through SAM's own steps (`Sam.postprocess_masks`, amg.py's
+  `calculate_stability_score`, `batched_mask_to_box`, `is_box_near_crop_edge`,
+  `uncrop_masks`) a few masks at a time, and `mask_to_rle` encodes them with numpy, mask by
+  mask, into the same uncompressed RLE as amg.py's `mask_to_rle_pytorch`.
+
+`postprocess_small_regions` is the generator's small-region step with one mask at full size
+at a time instead of all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from segment_anything.utils.amg import (
+    MaskData,
+    batched_mask_to_box,
+    calculate_stability_score,
+    is_box_near_crop_edge,
+    mask_to_rle_pytorch,
+    remove_small_regions,
+    rle_to_mask,
+    uncrop_masks,
+)
+from torchvision.ops.boxes import batched_nms
+
+from sam_blocked.automatic.decoder import DEFAULT_DECODER_BYTES, FP32_BYTES, decoder_reasons, predict_masks, prompts_per_chunk
+
+# per full-size mask in the post-processing: float32 logits at the model's input size and at
+# the image size, the comparisons and the bool mask (padded to the image when in a crop)
+POST_BYTES_PER_PIXEL = 2 * FP32_BYTES + 4
+
+
+def masks_per_step(pixels: int, budget_bytes: Optional[int]) -> int:
+    """Full-size masks post-processed together within the budget."""
+    return max(1, (budget_bytes or DEFAULT_DECODER_BYTES) // (POST_BYTES_PER_PIXEL * pixels))
+
+
+def mask_to_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
+    """amg.py's mask_to_rle_pytorch, the same counts, a mask at a time in numpy.
+
+    Args:
+        masks: (B, H, W) bool.
+
+    Returns:
+        B uncompressed RLEs {"size": [H, W], "counts": [...]}, column-major, starting with a
+        run of zeros (0 when the first pixel is set).
+    """
+    b, h, w = masks.shape
+    out = []
+    for mask in masks:
+        flat = mask.t().contiguous().view(-1).cpu().numpy()  # column-major, as COCO's RLE
+        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        bounds = np.concatenate(([0], change, [h * w]))
+        counts = [] if not flat[0] else [0]
+        counts.extend(np.diff(bounds).tolist())
+        out.append({"size": [h, w], "counts": counts})
+    return out
+
+
+Decode = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def multimask_decode(predictor: Any, budget_bytes: Optional[int]) -> Decode:
+    """The decoder call of SamPredictor.predict_torch(multimask_output=True) on the predictor's image."""
+    model = predictor.model
+    decoder = model.mask_decoder
+    image_pe = model.prompt_encoder.get_dense_pe()
+    if decoder_reasons(decoder):
+        return lambda sparse, dense: decoder(
+            image_embeddings=predictor.features, image_pe=image_pe, sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True
+        )
+    return lambda sparse, dense: predict_masks(decoder, predictor.features, image_pe, sparse, dense, slice(1, None), budget_bytes)
+
+
+@torch.no_grad()
+def process_batch(
+    generator: Any,
+    points: np.ndarray,
+    im_size: tuple[int, ...],
+    crop_box: list[int],
+    orig_size: tuple[int, ...],
+    budget_bytes: Optional[int] = None,
+    decode: Optional[Decode] = None,
+) -> MaskData:
+    """SamAutomaticMaskGenerator._process_batch's MaskData, within `budget_bytes` per step.
+
+    Args:
+        generator: a SamAutomaticMaskGenerator (segment_anything's, or SAM-HQ's) whose
+            predictor has the crop set.
+        points: (B, 2) grid points in crop pixels (x, y).
+        im_size: the crop's (h, w); crop_box: [x0, y0, x1, y1] in the image; orig_size: the image's (H, W).
+        budget_bytes: bytes for one step's tensors (None: the decoder's default).
+        decode: (sparse (b, P, C), dense (b, C, h, w)) -> low-resolution logits (b, M, 4h, 4w)
+            and predicted IoU (b, M) of the masks stock keeps; None: segment_anything's
+            multimask output through sam_blocked.automatic.decoder (stock's decoder when
+            decoder_reasons refuses the model's).
+
+    Returns:
+        MaskData with rles, iou_preds, points, stability_score and boxes, as stock's.
+    """
+    predictor = generator.predictor
+    model = predictor.model
+    orig_h, orig_w = orig_size
+    transformed_points = predictor.transform.apply_coords(points, im_size)
+    in_points = torch.as_tensor(transformed_points, device=predictor.device)
+    in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=in_points.device)
+    sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
+    _, c, h, w = predictor.features.shape
+    chunk = prompts_per_chunk(h * w, c, budget_bytes)
+    decode = decode or multimask_decode(predictor, budget_bytes)
+    threshold = model.mask_threshold
+    parts: list[dict[str, Any]] = []
+    for start in range(0, len(points), chunk):
+        stop = min(len(points), start + chunk)
+        low_res, iou_preds = decode(sparse[start:stop], dense[start:stop])
+        k = low_res.shape[1]
+        low_res, iou_preds = low_res.flatten(0, 1), iou_preds.flatten(0, 1)  # (b*3, 256, 256), (b*3,)
+        point_rows = torch.as_tensor(points[start:stop].repeat(k, axis=0))
+        if generator.pred_iou_thresh > 0.0:
+            keep = iou_preds > generator.pred_iou_thresh
+            low_res, iou_preds, point_rows = low_res[keep], iou_preds[keep], point_rows[keep]
+        if low_res.shape[0] == 0:
+            empty = torch.zeros(0, dtype=torch.bool)
+            parts.append({"iou_preds": iou_preds, "points": point_rows, "stability_score": iou_preds.new_zeros(0), "masks": empty})
+        step = masks_per_step(orig_h * orig_w, budget_bytes)
+        for s in range(0, low_res.shape[0], step):
+            e = min(low_res.shape[0], s + step)
+            logits = model.postprocess_masks(low_res[None, s:e], predictor.input_size, predictor.original_size)[0]  # (m, h, w)
+            stability = calculate_stability_score(logits, threshold, generator.stability_score_offset)
+            keep = torch.ones_like(stability, dtype=torch.bool)
+            if generator.stability_score_thresh > 0.0:
+                keep = stability >= generator.stability_score_thresh
+            masks = logits[keep] > threshold
+            del logits
+            parts.append({"iou_preds": iou_preds[s:e][keep], "points": point_rows[s:e][keep], "stability_score": stability[keep], "masks": masks})
+    return _assemble(parts, crop_box, orig_h, orig_w)
+
+
+def _assemble(parts: list[dict[str, Any]], crop_box: list[int], orig_h: int, orig_w: int) -> MaskData:
+    """The batch's MaskData from its steps' survivors of the stability filter: boxes, the
+    crop-edge filter and RLEs, step by step, with the dtypes stock's whole-batch steps give."""
+    data = MaskData(**{key: torch.cat([p[key] for p in parts]) for key in ("iou_preds", "points", "stability_score")})
+    parts = [p for p in parts if len(p["masks"])]
+    if not parts:  # stock boxes no mask as float zeros and filters nothing
+        data["boxes"] = torch.zeros(0, 4, device=data["iou_preds"].device)
+        data["rles"] = []
+        return data
+    boxes, keep, rles = [], [], []
+    for part in parts:
+        part_boxes = batched_mask_to_box(part["masks"])  # (m, 4) long
+        part_keep = ~is_box_near_crop_edge(part_boxes, crop_box, [0, 0, orig_w, orig_h])
+        boxes.append(part_boxes)
+        keep.append(part_keep)
+        rles += mask_to_rle(uncrop_masks(part["masks"][part_keep], crop_box, orig_h, orig_w))
+        del part["masks"]
+    data["boxes"] = torch.cat(boxes)
+    keep_all = torch.cat(keep)
+    if not torch.all(keep_all):
+        data.filter(keep_all)
+    data["rles"] = rles
+    return data
+
+
+def postprocess_small_regions(mask_data: MaskData, min_area: int, nms_thresh: float) -> MaskData:
+    """SamAutomaticMaskGenerator.postprocess_small_regions, one full-size mask at a time.
+
+    Stock decodes every mask, keeps all of them at full size for the box NMS, then
+    re-encodes the changed ones it keeps; here each mask is decoded, cleaned, boxed and (when
+    changed) re-encoded before the next, so the NMS sees the same boxes and scores."""
+    if len(mask_data["rles"]) == 0:
+        return mask_data
+    boxes, scores, new_rles = [], [], {}
+    for i, rle in enumerate(mask_data["rles"]):
+        mask = rle_to_mask(rle)
+        mask, changed = remove_small_regions(mask, min_area, mode="holes")
+        unchanged = not changed
+        mask, changed = remove_small_regions(mask, min_area, mode="islands")
+        unchanged = unchanged and not changed
+        mask_t = torch.as_tensor(mask).unsqueeze(0)
+        boxes.append(batched_mask_to_box(mask_t)[0])
+        scores.append(float(unchanged))
+        if not unchanged:
+            new_rles[i] = mask_to_rle(mask_t)[0]
+    boxes_t = torch.stack(boxes)
+    keep_by_nms = batched_nms(boxes_t.float(), torch.as_tensor(scores), torch.zeros(len(boxes_t)), iou_threshold=nms_thresh)
+    for i_mask in keep_by_nms:
+        if scores[i_mask] == 0.0:
+            mask_data["rles"][i_mask] = new_rles[int(i_mask)]
+            mask_data["boxes"][i_mask] = boxes_t[i_mask]
+    mask_data.filter(keep_by_nms)
+    return mask_data
+
+
+__all__ = ["mask_to_rle", "mask_to_rle_pytorch", "masks_per_step", "postprocess_small_regions", "process_batch"]

@@ -1,0 +1,138 @@
+"""sam_blocked.automatic against stock segment_anything itself: the mask decoder without a copy of
+the image per prompt, the RLE, and whole SamAutomaticMaskGenerator runs over its settings.
+
+The oracle and the comparison rules (what "the same records" means, with each tolerance's
+reason) are in tests/automatic_oracle.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.modeling import MaskDecoder
+from segment_anything.utils.amg import mask_to_rle_pytorch
+from skimage import data
+
+import sam_blocked
+from automatic_oracle import compare_records, peaked_sam, record_stock_logits
+from sam_blocked.automatic.batch import mask_to_rle
+from sam_blocked.automatic.decoder import decoder_reasons, predict_masks
+from sam_blocked.automatic.generator import BlockedMaskGenerator
+from sam_blocked.models.registry import cast_image_encoder
+
+DECODER_RTOL = 1e-5  # reassociated float32 sums over 256 channels: stock's own rounding is ~1e-7 relative
+
+
+@pytest.fixture(scope="module")
+def sam():
+    return peaked_sam()
+
+
+@pytest.fixture(scope="module")
+def image():
+    return data.astronaut()[100:231, 150:347]  # 131 x 197: neither side a multiple of 16
+
+
+def _prompts(sam, n, seed=0, with_masks=False):
+    g = torch.Generator().manual_seed(seed)
+    size = sam.image_encoder.img_size
+    points = (torch.rand(n, 2, 2, generator=g) * size, torch.tensor([[1, 0]] * n, dtype=torch.int))
+    masks = torch.randn(n, 1, 4 * sam.prompt_encoder.image_embedding_size[0], 4 * sam.prompt_encoder.image_embedding_size[1], generator=g) if with_masks else None
+    with torch.no_grad():
+        return sam.prompt_encoder(points=points, boxes=None, masks=masks)
+
+
+@pytest.mark.parametrize("with_masks", [False, True], ids=["shared-image", "mask-prompts"])
+@pytest.mark.parametrize("budget", [None, 1], ids=["default-budget", "one-prompt-steps"])
+def test_decoder_matches_stock(sam, image, with_masks, budget):
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    decoder = sam.mask_decoder
+    assert decoder_reasons(decoder) == []
+    sparse, dense = _prompts(sam, 7, with_masks=with_masks)  # 7 prompts: no chunk divides them
+    pe = sam.prompt_encoder.get_dense_pe()
+    with torch.no_grad():
+        want_masks, want_iou = decoder.predict_masks(predictor.features, pe, sparse, dense)
+        got_masks, got_iou = predict_masks(decoder, predictor.features, pe, sparse, dense, budget_bytes=budget)
+    scale = want_masks.abs().max()
+    assert (got_masks - want_masks).abs().max() <= DECODER_RTOL * scale, float((got_masks - want_masks).abs().max() / scale)
+    assert torch.allclose(got_iou, want_iou, rtol=DECODER_RTOL, atol=DECODER_RTOL)
+
+
+def test_decoder_forward_under_switch_matches_stock(sam, image):
+    """enable() swaps MaskDecoder.forward (a single prompt and multimask both), disable() restores it."""
+    from segment_anything import SamPredictor
+
+    stock_forward = MaskDecoder.__dict__["forward"]
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    point = np.array([[60.0, 40.0]])
+    want = [predictor.predict(point, np.array([1]), multimask_output=m, return_logits=True) for m in (True, False)]
+    with sam_blocked.enabled():
+        assert MaskDecoder.__dict__["forward"] is not stock_forward
+        got = [predictor.predict(point, np.array([1]), multimask_output=m, return_logits=True) for m in (True, False)]
+    assert MaskDecoder.__dict__["forward"] is stock_forward
+    for (wm, ws, wl), (gm, gs, gl) in zip(want, got):
+        assert np.abs(gl - wl).max() <= DECODER_RTOL * np.abs(wl).max()
+        np.testing.assert_allclose(gs, ws, rtol=DECODER_RTOL, atol=DECODER_RTOL)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (37, 53), (64, 64)])
+def test_mask_to_rle_matches_stock(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    masks = torch.rand(6, *shape, generator=g) > 0.5
+    masks[0] = False
+    masks[1] = True
+    masks[2, 0, 0] = True
+    masks[3, 0, 0] = False
+    assert mask_to_rle(masks) == mask_to_rle_pytorch(masks)
+
+
+SETTINGS = {
+    "filters-off": dict(points_per_side=6, points_per_batch=5, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask"),
+    "filters-mid": dict(points_per_side=6, points_per_batch=64, pred_iou_thresh=0.005, stability_score_thresh=0.1, stability_score_offset=0.5, box_nms_thresh=0.98, output_mode="uncompressed_rle"),
+    "defaults": dict(points_per_side=4),
+    "point-grids-small-regions": dict(points_per_side=None, point_grids=[np.random.default_rng(0).random((11, 2))], points_per_batch=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, min_mask_region_area=40, output_mode="coco_rle"),
+    "crop-layers": dict(points_per_side=4, points_per_batch=7, pred_iou_thresh=0.005, stability_score_thresh=0.05, box_nms_thresh=0.95, crop_nms_thresh=0.95, crop_n_layers=1, crop_overlap_ratio=0.25, crop_n_points_downscale_factor=2, output_mode="coco_rle"),
+}
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_generator_matches_stock(sam, image, name):
+    settings = SETTINGS[name]
+    stock = SamAutomaticMaskGenerator(sam, **settings)
+    logits = record_stock_logits(stock)
+    want = stock.generate(image)
+    got = BlockedMaskGenerator(sam, **settings, max_block_mb=1).generate(image)  # 1 MiB: a few masks a step
+    counts = compare_records(want, got, logits, settings)
+    assert counts["records"] == len(want)
+    if name == "filters-off":
+        assert len(want) == 3 * 36  # every mask of every point: nothing filtered, all compared
+
+
+def test_generator_matches_stock_bfloat16_encoder(image):
+    """The encoder in bfloat16 (the supported cast: decoder in float32): the same records as stock on the same model."""
+    sam = cast_image_encoder(peaked_sam(), torch.bfloat16)
+    settings = SETTINGS["filters-off"]
+    stock = SamAutomaticMaskGenerator(sam, **settings)
+    logits = record_stock_logits(stock)
+    want = stock.generate(image)
+    compare_records(want, BlockedMaskGenerator(sam, **settings).generate(image), logits, settings)
+
+
+def test_switch_patches_stock_generator(sam, image):
+    """enable(): an unmodified SamAutomaticMaskGenerator gives BlockedMaskGenerator's records; disable() restores its methods."""
+    settings = SETTINGS["point-grids-small-regions"]
+    before = {name: SamAutomaticMaskGenerator.__dict__[name] for name in ("_process_batch", "postprocess_small_regions")}
+    stock = SamAutomaticMaskGenerator(sam, **settings)
+    logits = record_stock_logits(stock)
+    want = stock.generate(image)
+    with sam_blocked.enabled():
+        assert SamAutomaticMaskGenerator.__dict__["_process_batch"] is not before["_process_batch"]
+        got = SamAutomaticMaskGenerator(sam, **settings).generate(image)
+    assert {name: SamAutomaticMaskGenerator.__dict__[name] for name in before} == before
+    compare_records(want, got, logits, settings)
