@@ -385,13 +385,14 @@ def test_refusals_name_the_setting_and_the_cli_says_its_flag(tmp_path):
     assert "above --max-pixels 300,000" in failure["reason"] and "raise --max-pixels" in failure["reason"]
 
 
-def test_auto_batch_that_cannot_fit_is_refused_naming_one_that_does(tmp_path, monkeypatch):
-    # 451 x 300 x 3 masks x 8 bytes = 3.1 MiB a point: 64 points want 198 MiB, 32 fit in 100 MiB.
-    monkeypatch.setattr("sam_blocked.engines.unit.available_bytes", lambda device: 100 * 2**20)
+def test_auto_mask_that_cannot_fit_is_refused_naming_the_tile_flag(tmp_path, monkeypatch):
+    # Points are decoded a chunk at a time now, so points_per_batch does not count; one mask
+    # at 451 x 300 still wants ~12 bytes a pixel (1.5 MiB), more than 1 MiB.
+    monkeypatch.setattr("sam_blocked.engines.unit.available_bytes", lambda device: 2**20)
     out = tmp_path / "out"
     assert segment(EXAMPLES / "chelsea.jpg", "--auto", "--output", out) == 1
     (failure,) = summary_of(out)["failed"]
-    assert "--points-per-batch 32 or less" in failure["reason"]
+    assert "--tile" in failure["reason"] and "451 x 300" in failure["reason"]
 
 
 def test_clashing_output_names_and_foreign_folders_fail_without_touching_files(tmp_path):

@@ -175,7 +175,8 @@ def test_point_crops_on_a_whole_image_tile_are_sams_automatic_masks(sam, mosaic)
     for crop, record in zip(got, expected):
         np.testing.assert_array_equal(pasted(crop, 192, 256), record["segmentation"])
         assert crop.record["bbox"] == record["bbox"] and crop.record["area"] == record["area"]
-        assert crop.record["predicted_iou"] == pytest.approx(record["predicted_iou"]) and crop.record["point_coords"] == record["point_coords"]
+        # the tile's decoder is sam_blocked.automatic's (reassociated float32 sums): stock's scores to rounding
+        assert crop.record["predicted_iou"] == pytest.approx(record["predicted_iou"], rel=1e-5, abs=1e-6) and crop.record["point_coords"] == record["point_coords"]
         assert not crop.record["truncated"]
         changed += crop.record["area"] != int(crop.mask.size)
     assert changed, "masks are not all full boxes"

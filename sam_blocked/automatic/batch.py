@@ -20,7 +20,8 @@ at a time instead of all of them.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -85,6 +86,68 @@ def multimask_decode(predictor: Any, budget_bytes: Optional[int]) -> Decode:
     return lambda sparse, dense: predict_masks(decoder, predictor.features, image_pe, sparse, dense, slice(1, None), budget_bytes)
 
 
+@dataclass(frozen=True)
+class Filters:
+    """SamAutomaticMaskGenerator's per-batch filters (amg.py's names)."""
+
+    pred_iou_thresh: float
+    stability_score_thresh: float
+    stability_score_offset: float
+
+
+@torch.no_grad()
+def decode_steps(
+    predictor: Any, points: np.ndarray, im_size: tuple[int, ...], filters: Filters, budget_bytes: Optional[int] = None, decode: Optional[Decode] = None
+) -> Iterator[dict[str, Any]]:
+    """Stock _process_batch's steps up to the thresholded masks, a step at a time.
+
+    A chunk of points is decoded, the predicted-IoU filter runs on its low-resolution masks,
+    and the survivors are upsampled (Sam.postprocess_masks), scored (calculate_stability_score),
+    filtered and thresholded a few at a time; an empty step stands for a chunk that keeps none.
+
+    Args:
+        predictor: a SamPredictor with the image (or crop) set.
+        points: (B, 2) points in the set image's pixels (x, y).
+        im_size: that image's (h, w).
+
+    Yields:
+        {"iou_preds": (m,), "points": (m, 2) float64, "stability_score": (m,), "masks": (m, h, w) bool}
+        in stock's order (point-major, then mask).
+    """
+    model = predictor.model
+    transformed_points = predictor.transform.apply_coords(points, im_size)
+    in_points = torch.as_tensor(transformed_points, device=predictor.device)
+    in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=in_points.device)
+    sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
+    _, c, h, w = predictor.features.shape
+    chunk = prompts_per_chunk(h * w, c, budget_bytes)
+    decode = decode or multimask_decode(predictor, budget_bytes)
+    threshold = model.mask_threshold
+    out_h, out_w = predictor.original_size
+    step = masks_per_step(out_h * out_w, budget_bytes)
+    for start in range(0, len(points), chunk):
+        stop = min(len(points), start + chunk)
+        low_res, iou_preds = decode(sparse[start:stop], dense[start:stop])
+        k = low_res.shape[1]
+        low_res, iou_preds = low_res.flatten(0, 1), iou_preds.flatten(0, 1)  # (b*3, 256, 256), (b*3,)
+        point_rows = torch.as_tensor(points[start:stop].repeat(k, axis=0))
+        if filters.pred_iou_thresh > 0.0:
+            keep = iou_preds > filters.pred_iou_thresh
+            low_res, iou_preds, point_rows = low_res[keep], iou_preds[keep], point_rows[keep]
+        if low_res.shape[0] == 0:
+            yield {"iou_preds": iou_preds, "points": point_rows, "stability_score": iou_preds.new_zeros(0), "masks": torch.zeros(0, out_h, out_w, dtype=torch.bool)}
+        for s in range(0, low_res.shape[0], step):
+            e = min(low_res.shape[0], s + step)
+            logits = model.postprocess_masks(low_res[None, s:e], predictor.input_size, predictor.original_size)[0]  # (m, h, w)
+            stability = calculate_stability_score(logits, threshold, filters.stability_score_offset)
+            keep = torch.ones_like(stability, dtype=torch.bool)
+            if filters.stability_score_thresh > 0.0:
+                keep = stability >= filters.stability_score_thresh
+            masks = logits[keep] > threshold
+            del logits
+            yield {"iou_preds": iou_preds[s:e][keep], "points": point_rows[s:e][keep], "stability_score": stability[keep], "masks": masks}
+
+
 @torch.no_grad()
 def process_batch(
     generator: Any,
@@ -111,41 +174,9 @@ def process_batch(
     Returns:
         MaskData with rles, iou_preds, points, stability_score and boxes, as stock's.
     """
-    predictor = generator.predictor
-    model = predictor.model
+    filters = Filters(generator.pred_iou_thresh, generator.stability_score_thresh, generator.stability_score_offset)
+    parts = list(decode_steps(generator.predictor, points, im_size, filters, budget_bytes, decode))
     orig_h, orig_w = orig_size
-    transformed_points = predictor.transform.apply_coords(points, im_size)
-    in_points = torch.as_tensor(transformed_points, device=predictor.device)
-    in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=in_points.device)
-    sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
-    _, c, h, w = predictor.features.shape
-    chunk = prompts_per_chunk(h * w, c, budget_bytes)
-    decode = decode or multimask_decode(predictor, budget_bytes)
-    threshold = model.mask_threshold
-    parts: list[dict[str, Any]] = []
-    for start in range(0, len(points), chunk):
-        stop = min(len(points), start + chunk)
-        low_res, iou_preds = decode(sparse[start:stop], dense[start:stop])
-        k = low_res.shape[1]
-        low_res, iou_preds = low_res.flatten(0, 1), iou_preds.flatten(0, 1)  # (b*3, 256, 256), (b*3,)
-        point_rows = torch.as_tensor(points[start:stop].repeat(k, axis=0))
-        if generator.pred_iou_thresh > 0.0:
-            keep = iou_preds > generator.pred_iou_thresh
-            low_res, iou_preds, point_rows = low_res[keep], iou_preds[keep], point_rows[keep]
-        if low_res.shape[0] == 0:
-            empty = torch.zeros(0, dtype=torch.bool)
-            parts.append({"iou_preds": iou_preds, "points": point_rows, "stability_score": iou_preds.new_zeros(0), "masks": empty})
-        step = masks_per_step(orig_h * orig_w, budget_bytes)
-        for s in range(0, low_res.shape[0], step):
-            e = min(low_res.shape[0], s + step)
-            logits = model.postprocess_masks(low_res[None, s:e], predictor.input_size, predictor.original_size)[0]  # (m, h, w)
-            stability = calculate_stability_score(logits, threshold, generator.stability_score_offset)
-            keep = torch.ones_like(stability, dtype=torch.bool)
-            if generator.stability_score_thresh > 0.0:
-                keep = stability >= generator.stability_score_thresh
-            masks = logits[keep] > threshold
-            del logits
-            parts.append({"iou_preds": iou_preds[s:e][keep], "points": point_rows[s:e][keep], "stability_score": stability[keep], "masks": masks})
     return _assemble(parts, crop_box, orig_h, orig_w)
 
 

@@ -25,6 +25,12 @@ from sam_blocked.automatic.decoder import budget_bytes
 from sam_blocked.attention.common import check_max_block_mb
 
 
+def decoder_budget_mb(model: Any) -> Optional[float]:
+    """The max_block_mb a patched model's mask decoder carries (patch_sam's settings), else None."""
+    config = getattr(getattr(model, "mask_decoder", None), "blocked_config", None)
+    return getattr(config, "max_block_mb", None)
+
+
 class BlockedMaskGenerator(SamAutomaticMaskGenerator):
     """SamAutomaticMaskGenerator(model, ...) with the same records, in bounded memory.
 

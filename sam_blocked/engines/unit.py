@@ -22,11 +22,13 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
 from sam_blocked.errors import InputError, SettingError, spell
 from sam_blocked.inputs.images import ImageItem, read_image
+from sam_blocked.automatic.batch import POST_BYTES_PER_PIXEL
+from sam_blocked.automatic.generator import BlockedMaskGenerator, decoder_budget_mb
 from sam_blocked.masks import auto_masks, prompt_masks
 from sam_blocked.memory.measure import available_bytes, peak_bytes, reset_peak_memory
 from sam_blocked.engines.options import SegmentOptions
@@ -64,7 +66,8 @@ class Job:
 
 class Segmenter:
     """The model side of the work, built once per process: a SamPredictor (prompt mode) or a
-    SamAutomaticMaskGenerator (automatic masks) on `sam`, with the run's options.
+    SamAutomaticMaskGenerator (automatic masks: sam_blocked.automatic's BlockedMaskGenerator, the
+    same records in bounded memory) on `sam`, with the run's options.
 
     Args:
         sam: the model (patched or not), on its device and in its dtype.
@@ -81,7 +84,7 @@ class Segmenter:
             )
         self.options = options
         self.prompt_mode = prompt_mode
-        self.engine: Any = SamPredictor(sam) if prompt_mode else SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **options.amg)
+        self.engine: Any = SamPredictor(sam) if prompt_mode else BlockedMaskGenerator(sam, output_mode="coco_rle", max_block_mb=decoder_budget_mb(sam), **options.amg)
         self.predictor: SamPredictor = self.engine if prompt_mode else self.engine.predictor
         self.decode = DecodeSettings.from_amg(options.amg, options.multimask)
         self.device = next(sam.parameters()).device
@@ -270,18 +273,17 @@ def whole_image_masks(segmenter: Segmenter, image: np.ndarray, prompts: Sequence
 
 
 def check_auto_batch(points_per_batch: int, height: int, width: int, device: torch.device) -> None:
-    """Refuse an automatic-mask batch that cannot fit: SamAutomaticMaskGenerator upsamples
-    3 masks per point to the full image size at once, about 8 bytes a pixel (float32 logits
-    and bool copies; measured), so 64 points on a 12000 x 9000 image want ~160 GiB. On the
-    CPU the kernel would kill the whole run; a message for this image is better."""
-    per_point = 3 * height * width * 8
+    """Refuse an automatic-mask run whose smallest step cannot fit: BlockedMaskGenerator
+    post-processes a few masks at a time, but even one needs about POST_BYTES_PER_PIXEL
+    bytes a pixel at the full image size (float32 logits twice, comparisons, the bool mask).
+    On the CPU the kernel would kill the whole run; a message for this image is better.
+    points_per_batch no longer matters: points are decoded a chunk at a time within max_block_mb."""
+    per_mask = POST_BYTES_PER_PIXEL * height * width
     available = available_bytes(device)
-    if available is None or points_per_batch * per_point <= available:
+    if available is None or per_mask <= available:
         return
-    fits = available // per_point
-    hint = f"use {{points_per_batch}} {fits} or less" if fits >= 1 else "even one point per batch does not fit: use {prompts}, or more memory"
     raise InputError(
-        f"{{auto}} decodes {{points_per_batch}} {points_per_batch} x 3 masks at the full {width} x {height} size at once, "
-        f"~{points_per_batch * per_point / 2**30:.1f} GiB, but {available / 2**30:.1f} GiB is free on {device}: {hint}",
-        "auto", "points_per_batch", "prompts",
+        f"{{auto}} post-processes each mask at the full {width} x {height} size, ~{per_mask / 2**30:.1f} GiB, but "
+        f"{available / 2**30:.1f} GiB is free on {device}: use {{tile}} so masks stay tile-sized, or more memory",
+        "auto", "tile",
     )

@@ -21,9 +21,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
+from sam_blocked.automatic.generator import BlockedMaskGenerator, decoder_budget_mb
 from sam_blocked.attention.common import DEFAULT_CHUNKS
 from sam_blocked.memory.measure import MIB, available_bytes, format_bytes, measure_peak
 from sam_blocked.memory.planner import planned_encoder_bytes
@@ -243,14 +244,15 @@ def segment_everything(
 ) -> list[dict]:
     """SamAutomaticMaskGenerator's masks for `image`, reusing its kept `embedding`.
 
-    The generator is stock; on this instance only, set_image installs the embedding
+    The generator is sam_blocked.automatic's BlockedMaskGenerator (stock's records in bounded
+    memory); on this instance only, set_image installs the embedding
     instead of encoding again (one crop: the whole image), and each decoded batch of
     points reports `progress(fraction, text)`.
     """
     if not 1 <= points_per_side <= 128:
         raise ValueError(f"points per side {points_per_side} must be between 1 and 128")
-    generator = SamAutomaticMaskGenerator(
-        sam, points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh
+    generator = BlockedMaskGenerator(
+        sam, max_block_mb=decoder_budget_mb(sam), points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh
     )
     assert hasattr(generator, "_process_batch") and generator.crop_n_layers == 0, "segment_anything's generator changed"
     predictor = generator.predictor

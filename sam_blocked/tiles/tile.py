@@ -32,9 +32,12 @@ from typing import Any, Iterator, Mapping, Protocol, Union
 import numpy as np
 import torch
 from segment_anything import SamPredictor
-from segment_anything.utils.amg import MaskData, batch_iterator, batched_mask_to_box, calculate_stability_score, remove_small_regions
+from segment_anything.utils.amg import MaskData, batch_iterator, batched_mask_to_box, remove_small_regions
 from torchvision.ops.boxes import batched_nms
 
+from sam_blocked.automatic.batch import Filters, decode_steps
+from sam_blocked.automatic.generator import decoder_budget_mb
+from sam_blocked.automatic.decoder import budget_bytes
 from sam_blocked.masks import prompt_masks
 from sam_blocked.inputs.prompts import Prompt
 from sam_blocked.inputs.sources import open_image
@@ -179,32 +182,23 @@ def point_crops(predictor: SamPredictor, task: TileTask, settings: DecodeSetting
 
 
 def _decode_points(predictor: SamPredictor, points: np.ndarray, size: tuple[int, int], settings: DecodeSettings) -> MaskData:
-    """SamAutomaticMaskGenerator._process_batch on one tile, keeping each mask as the crop of its box."""
-    transformed = predictor.transform.apply_coords(points, size)  # (B, 2) input frame
-    in_points = torch.as_tensor(transformed, device=predictor.device)
-    in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=in_points.device)
-    masks, iou_preds, _ = predictor.predict_torch(in_points[:, None, :], in_labels[:, None], multimask_output=True, return_logits=True)  # (B, 3, h, w)
-    data = MaskData(
-        masks=masks.flatten(0, 1),  # (B*3, h, w) logits
-        iou_preds=iou_preds.flatten(0, 1),
-        points=torch.as_tensor(points.repeat(masks.shape[1], axis=0)),
-    )
-    del masks
-    if settings.pred_iou_thresh > 0.0:
-        data.filter(data["iou_preds"] > settings.pred_iou_thresh)
-    threshold = predictor.model.mask_threshold
-    data["stability_score"] = calculate_stability_score(data["masks"], threshold, settings.stability_score_offset)
-    if settings.stability_score_thresh > 0.0:
-        data.filter(data["stability_score"] >= settings.stability_score_thresh)
-    data["masks"] = data["masks"] > threshold
-    data.filter(data["masks"].flatten(1).any(dim=1))  # an empty mask has no box, no crop
-    data["boxes"] = batched_mask_to_box(data["masks"]).long()  # (M, 4) x0, y0, x1, y1 inclusive (float zeros when M = 0)
-    # Candidates wait for the tile's NMS as bits: 1/8 of a byte a pixel (3 x points_per_side**2 of them, up to tile size each).
-    crops = (m[b[1] : b[3] + 1, b[0] : b[2] + 1].cpu().numpy() for m, b in zip(data["masks"], data["boxes"].tolist()))
-    data["crops"] = [(np.packbits(c), c.shape) for c in crops]
-    del data["masks"]
-    for key in ("iou_preds", "points", "stability_score", "boxes"):
-        data[key] = data[key].cpu()  # small; NMS and stitching run on the CPU, whatever the model's device
+    """SamAutomaticMaskGenerator._process_batch on one tile, keeping each mask as the crop of its box.
+
+    The steps are sam_blocked.automatic.batch.decode_steps': a chunk of points decoded at a
+    time, the IoU filter before upsampling, a few tile-sized masks at a time."""
+    filters = Filters(settings.pred_iou_thresh, settings.stability_score_thresh, settings.stability_score_offset)
+    budget = budget_bytes(decoder_budget_mb(predictor.model))
+    data = MaskData()
+    for step in decode_steps(predictor, points, size, filters, budget):
+        masks = step.pop("masks")
+        keep = masks.flatten(1).any(dim=1)  # an empty mask has no box, no crop
+        part = MaskData(**{key: value[keep].cpu() for key, value in step.items()})  # small; NMS and stitching run on the CPU
+        masks = masks[keep]
+        part["boxes"] = batched_mask_to_box(masks).long().cpu()  # (M, 4) x0, y0, x1, y1 inclusive (zeros when M = 0)
+        # Candidates wait for the tile's NMS as bits: 1/8 of a byte a pixel (3 x points_per_side**2 of them, up to tile size each).
+        crops = (m[b[1] : b[3] + 1, b[0] : b[2] + 1].cpu().numpy() for m, b in zip(masks, part["boxes"].tolist()))
+        part["crops"] = [(np.packbits(c), c.shape) for c in crops]
+        data.cat(part)
     return data
 
 
