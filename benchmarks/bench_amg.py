@@ -1,0 +1,192 @@
+"""Automatic masks ("segment everything"): stock SamAutomaticMaskGenerator vs sam_blocked's.
+
+For each image size and points-per-side, on one seeded SAM (sam_blocked.build_sam, random
+weights: no mask quality is claimed) and a mosaic of scikit-image photographs: the patched
+encoder runs once and its embedding is installed in both generators, so the rows time mask
+generation after the encoder (the decoder and SAM's post-processing) on the same embedding:
+
+- stock: SamAutomaticMaskGenerator as segment_anything ships it;
+- blocked: sam_blocked.automatic.BlockedMaskGenerator (the switch installs the same steps).
+
+Each row has both times, the encoder's time, the extra peak of CPU tensors (the allocator's
+view, sam_blocked.memory.measure.tensor_peak_bytes) of the encoder and of each generator, and
+whether the records are the same (tests/automatic_oracle.py's rule, without stock's logits:
+pixel flips counted, not located). `--stock-batches N` times stock on its first N point
+batches only and scales to all of them (the row says so); memory is measured on those too.
+
+    python benchmarks/bench_amg.py                                     # 1024 px, 16 points per side, both filter sets
+    python benchmarks/bench_amg.py --sizes 512 1024 --points 16 32 --filters zero
+    python benchmarks/bench_amg.py --stock-batches 2                   # stock timed on 2 batches
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, gemm_rate, machine_info, machine_label, machine_slug, print_result, read_rows, write_rows  # noqa: E402
+
+FIELDS = ["machine", "model", "img_size", "points_per_side", "filters", "encoder_s", "stock_s", "blocked_s", "speedup",
+          "stock_batches_timed", "batches", "encoder_peak_mib", "stock_peak_mib", "blocked_peak_mib", "peak_vs_encoder",
+          "records", "same_records", "flipped_pixels", "gemm_gflops", "floor_s", "blocked_vs_floor"]  # fmt: skip
+FILTERS = {"default": dict(pred_iou_thresh=0.88, stability_score_thresh=0.95), "zero": dict(pred_iou_thresh=0.0, stability_score_thresh=0.0)}
+
+
+def mosaic(size: int) -> np.ndarray:
+    from skimage import data
+    from skimage.transform import resize
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    half = size // 2
+    tiles = [(resize(p, (half, half), anti_aliasing=True) * 255).astype(np.uint8) for p in photos]
+    return np.concatenate([np.concatenate(tiles[:2], axis=1), np.concatenate(tiles[2:], axis=1)], axis=0)
+
+
+def install(generator, embedding: torch.Tensor, size: tuple[int, int], input_size: tuple[int, int]) -> None:
+    """The generator's predictor takes the kept embedding instead of encoding again."""
+    predictor = generator.predictor
+
+    def set_image(image, image_format="RGB"):
+        predictor.reset_image()
+        predictor.features = embedding
+        predictor.original_size, predictor.input_size = size, input_size
+        predictor.is_image_set = True
+
+    predictor.set_image = set_image
+
+
+def decoder_flops(points: int, tokens: int) -> float:
+    """FLOPs of the blocked decoder per run (3 masks a point): reassociated cross attentions
+    (7 products of (H*T=56) x tokens x 256, counted 2 per multiply-add) and the upscaling GEMMs."""
+    attention = 7 * 2 * 56 * tokens * 256
+    upscale = 2 * tokens * 256 * 256 + 2 * 4 * tokens * 64 * 128 + 2 * 16 * tokens * 32 * 4
+    return points * (attention + upscale)
+
+
+def run(args, size: int, points: int, filters: str, info: dict) -> dict:
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from sam_blocked import build_sam, patch_sam
+    from sam_blocked.automatic import BlockedMaskGenerator
+    from sam_blocked.memory.measure import tensor_peak_bytes
+    from sam_blocked.memory.flops import encoder_flops
+
+    torch.manual_seed(0)
+    sam = patch_sam(build_sam(args.model_type, seed=0))
+    image = mosaic(size)
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(sam)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        predictor.set_image(image)
+        encoder_s = time.perf_counter() - start
+        _, encoder_peak = tensor_peak_bytes(lambda: predictor.set_image(image))
+    embedding, input_size = predictor.features, predictor.input_size
+    settings = dict(points_per_side=points, points_per_batch=64, output_mode="uncompressed_rle", **FILTERS[filters])
+    batches = math.ceil(points * points / 64)
+    stock_batches = min(batches, args.stock_batches or batches)
+
+    def generate(cls, limit=None):
+        generator = cls(sam, **settings)
+        install(generator, embedding, image.shape[:2], input_size)
+        if limit is not None and limit < batches:
+            generator.point_grids = [generator.point_grids[0][: 64 * limit]]
+        return generator.generate(image)
+
+    with torch.inference_mode():
+        start = time.perf_counter()
+        stock = generate(SamAutomaticMaskGenerator, stock_batches)
+        stock_s = (time.perf_counter() - start) * batches / stock_batches
+        start = time.perf_counter()
+        blocked = generate(BlockedMaskGenerator)
+        blocked_s = time.perf_counter() - start
+        _, stock_peak = tensor_peak_bytes(lambda: generate(SamAutomaticMaskGenerator, min(stock_batches, 1)))
+        blocked_same, blocked_peak = tensor_peak_bytes(lambda: generate(BlockedMaskGenerator, stock_batches))
+    same, flipped = compare(stock, blocked if stock_batches == batches else blocked_same)
+    rate = gemm_rate()
+    tokens = (sam.image_encoder.img_size // 16) ** 2
+    floor = (encoder_flops(args.model_type, sam.image_encoder.img_size) + decoder_flops(points * points, tokens)) / rate
+    row = {
+        "machine": machine_label(info), "model": args.model_type, "img_size": size, "points_per_side": points, "filters": filters,
+        "encoder_s": f"{encoder_s:.2f}", "stock_s": f"{stock_s:.2f}", "blocked_s": f"{blocked_s:.2f}", "speedup": f"{stock_s / blocked_s:.2f}",
+        "stock_batches_timed": stock_batches, "batches": batches,
+        "encoder_peak_mib": f"{encoder_peak / 2**20:.0f}", "stock_peak_mib": f"{stock_peak / 2**20:.0f}", "blocked_peak_mib": f"{blocked_peak / 2**20:.0f}",
+        "peak_vs_encoder": f"{blocked_peak / encoder_peak:.2f}", "records": len(stock), "same_records": same, "flipped_pixels": flipped,
+        "gemm_gflops": f"{rate / 1e9:.0f}", "floor_s": f"{floor:.2f}", "blocked_vs_floor": f"{(encoder_s + blocked_s) / floor:.2f}",
+    }  # fmt: skip
+    return row
+
+
+def compare(stock: list[dict], blocked: list[dict]) -> tuple[bool, int]:
+    """Records matched by point and score (rel 1e-5, abs 1e-6); pixels that differ counted."""
+    from segment_anything.utils.amg import rle_to_mask
+
+    if len(stock) != len(blocked):
+        return False, -1
+    flipped = 0
+    key = lambda r: (tuple(r["point_coords"][0]), round(r["predicted_iou"], 4))  # noqa: E731
+    for s, b in zip(sorted(stock, key=key), sorted(blocked, key=key)):
+        if s["point_coords"] != b["point_coords"] or not math.isclose(s["predicted_iou"], b["predicted_iou"], rel_tol=1e-5, abs_tol=1e-6):
+            return False, -1
+        flipped += int(np.count_nonzero(rle_to_mask(s["segmentation"]) != rle_to_mask(b["segmentation"])))
+    return True, flipped
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024])
+    parser.add_argument("--points", type=int, nargs="+", default=[16])
+    parser.add_argument("--filters", nargs="+", choices=list(FILTERS), default=list(FILTERS))
+    parser.add_argument("--model-type", default="vit_b")
+    parser.add_argument("--stock-batches", type=int, default=None, help="time stock on this many point batches and scale (default: all)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    info = machine_info("cpu")
+    out = args.out or RESULTS / f"amg_{machine_slug(info)}.csv"
+    rows = read_rows(out) if out.exists() else []
+    for size in args.sizes:
+        for points in args.points:
+            for filters in args.filters:
+                row = run(args, size, points, filters, info)
+                print_result(row)
+                rows = [r for r in rows if (r["model"], int(r["img_size"]), int(r["points_per_side"]), r["filters"]) != (row["model"], size, points, filters)] + [row]
+                write_rows(out, rows, FIELDS)
+    plot(rows, out.with_suffix(".png"), machine_label(info))
+    print(f"wrote {out}")
+    return 0
+
+
+def plot(rows: list[dict], path: Path, machine: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [f"{r['img_size']} px {r['points_per_side']}² pts {r['filters']}" for r in rows]
+    x = np.arange(len(rows))
+    ax_t.bar(x - 0.2, [float(r["stock_s"]) for r in rows], 0.4, label="stock")
+    ax_t.bar(x + 0.2, [float(r["blocked_s"]) for r in rows], 0.4, label="sam_blocked")
+    ax_t.set_ylabel("mask generation after the encoder, s")
+    ax_m.bar(x - 0.27, [float(r["encoder_peak_mib"]) for r in rows], 0.27, label="patched encoder")
+    ax_m.bar(x, [float(r["stock_peak_mib"]) for r in rows], 0.27, label="stock generator")
+    ax_m.bar(x + 0.27, [float(r["blocked_peak_mib"]) for r in rows], 0.27, label="sam_blocked generator")
+    ax_m.set_ylabel("extra peak of tensors, MiB")
+    for ax in (ax_t, ax_m):
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Automatic masks, {rows[0]['model'] if rows else ''}, seeded weights — {machine}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
