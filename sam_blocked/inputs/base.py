@@ -47,7 +47,7 @@ class ImageSource:
     @property
     def scale(self) -> dict:
         """level, downsample and mpp, as outputs record them (plain values for JSON)."""
-        return {"level": self.level, "downsample": round(float(self.downsample), 6), "mpp": None if self.mpp is None else round(float(self.mpp), 6)}
+        return scale_record(self.level, self.downsample, self.mpp)
 
     def read(self, box: Box) -> np.ndarray:
         """The pixels of one window.
@@ -93,6 +93,11 @@ class ArraySource(ImageSource):
 
     def _read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         return self.image[y0:y1, x0:x1].copy()  # (h, w, 3)
+
+
+def scale_record(level: int = 0, downsample: float = 1.0, mpp: Optional[float] = None) -> dict:
+    """{"level", "downsample", "mpp"}: the frame of an image's pixels as records state it (default level 0)."""
+    return {"level": int(level), "downsample": round(float(downsample), 6), "mpp": None if mpp is None else round(float(mpp), 6)}
 
 
 def check_box(box: Box, height: int, width: int) -> Box:

@@ -38,7 +38,7 @@ import numpy as np
 
 from sam_blocked.errors import InputError
 from sam_blocked.inputs.arrays import AxesSource, array_source
-from sam_blocked.inputs.base import ArraySource, ImageSource, ReadSettings
+from sam_blocked.inputs.base import ArraySource, ImageSource, ReadSettings, scale_record
 from sam_blocked.inputs.images import DEFAULT_MAX_PIXELS, is_zarr, read_image
 from sam_blocked.inputs.levels import resampled
 from sam_blocked.inputs.ngff import open_zarr
@@ -119,15 +119,16 @@ def open_image(
     return _finish(source)
 
 
-def read_whole(path: str | os.PathLike, max_pixels: int, read: ReadSettings = ReadSettings()) -> tuple[np.ndarray, list[str]]:
-    """The whole image as (H, W, 3) uint8 RGB and its notes: read_image for an image file PIL reads,
-    else the source open_image gives, read in one window under the max_pixels guard.
+def read_whole(path: str | os.PathLike, max_pixels: int, read: ReadSettings = ReadSettings()) -> tuple[np.ndarray, list[str], dict]:
+    """(image, notes, scale): the whole image as (H, W, 3) uint8 RGB, what was converted, and its
+    frame (ImageSource.scale). read_image for an image file PIL reads (TIFFs too, as ever) when
+    nothing is asked of it, else the source open_image gives, read in one window under max_pixels.
 
     Raises:
         InputError: as open_image, or more pixels than max_pixels (naming it).
     """
     if read.default and not is_zarr(path) and not is_slide(path):  # TIFFs too, as ever (PIL applies their orientation)
-        return read_image(path, max_pixels)
+        return (*read_image(path, max_pixels), scale_record())
     with open_image(path, max_pixels, read) as source:
         if source.height * source.width > max_pixels:
             raise InputError(
@@ -135,7 +136,7 @@ def read_whole(path: str | os.PathLike, max_pixels: int, read: ReadSettings = Re
                 "segment it tile by tile with {tile}, pick a smaller {level}, or raise {max_pixels}",
                 "max_pixels", "tile", "level",
             )  # fmt: skip
-        return source.read((0, 0, source.width, source.height)), list(source.notes)
+        return source.read((0, 0, source.width, source.height)), list(source.notes), source.scale
 
 
 def _finish(source: ImageSource) -> ImageSource:
