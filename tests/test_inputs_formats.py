@@ -302,3 +302,36 @@ def test_cli_refuses_a_level_the_image_lacks_naming_the_flag(ome, tmp_path, caps
     code = segment(ome[0], "--auto", "--output", tmp_path / "out", "--tile", 128, "--level", 5)
     summary = json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())
     assert code == 1 and "--level 5 is past the last: pick 0..2" in summary["failed"][0]["reason"]
+
+
+def test_tiles_read_from_zarr_and_dask_arrays_directly(tmp_path):
+    from sam_blocked.tiles.tile import read_tile
+
+    image = mosaic()
+    array = zarr.create_array(str(tmp_path / "a.zarr"), shape=image.shape, chunks=(64, 64, 3), dtype="uint8")
+    array[:] = image
+    for source in (array, da.from_array(image, chunks=(64, 64, 3)), open_image(da.from_array(image))):
+        np.testing.assert_array_equal(read_tile(source, (30, 40, 158, 168)), image[40:168, 30:158])
+
+
+def test_read_settings_cross_to_workers_with_the_options():
+    import pickle
+
+    from sam_blocked.engines.options import SegmentOptions
+
+    options = SegmentOptions(read=ReadSettings(mpp=0.5, channels="2,1,0"))
+    assert pickle.loads(pickle.dumps(options)).read == ReadSettings(mpp=0.5, channels=(2, 1, 0))
+    for bad, setting in ((dict(level=-1), "level"), (dict(mpp=0), "mpp"), (dict(channels="1,2"), "channels"), (dict(channels=(0, -1, 2)), "channels")):
+        with pytest.raises(SettingError) as caught:
+            ReadSettings(**bad)
+        assert caught.value.settings == (setting,)
+
+
+def test_a_recursive_pattern_takes_a_zarr_store_whole_not_its_chunks(ome, tmp_path):
+    import shutil
+
+    folder = tmp_path / "scans"
+    shutil.copytree(ome[0], folder / "plate" / "cells.ome.zarr")
+    tifffile.imwrite(folder / "plate" / "other.tif", mosaic())
+    images, _ = collect_images([folder], pattern="**/*")
+    assert [i.name for i in images] == ["plate/cells.ome.zarr", "plate/other.tif"]

@@ -133,8 +133,22 @@ def _scan_folder(folder: Path, pattern: Optional[str]) -> list[Path]:
         files = [p for p in folder.iterdir() if p.suffix.lower() in extensions or (p.suffix.lower() == ".zarr" and is_zarr(p))]
     else:
         files = list(folder.glob(pattern))
+    stores: dict[Path, bool] = {}  # folder -> is a zarr store: one image, whose chunk files are not images
+
+    def store(path: Path) -> bool:
+        if path not in stores:
+            stores[path] = is_zarr(path)
+        return stores[path]
+
+    def inside_store(path: Path) -> bool:
+        return any(store(parent) for parent in path.parents if parent != folder and parent.is_relative_to(folder))
+
     return sorted(
-        p for p in files if (p.is_file() or is_zarr(p)) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        p
+        for p in files
+        if (p.is_file() or store(p))
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and not inside_store(p)
     )
 
 
