@@ -153,6 +153,8 @@ def test_a_plain_zarr_array_is_a_source(tmp_path, zarr_format):
     array[:] = planes
     with open_image(path) as source:
         check_windows(source, mosaic())
+    with open_image(f"file://{path}") as source:  # a URL fsspec opens
+        check_windows(source, mosaic())
     with open_image(path, read=ReadSettings(channels=(1,))) as source:
         check_windows(source, np.repeat(mosaic()[:, :, 1:2], 3, axis=2))
 
@@ -335,3 +337,54 @@ def test_a_recursive_pattern_takes_a_zarr_store_whole_not_its_chunks(ome, tmp_pa
     tifffile.imwrite(folder / "plate" / "other.tif", mosaic())
     images, _ = collect_images([folder], pattern="**/*")
     assert [i.name for i in images] == ["plate/cells.ome.zarr", "plate/other.tif"]
+
+
+@pytest.mark.slow
+def test_ray_workers_read_the_level_and_channels_asked_for(tmp_path, monkeypatch):
+    pytest.importorskip("ray.data")
+    monkeypatch.setenv("RAY_DISABLE_USAGE_STATS", "1")
+    path = tmp_path / "cells.ome.zarr"
+    write_ome_zarr(path, "0.5", photo_channels())
+    args = (path, "--auto", "--points-per-side", 2, "--pred-iou-thresh", 0, "--stability-score-thresh", 0, "--tile", 128, "--level", 1, "--channels", 3)
+    assert segment(*args, "--output", tmp_path / "local") == 0
+    try:
+        assert segment(*args, "--output", tmp_path / "ray", "--engine", "ray", "--workers", 1, "--cpus-per-worker", 1) == 0
+    finally:
+        import ray
+
+        ray.shutdown()
+    (local,), (distributed,) = (json.loads((tmp_path / o / SUMMARY_NAME).read_text())["done"] for o in ("local", "ray"))
+    assert distributed["scale"] == local["scale"] == {"level": 1, "downsample": 2.0, "mpp": 1.0}
+    assert distributed["tiles"] == local["tiles"] == 4
+    labels = [tifffile.imread(tmp_path / o / "cells.ome.labels.tif") for o in ("local", "ray")]
+    assert labels[0].shape == (150, 200) and labels[1].shape == (150, 200)
+
+
+def test_zarr_groups_that_are_not_one_image_are_refused_or_followed(tmp_path):
+    plate = zarr.open_group(str(tmp_path / "plate.zarr"), mode="w")
+    plate.attrs["plate"] = {"wells": [{"path": "A/1"}]}
+    with pytest.raises(InputError, match=r"is an HCS plate: give one field's image, e.g. PLATE.zarr/A/1/0"):
+        open_image(tmp_path / "plate.zarr")
+    group = zarr.open_group(str(tmp_path / "group.zarr"), mode="w")
+    group.create_array("raw", shape=(10, 10), dtype="uint8")
+    with pytest.raises(InputError, match=r"without OME-NGFF multiscales metadata: give one of its arrays' paths \(raw\)"):
+        open_image(tmp_path / "group.zarr")
+    root = zarr.open_group(str(tmp_path / "b2r.zarr"), mode="w", zarr_format=2)
+    root.attrs["bioformats2raw.layout"] = 3
+    write_ome_zarr(tmp_path / "b2r.zarr" / "0", "0.4", photo_channels())
+    with open_image(tmp_path / "b2r.zarr", read=ReadSettings(level=2)) as source:
+        assert source.notes[0] == "bioformats2raw store of 1 series: reading series 0" and (source.width, source.height) == (100, 75)
+
+
+def test_t_and_z_are_read_at_index_0_or_the_plane_asked_for():
+    from sam_blocked.inputs.arrays import AxesSource
+
+    stack = np.stack([photo_channels()[:1], photo_channels()[3:]])[:, :, None]  # (t=2, c=1, z=1, 300, 400)
+    stack = np.concatenate([stack, stack[:, :, :, ::-1]], axis=2)  # z=2: the second plane upside down
+    first = AxesSource([stack], "tczyx")
+    check_windows(first, stretched(stack[0, :, 0], (0,), per_channel=False))
+    assert "t has 2 planes: reading t=0" in first.notes and "z has 2 planes: reading z=0" in first.notes
+    last = AxesSource([stack], "tczyx", planes={"t": 1, "z": 1})
+    check_windows(last, stretched(stack[1, :, 1], (0,), per_channel=False))
+    with pytest.raises(InputError, match=r"z=2 is outside its 2 plane\(s\) along z: pick 0..1"):
+        AxesSource([stack], "tczyx", planes={"z": 2})
