@@ -63,6 +63,7 @@ class AxesSource(ImageSource):
         described = [Level(w, h, float(d), None if mpps is None else mpps[i]) for i, ((w, h), d) in enumerate(zip(sizes, downsamples))]
         index, self.resample = pick_level(described, read, what)
         self.level, self.downsample, self.mpp = index, described[index].downsample, described[index].mpp
+        self.levels = tuple(described)
         self.notes += level_note(described, index)
         self._array, self._axes = levels[index], axes
         self.width, self.height = sizes[index]

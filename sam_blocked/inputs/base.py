@@ -34,6 +34,7 @@ class ImageSource:
         downsample: the size of one pixel read in level-0 pixels (level 0: 1.0; level 2 of a
             x2 pyramid: 4.0; with an mpp, that mpp over level 0's). Level-0 x = x * downsample.
         mpp: microns per pixel of the pixels read, when the input says it (else None).
+        levels: the input's pyramid levels (width, height, downsample, mpp), level 0 first.
     """
 
     height: int
@@ -43,6 +44,12 @@ class ImageSource:
     level: int = 0
     downsample: float = 1.0
     mpp: Optional[float] = None
+    levels: tuple = ()  # the input's pyramid (sam_blocked.inputs.levels.Level), level 0 first; () for one level
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(height, width, 3), as the (H, W, 3) array it stands for."""
+        return self.height, self.width, 3
 
     @property
     def scale(self) -> dict:

@@ -103,7 +103,7 @@ class ResampledSource(ImageSource):
         self.inner, self.factor = inner, float(factor)
         self.width = max(1, round(inner.width / self.factor))
         self.height = max(1, round(inner.height / self.factor))
-        self.level = inner.level
+        self.level, self.levels = inner.level, inner.levels
         self.downsample = inner.downsample * self.factor
         self.mpp = None if inner.mpp is None else inner.mpp * self.factor
         self.geo = scaled_geo(inner.geo, self.factor)

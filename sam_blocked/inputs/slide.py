@@ -86,6 +86,7 @@ class SlideSource(ImageSource):
             ]
             index, self.resample = pick_level(levels, read, what)
             self.level, self.downsample, self.mpp = index, levels[index].downsample, levels[index].mpp
+            self.levels = tuple(levels)
             self.width, self.height = levels[index].width, levels[index].height
             self.notes.append(f"whole-slide image ({vendor}) read with {backend}{'' if mpp0 else '; it states no microns per pixel'}")
             self.notes += level_note(levels, index)

@@ -47,8 +47,9 @@ from sam_blocked.inputs.tiff import TiffSource
 
 TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic TIFF, BigTIFF; little and big endian
 WHOLE_NOTE_BYTES = 256 * 2**20  # decoded-whole images above this get a note pointing to tiled TIFF
+OVERVIEW_PIXELS = 64 * 2**20  # the largest level read whole for an overview
 
-__all__ = ["ArraySource", "ImageSource", "ReadSettings", "SlideSource", "TiffSource", "is_tiff", "is_zarr", "open_image", "read_whole"]
+__all__ = ["ArraySource", "ImageSource", "ReadSettings", "SlideSource", "TiffSource", "is_tiff", "is_zarr", "open_image", "overview", "read_whole"]
 
 
 def is_tiff(path: str | os.PathLike) -> bool:
@@ -137,6 +138,36 @@ def read_whole(path: str | os.PathLike, max_pixels: int, read: ReadSettings = Re
                 "max_pixels", "tile", "level",
             )  # fmt: skip
         return source.read((0, 0, source.width, source.height)), list(source.notes), source.scale
+
+
+def overview(path: str | os.PathLike, read: ReadSettings, max_side: int) -> np.ndarray:
+    """The whole image small, for display: the coarsest pyramid level whose long side is still at least
+    `max_side` (or the image's own, if smaller), no finer than the level `read` picks, read whole in
+    read's channels. An image of one level is read whole.
+
+    Returns:
+        (h, w, 3) uint8; resize it to the display size (its frame is the level's, not `read`'s).
+
+    Raises:
+        InputError: that level has more than OVERVIEW_PIXELS pixels (no pyramid to show it from).
+    """
+    with open_image(path, read=read) as source:
+        chosen, levels, long_side = source.level, source.levels, max(source.width, source.height)
+        if not levels or len(levels) == 1:
+            return _whole_small(source, path)
+    wanted = min(max_side, long_side)
+    index = max([i for i, lv in enumerate(levels) if i >= chosen and max(lv.width, lv.height) >= wanted], default=chosen)
+    with open_image(path, read=ReadSettings(level=index, channels=read.channels)) as source:
+        return _whole_small(source, path)
+
+
+def _whole_small(source: ImageSource, path: str | os.PathLike) -> np.ndarray:
+    if source.width * source.height > OVERVIEW_PIXELS:
+        raise InputError(
+            f"{Path(path).name}: its smallest level is {source.width} x {source.height}, too large to show whole "
+            f"(above {OVERVIEW_PIXELS:,} pixels): give it a pyramid (e.g. `vips tiffsave IN OUT --tile --pyramid`)"
+        )
+    return source.read((0, 0, source.width, source.height))
 
 
 def _finish(source: ImageSource) -> ImageSource:

@@ -83,6 +83,7 @@ class TiffSource(ImageSource):
         levels = [Level(w, h, d, None if mpp0 is None else mpp0 * d) for (w, h), d in ((wh, downsample_of(*sizes[0], *wh)) for wh in sizes)]
         index, self.resample = pick_level(levels, read, f"TIFF {path.name}")
         self.level, self.downsample, self.mpp = index, levels[index].downsample, levels[index].mpp
+        self.levels = tuple(levels)
         self.notes += level_note(levels, index)
         chosen = series.levels[index]
         page = chosen.keyframe
