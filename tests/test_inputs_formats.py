@@ -388,3 +388,15 @@ def test_t_and_z_are_read_at_index_0_or_the_plane_asked_for():
     check_windows(last, stretched(stack[1, :, 1], (0,), per_channel=False))
     with pytest.raises(InputError, match=r"z=2 is outside its 2 plane\(s\) along z: pick 0..1"):
         AxesSource([stack], "tczyx", planes={"z": 2})
+
+
+def test_cli_segments_an_ome_zarr_level_whole_without_tiles(ome, tmp_path):
+    path = ome[0]
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({path.name: [{"name": "face", "foreground": [[30, 20]]}]}))
+    out = tmp_path / "out"
+    assert segment(path, "--prompts", prompts, "--output", out, "--img-size", 128, "--level", 2, "--format", "coco") == 0
+    (done,) = json.loads((out / SUMMARY_NAME).read_text())["done"]
+    assert done["scale"] == {"level": 2, "downsample": 4.0, "mpp": 2.0} and (done["width"], done["height"]) == (100, 75)
+    coco = json.loads((out / "cells.ome.json").read_text())
+    assert (coco["image"]["width"], coco["image"]["height"]) == (100, 75)
