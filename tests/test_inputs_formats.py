@@ -162,6 +162,8 @@ def test_a_plain_zarr_array_is_a_source(tmp_path, zarr_format):
 def test_numpy_and_dask_arrays_are_sources():
     image = mosaic()
     check_windows(open_image(image), image)
+    source = open_image(image)
+    assert open_image(source) is source, "an open source is taken as it is"
     check_windows(open_image(da.from_array(image, chunks=(64, 64, 3))), image)
     channels = photo_channels()
     with open_image(da.from_array(channels, chunks=(1, 100, 100)), read=ReadSettings(channels=(1,))) as source:

@@ -68,8 +68,8 @@ def open_image(
 
     Args:
         image: a file, a zarr store (folder or URL), or an array: numpy, zarr.Array or
-            dask.array (not copied; windows are its slices). See the module doc for which
-            source each gets.
+            dask.array (not copied; windows are its slices), or an ImageSource (returned as
+            it is). See the module doc for which source each gets.
         max_pixels: the decompression-bomb guard for images that are decoded whole
             (default images.DEFAULT_MAX_PIXELS). Windowed inputs have no pixel limit.
         read: the pyramid level or mpp, and the channels, to read (default: level 0, the
@@ -85,6 +85,8 @@ def open_image(
             that cannot be converted to RGB, too big to decode whole, or has no such level,
             mpp or channel (naming level, mpp or channels).
     """
+    if isinstance(image, ImageSource):
+        return image  # already open: as it is (its level and channels were chosen when it was)
     if not isinstance(image, (str, os.PathLike)):
         if not hasattr(image, "shape") or not hasattr(image, "__getitem__"):
             raise TypeError(f"open_image takes a path or an array (numpy, zarr, dask), not {type(image).__name__}")
