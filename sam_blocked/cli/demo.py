@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the demo imports gradio: only `sam-blocked demo` pays for it
@@ -24,6 +25,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     server.add_argument("--port", type=int, default=None, help="port (default: 7860, or the next free one)")
     server.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     server.add_argument("--examples", default=None, metavar="DIR", help="folder of example images (default: the repository's examples/)")
+    server.add_argument(
+        "--slides",
+        default=None,
+        metavar="DIR",
+        help="folder of slides, OME-Zarr stores and TIFFs offered to open on the server, read window by window (not uploaded)",
+    )
+    read = parser.add_argument_group("pyramid levels and channels of --slides images")
+    levels = read.add_mutually_exclusive_group()
+    levels.add_argument("--level", type=int, default=None, metavar="N", help="pyramid level to segment (0: full resolution, the default)")
+    levels.add_argument("--mpp", type=float, default=None, metavar="M", help="microns per pixel: the level nearest M, resampled to exactly M")
+    read.add_argument("--channels", default=None, metavar="R,G,B|C", help="channels shown: three as R,G,B (e.g. 2,1,0) or one as gray (e.g. 1)")
     limits = parser.add_argument_group("limits and large images")
     limits.add_argument(
         "--large-images",
@@ -62,6 +74,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     """The demo's starting `DemoSettings` from the parsed flags."""
     from sam_blocked.cli.common import device_from_args
+    from sam_blocked.inputs.base import ReadSettings
     from sam_blocked.demo.handlers import DemoSettings
     from sam_blocked.models.load import ModelSettings
 
@@ -83,6 +96,7 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
         large_images=args.large_images,
         max_tiled_pixels=args.max_tiled_pixels,
         max_everything_tiles=args.max_everything_tiles,
+        read=ReadSettings(args.level, args.mpp, args.channels),
     )
 
 
@@ -93,6 +107,8 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"the demo needs gradio ({error}): pip install 'sam-blocked[demo]'") from None
 
     settings = settings_from_args(args)
-    blocks = build_demo(settings, args.examples)
+    if args.slides is not None and not os.path.isdir(args.slides):
+        raise ValueError(f"--slides {args.slides}: not a folder")
+    blocks = build_demo(settings, args.examples, args.slides)
     launch_demo(blocks, settings, host=args.host, port=args.port, share=args.share, examples_dir=args.examples)
     return 0

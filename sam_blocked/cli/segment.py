@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sam_blocked.cli import FLAGS
 from sam_blocked.cli.common import add_model_args, blocking_from_args, model_from_args, settings_from_args
+from sam_blocked.inputs.base import ReadSettings
 from sam_blocked.inputs.images import DEFAULT_MAX_PIXELS, collect_images
 from sam_blocked.memory import planner
 from sam_blocked.engines.options import AMG_SETTINGS, SegmentOptions
@@ -38,8 +39,17 @@ masks come out at native resolution: --tile 2048 runs the model at 2048 px (--im
 given, must agree). Images larger than a tile are segmented tile by tile, one encoder pass
 per tile (prompt mode: only the tiles its prompts need), and stitched: automatic masks found
 in several tiles are kept once, from a tile that sees them whole; a mask that touches a tile
-edge inside the image is marked truncated. TIFF/BigTIFF are read window by window. Default
---format with --tile: labels,coco,table for every image (png refused for huge images).
+edge inside the image is marked truncated. TIFF/BigTIFF, OME-Zarr and zarr stores (folders),
+and whole-slide images (.svs .ndpi .mrxs .scn .bif: OpenSlide, pip install "sam-blocked[slide]")
+are read window by window. Default --format with --tile: labels,coco,table for every image
+(png refused for huge images).
+
+pyramids and channels: --level N reads pyramid level N of a pyramidal TIFF, OME-Zarr or slide
+(0 = full resolution); --mpp M the level nearest M microns per pixel, resampled to exactly M.
+Prompts, masks and boxes are then in that level's pixels; each image's summary entry gives its
+scale (level, downsample, mpp): level-0 x = x * downsample. --channels 2,1,0 shows three
+channels of a multichannel image as R,G,B, --channels 1 one as gray; values that are not 8-bit
+are stretched from each channel's min..max.
 
 on a Ray cluster (--engine ray, pip install 'sam-blocked[ray]'): one model per worker, loaded
 once; each image (or, with --tile, each tile) goes to a worker. Inputs, outputs and the
@@ -52,6 +62,8 @@ examples:
   sam-blocked segment examples/*.jpg --prompts examples/prompts.json --output masks \\
       --model-type vit_b --checkpoint sam_vit_b_01ec64.pth --format both --overlay
   sam-blocked segment slide.tif --auto --tile 1024 --output masks --checkpoint sam_vit_b_01ec64.pth
+  sam-blocked segment slide.svs --auto --tile 1024 --mpp 1.0 --output masks --checkpoint sam_vit_b_01ec64.pth
+  sam-blocked segment cells.ome.zarr --auto --tile 1024 --level 1 --channels 1 --output masks
   sam-blocked segment /shared/photos --auto --output /shared/masks --checkpoint /shared/sam_vit_b_01ec64.pth \\
       --engine ray --address auto --workers 8 --gpus-per-worker 1
 """
@@ -124,6 +136,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="pixels neighbouring tiles share (default a quarter of the tile); objects up to half of it are always seen whole",
     )
     tiles.add_argument("--max-memory-mb", type=float, default=None, metavar="MB", help="--tile auto: memory budget (default: the memory free now)")
+    read = parser.add_argument_group("pyramid levels and channels (pyramidal TIFF, OME-Zarr, slides, multichannel images)")
+    levels = read.add_mutually_exclusive_group()
+    levels.add_argument("--level", type=int, default=None, metavar="N", help="read pyramid level N (0: full resolution, the default)")
+    levels.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        metavar="M",
+        help="read at M microns per pixel: the level nearest M, resampled to exactly M (the image must state its mpp)",
+    )
+    read.add_argument(
+        "--channels",
+        default=None,
+        metavar="R,G,B|C",
+        help="channels shown: three as R,G,B (e.g. 2,1,0) or one as gray (e.g. 1); default: the image's RGB, or its first channel(s)",
+    )
     engine = parser.add_argument_group("engine: where the work runs")
     engine.add_argument(
         "--engine",
@@ -165,6 +193,7 @@ def main(args: argparse.Namespace) -> int:
         if given:
             raise ValueError(f"{', '.join('--' + g.replace('_', '-') for g in given)} go with --engine ray: add it, or drop them")
     tile = _tile_flag(args)
+    read = ReadSettings(args.level, args.mpp, args.channels)  # refuses a bad --level, --mpp or --channels before anything is read
     options = SegmentOptions(
         formats=_formats(args.format),
         multimask=args.multimask,
@@ -173,6 +202,7 @@ def main(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         amg=amg,
         tiling=Tiling(tile, args.overlap) if isinstance(tile, int) else None,
+        read=read,
     )
     prompts = load_prompts(args.prompts) if args.prompts else None
     output = Path(args.output)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import gradio as gr
 import numpy as np
@@ -35,8 +35,9 @@ from PIL import Image
 
 from sam_blocked.demo.session import VIEW, DemoSession, check_whole, decode, is_tiled, prepare, view  # noqa: F401  (VIEW: demo_ui's)
 from sam_blocked.demo.memory_panel import format_memory  # noqa: F401  (re-exported: demo.X is the UI's and the tests' name)
-from sam_blocked.demo.settings import DemoSettings, banner, check_settings, list_examples, shared_model  # noqa: F401  (as format_memory)
+from sam_blocked.demo.settings import DemoSettings, banner, check_settings, list_examples, list_server_images, shared_model  # noqa: F401  (as format_memory)
 from sam_blocked.errors import InputError
+from sam_blocked.inputs.sources import open_image
 from sam_blocked.interactive.whole import Prompts, check_clicks, encode, load_image, mask_image, parse_prompts, predict, segment_everything
 from sam_blocked.interactive.tiled import TileCache, full_mask, segment_everything_tiled, segment_in_tile
 from sam_blocked.models.load import ModelSettings
@@ -111,6 +112,39 @@ def on_image(path: Optional[str], session: DemoSession, settings: DemoSettings) 
     session = prepare(DemoSession(image=image, name=Path(path).name), settings)
     if notes:
         session.message += f" Note: {'; '.join(notes)}."
+    return view(session)
+
+
+READ_FLAGS = {"level": "--level", "mpp": "--mpp", "channels": "--channels", "max_pixels": "--max-pixels"}
+
+
+@_user_errors
+def on_server_image(path: Optional[str], session: DemoSession, settings: DemoSettings, allowed: Sequence[str] = ()) -> tuple:
+    """An image on the server (a slide, an OME-Zarr, a TIFF from --slides): read window by window at
+    settings.read's level and channels, shown from a low-resolution level; a click encodes its tile.
+
+    Args:
+        path: one of `allowed` (the listed images); anything else is refused.
+    """
+    session.close()
+    if not path:
+        return view(DemoSession())
+    if path not in allowed:
+        raise ValueError(f"{path} is not one of the images this demo was started with (--slides)")
+    try:
+        source = open_image(path, settings.max_pixels, settings.read)
+    except InputError as error:
+        raise ValueError(f"{Path(path).name}: {error.spelled(READ_FLAGS)}") from None
+    try:
+        session = prepare(DemoSession(image=source, name=Path(path).name, path=path), settings)
+    except InputError as error:
+        source.close()
+        raise ValueError(f"{Path(path).name}: {error.spelled(READ_FLAGS)}") from None
+    except BaseException:
+        source.close()
+        raise
+    if source.notes:
+        session.message += f" Note: {'; '.join(source.notes)}."
     return view(session)
 
 

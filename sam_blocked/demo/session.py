@@ -36,6 +36,7 @@ from sam_blocked.interactive.whole import (
     render_overlay,
 )
 from sam_blocked.interactive.tiled import (
+    PREVIEW_SIDE,
     Preview,
     TileCache,
     TileMasks,
@@ -46,6 +47,8 @@ from sam_blocked.interactive.tiled import (
     save_mask_png,
     segment_in_tile,
 )
+from sam_blocked.inputs.base import ImageSource
+from sam_blocked.inputs.sources import overview
 from sam_blocked.tiles.crops import MaskCrop
 from sam_blocked.tiles.plan import Tiling
 
@@ -56,8 +59,9 @@ VIEW = ("session", "canvas", "choice", "mask", "download", "status", "memory")  
 class DemoSession:
     """One browser session's data, held in gr.State (never shared between sessions)."""
 
-    image: Optional[np.ndarray] = None  # (H, W, 3) uint8, full resolution
+    image: Optional[np.ndarray | ImageSource] = None  # (H, W, 3) uint8, full resolution; or read window by window
     name: str = ""
+    path: Optional[str] = None  # an image opened on the server (a slide, OME-Zarr): where its preview level is read
     settings: Optional[DemoSettings] = None  # what the embeddings were computed with
     embedding: Optional[Embedding] = None  # the whole image's, when it is encoded whole
     prompts: Prompts = Prompts()  # full-resolution pixels
@@ -93,7 +97,9 @@ class DemoSession:
         return Path(self.folder) / f"{Path(self.name).stem or 'image'}{suffix}"
 
     def close(self) -> None:
-        """Remove this session's download files (gr.State's delete_callback, and a new image)."""
+        """Remove this session's download files and close an image read by windows (gr.State's delete_callback, and a new image)."""
+        if isinstance(self.image, ImageSource):
+            self.image.close()
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder, self.saved = None, None
@@ -124,12 +130,21 @@ def prepare(session: DemoSession, settings: DemoSettings) -> DemoSession:
     session.masks = session.scores = session.everything = session.everything_crops = session.tile = None
     if not is_tiled(session.image, settings):
         check_whole(session.image, settings, session.name)
+        if isinstance(session.image, ImageSource):  # small enough to encode whole: decoded now, the file closed
+            source = session.image
+            session.image = source.read((0, 0, source.width, source.height))
+            source.close()
         session.preview, session.tiles = None, TileCache()
         return encode_whole(session, settings)
-    session.preview, session.embedding, session.settings = Preview.of(session.image), None, settings
+    low = overview(session.path, settings.read, PREVIEW_SIDE) if isinstance(session.image, ImageSource) else None
+    session.preview, session.embedding, session.settings = Preview.of(session.image, PREVIEW_SIDE, low=low), None, settings
     (h, w), (ph, pw), size = session.image.shape[:2], session.preview.image.shape[:2], settings.model.img_size
+    level = ""
+    if isinstance(session.image, ImageSource) and session.image.levels:
+        source = session.image
+        level = f" at level {source.level} (x{source.downsample:g} of level 0{'' if source.mpp is None else f', {source.mpp:g} um/px'})"
     session.message = (
-        f"**{session.name}** ({w} x {h}) is larger than the {size} px input: shown reduced to {pw} x {ph}. A click encodes "
+        f"**{session.name}** ({w} x {h}{level}) is larger than the {size} px input: shown reduced to {pw} x {ph}. A click encodes "
         f"the {size} px tile around it at native resolution, once (kept for further clicks there), and the mask comes "
         "back at full size."
     )

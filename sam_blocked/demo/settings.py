@@ -20,6 +20,8 @@ from sam_blocked.attention.common import DEFAULT_CHUNKS
 from sam_blocked.interactive.whole import MAX_PIXELS, MAX_UPLOAD_MB
 from sam_blocked.interactive.tiled import MAX_TILED_PIXELS
 from sam_blocked.encoder.layer import BlockConfig, check_config
+from sam_blocked.inputs.base import ReadSettings
+from sam_blocked.inputs.images import collect_images
 from sam_blocked.models.load import LoadedModel, ModelSettings, load_model, resolve_device
 from sam_blocked.memory.measure import MIB
 from sam_blocked.models.registry import MODEL_TYPE_CHOICES, PATCH_SIZE, check_dtype, check_model_type
@@ -46,6 +48,8 @@ class DemoSettings:
         max_tiled_pixels: the largest image taken tile by tile (it is decoded whole: 3 bytes a pixel).
         max_upload_mb: the largest upload; the pixel caps bound the memory, this the transfer.
         max_everything_tiles: "Segment everything" on a tiled image runs up to this many tiles.
+        read: the pyramid level (or mpp) and channels of images opened on the server (slides,
+            OME-Zarr, TIFF: read window by window; the preview comes from a low-resolution level).
     """
 
     model: ModelSettings = ModelSettings("vit_b", img_size=1024)  # the demo always names its input size
@@ -59,6 +63,7 @@ class DemoSettings:
     large_images: str = "tiles"
     max_tiled_pixels: int = MAX_TILED_PIXELS
     max_everything_tiles: int = MAX_EVERYTHING_TILES
+    read: ReadSettings = ReadSettings()
 
     @property
     def random_weights(self) -> bool:
@@ -128,6 +133,14 @@ def banner(settings: DemoSettings) -> str:
         "`sam-blocked demo --checkpoint sam_vit_b_01ec64.pth` or pick one under Settings; "
         "the memory panel is real either way."
     )
+
+
+def list_server_images(folder: str | os.PathLike | None) -> list[str]:
+    """Slides, zarr stores and image files in `folder` (as `sam-blocked segment` collects a folder), sorted."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    images, _ = collect_images([folder])
+    return [str(item.path) for item in images]
 
 
 def list_examples(folder: str | os.PathLike | None) -> list[str]:

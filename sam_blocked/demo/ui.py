@@ -41,13 +41,15 @@ def device_choices() -> list[str]:
     return ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
 
 
-def build_demo(settings: demo.DemoSettings, examples_dir: Optional[str | os.PathLike] = None) -> gr.Blocks:
+def build_demo(settings: demo.DemoSettings, examples_dir: Optional[str | os.PathLike] = None, slides_dir: Optional[str | os.PathLike] = None) -> gr.Blocks:
     """The demo's Blocks, started with `settings` (each session may change its own).
 
     Args:
         settings: the initial model, blocking and upload caps; checked here, and the model
             is built now, so a bad checkpoint fails before the server starts.
         examples_dir: a folder of images listed as examples (default: `default_examples_dir()`).
+        slides_dir: a folder of slides, OME-Zarr stores and TIFFs opened on the server (read
+            window by window at settings.read's level and channels); None: none.
     """
     demo.check_settings(settings)
     demo.shared_model(settings.model)
@@ -82,6 +84,14 @@ def build_demo(settings: demo.DemoSettings, examples_dir: Optional[str | os.Path
                 )
                 if examples:
                     gr.Examples([[p] for p in examples], inputs=[upload], label="Examples (examples/)")
+                server_images = demo.list_server_images(slides_dir)
+                server_image = gr.Dropdown(
+                    [(Path(p).name, p) for p in server_images],
+                    value=None,
+                    label="or a slide / OME-Zarr on the server (--slides), read window by window",
+                    visible=bool(server_images),
+                    elem_id="server-image",
+                )
                 memory = gr.Markdown(demo.format_memory(None), elem_id="memory")
                 mask = gr.Image(label="Mask", type="pil", format="png", interactive=False, buttons=[], height=260, elem_id="mask")
                 download = gr.DownloadButton("Download the mask at full resolution", visible=False, elem_id="download")
@@ -123,6 +133,11 @@ def build_demo(settings: demo.DemoSettings, examples_dir: Optional[str | os.Path
         private = dict(api_visibility="private")
 
         upload.change(demo.on_image, [upload, session, settings_state], view, **encoding)
+
+        def open_server_image(path: Optional[str], session: demo.DemoSession, settings: demo.DemoSettings):
+            return demo.on_server_image(path, session, settings, server_images)
+
+        server_image.input(open_server_image, [server_image, session, settings_state], view, **encoding)
         canvas.select(demo.on_click, [session, mode], view, **encoding)  # on a large image a click may encode its tile
         undo.click(demo.on_undo, [session], view, **encoding)
         clear.click(demo.on_clear, [session], view, **private)

@@ -15,6 +15,7 @@ from importlib.util import find_spec
 from typing import Any, Callable, Optional
 
 from sam_blocked.errors import SettingError
+from sam_blocked.inputs.base import ReadSettings
 from sam_blocked.inputs.images import DEFAULT_MAX_PIXELS
 from sam_blocked.outputs.images import FORMATS
 from sam_blocked.outputs.huge import DEFAULT_TILED_FORMATS, TILED_FORMATS
@@ -55,6 +56,9 @@ class SegmentOptions:
         tiling: segment images larger than one tile tile by tile at native resolution
             (sam_blocked.tiles); the model's input size must be tiling.tile. Images that
             fit in one tile take the untiled path.
+        read: the pyramid level (or mpp) and channels read from every image (ReadSettings);
+            masks, boxes and prompts are then in that level's pixels, and each image's
+            summary entry records its `scale` (level, downsample, mpp) to map them to level 0.
     """
 
     formats: Optional[tuple[str, ...]] = None
@@ -64,8 +68,11 @@ class SegmentOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     amg: dict[str, Any] = field(default_factory=dict)
     tiling: Optional[Tiling] = None
+    read: ReadSettings = field(default_factory=ReadSettings)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.read, ReadSettings):
+            raise TypeError(f"read must be a ReadSettings, not {type(self.read).__name__}")
         if self.formats is None:
             self.formats = DEFAULT_TILED_FORMATS if self.tiling is not None else ("png",)
         self.formats = tuple(dict.fromkeys(self.formats))

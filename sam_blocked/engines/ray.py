@@ -219,7 +219,7 @@ class RayEngine:
                 continue
             outputs = make_outputs(context.output, job.item, options)
             try:
-                with open_image(sent.item.path, options.max_pixels) as source:  # a TIFF: its header only
+                with open_image(sent.item.path, options.max_pixels, options.read) as source:  # a TIFF: its header only
                     huge = plan_huge(source, sent, options, outputs, context.prompt_mode)
             except Exception as error:
                 failed.append((job, {"image": job.item.name, "reason": failure_reason(error, job.item.name, _CPU, options, context.log, context.names)}, []))

@@ -174,7 +174,7 @@ class SegmentWorker:
             if self._source is not None:
                 self._source[1].close()
                 self._source = None
-            self._source = (job.item.path, open_image(job.item.path, self.segmenter.options.max_pixels))
+            self._source = (job.item.path, open_image(job.item.path, self.segmenter.options.max_pixels, self.segmenter.options.read))
         return self._source[1]
 
 

@@ -14,6 +14,7 @@ where the model is. The local engine runs the three in a row (`segment_image`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
 from sam_blocked.errors import InputError, SettingError, spell
-from sam_blocked.inputs.images import ImageItem, read_image
+from sam_blocked.inputs.images import ImageItem
 from sam_blocked.automatic.batch import POST_BYTES_PER_PIXEL
 from sam_blocked.automatic.generator import BlockedMaskGenerator, decoder_budget_mb
 from sam_blocked.masks import auto_masks, prompt_masks
@@ -40,8 +41,8 @@ from sam_blocked.tiles.crops import MaskCrop
 from sam_blocked.inputs.geo import GeoInfo
 from sam_blocked.outputs.huge import HugeImageOutputs
 from sam_blocked.tiles.plan import TileTask
-from sam_blocked.inputs.base import ImageSource
-from sam_blocked.inputs.sources import open_image
+from sam_blocked.inputs.base import ImageSource, scale_record
+from sam_blocked.inputs.sources import open_image, read_whole
 from sam_blocked.tiles.loop import plan_tiles, run_tiles
 from sam_blocked.tiles.tile import DecodeSettings, crop_of_mask, segment_tile
 
@@ -113,8 +114,9 @@ def segment_image(
         names: how the front end spells the settings a failure reason names (RunContext.names).
 
     Returns:
-        Its summary entry: image, masks, height, width, notes, seconds, peak_memory_bytes
-        (and tiles, encoder_passes, truncated for huge images), or image and reason.
+        Its summary entry: image, masks, height, width, scale (level, downsample, mpp: the
+        frame of its pixels and masks), notes, seconds, peak_memory_bytes (and tiles,
+        encoder_passes, truncated for huge images), or image and reason.
     """
     started = time.perf_counter()
     try:
@@ -158,7 +160,7 @@ def failure_reason(
 
 def _segment_whole(segmenter: Segmenter, job: Job, outputs: ImageOutputs, on_tile: Optional[OnTile]) -> dict[str, Any]:
     """One encoder pass over the whole image; (H, W) masks written one at a time (png, coco)."""
-    image, notes = read_image(job.item.path, segmenter.options.max_pixels)
+    image, notes, scale = read_whole(job.item.path, segmenter.options.max_pixels, segmenter.options.read)
     height, width = image.shape[:2]
     check_prompts(job.prompts, height, width)
     outputs.check(height, width)
@@ -168,13 +170,13 @@ def _segment_whole(segmenter: Segmenter, job: Job, outputs: ImageOutputs, on_til
     for record, mask in whole_image_masks(segmenter, image, job.prompts):
         outputs.add(record, mask)
     outputs.commit()
-    return {"masks": len(outputs.records), "height": height, "width": width, "notes": notes}
+    return {"masks": len(outputs.records), "height": height, "width": width, "scale": scale, "notes": notes}
 
 
 def _segment_huge(segmenter: Segmenter, job: Job, outputs: HugeImageOutputs, on_tile: Optional[OnTile]) -> dict[str, Any]:
     """plan_huge, the crops (whole, or tile by tile and stitched), finish_huge: all in this process.
     A TIFF is read window by window (sam_blocked.inputs.sources); no (H, W) array is made."""
-    with open_image(job.item.path, segmenter.options.max_pixels) as source:
+    with open_image(job.item.path, segmenter.options.max_pixels, segmenter.options.read) as source:
         huge = plan_huge(source, job, segmenter.options, outputs, segmenter.prompt_mode)
         if huge.tasks is None:
             masks = whole_crops(segmenter, source, job.prompts)
@@ -193,6 +195,7 @@ class HugeImage:
         geo: its georeferencing, for the outputs.
         tasks: its tiles' work (TileTask), or None when it goes in one pass, whole.
         tiles: tiles in its grid (1 when whole).
+        scale: the frame of its pixels (ImageSource.scale: level, downsample, mpp).
     """
 
     height: int
@@ -201,6 +204,7 @@ class HugeImage:
     geo: Optional[GeoInfo]
     tasks: Optional[list[TileTask]]
     tiles: int
+    scale: dict = dataclasses.field(default_factory=scale_record)
 
 
 def plan_huge(source: ImageSource, job: Job, options: SegmentOptions, outputs: HugeImageOutputs, prompt_mode: bool) -> HugeImage:
@@ -221,9 +225,9 @@ def plan_huge(source: ImageSource, job: Job, options: SegmentOptions, outputs: H
     check_prompts(job.prompts, height, width)
     outputs.check(height, width)
     if tiling is None or tiling.fits(height, width):
-        return HugeImage(height, width, list(source.notes), source.geo, None, 1)
+        return HugeImage(height, width, list(source.notes), source.geo, None, 1, source.scale)
     tasks = plan_tiles(tiling, height, width, job.prompts if prompt_mode else None, options.amg.get("points_per_side", 32))
-    return HugeImage(height, width, list(source.notes), source.geo, tasks, len(tiling.boxes(height, width)))
+    return HugeImage(height, width, list(source.notes), source.geo, tasks, len(tiling.boxes(height, width)), source.scale)
 
 
 def whole_crops(segmenter: Segmenter, source: ImageSource, prompts: Sequence[Prompt]) -> list[MaskCrop]:
@@ -256,6 +260,7 @@ def finish_huge(huge: HugeImage, masks: Sequence[MaskCrop], outputs: HugeImageOu
         "width": huge.width,
         "tiles": huge.tiles,
         "encoder_passes": passes,
+        "scale": dict(huge.scale),
         "notes": list(huge.notes),
     }
 

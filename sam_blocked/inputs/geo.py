@@ -78,3 +78,11 @@ def stamp_geo(path: str | os.PathLike, geo: GeoInfo) -> None:
         with rasterio.open(path, "r+") as dataset:
             dataset.crs = rasterio.crs.CRS.from_wkt(geo.crs)
             dataset.transform = Affine(*geo.transform)
+
+
+def scaled_geo(geo: Optional[GeoInfo], factor: float) -> Optional[GeoInfo]:
+    """`geo` for pixels `factor` times as large (a pyramid level, a resampling): same origin, larger steps."""
+    if geo is None or factor == 1:
+        return geo
+    a, b, c, d, e, f = geo.transform
+    return GeoInfo(geo.crs, (a * factor, b * factor, c, d * factor, e * factor, f))

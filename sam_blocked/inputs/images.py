@@ -22,6 +22,8 @@ from sam_blocked.errors import InputError, SettingError
 
 DEFAULT_MAX_PIXELS = 16384 * 16384  # PIL's own bomb limit (89.5 MPix) is below a 12000 x 9000 scan
 _HIGH_BITS_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+ZARR_MARKERS = ("zarr.json", ".zattrs", ".zgroup", ".zarray")  # zarr v3; v2 attributes, group, array
+WSI_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide"})  # whole-slide formats
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,18 @@ class ImageItem:
 
 
 def image_extensions() -> frozenset[str]:
-    """File extensions PIL can open, lower case with the dot: a folder's default filter."""
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+    """File extensions PIL can open and whole-slide formats, lower case with the dot: a folder's default filter."""
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN) | WSI_SUFFIXES
+
+
+def is_zarr(path: str | os.PathLike) -> bool:
+    """A folder holding a zarr store (v2 or v3: OME-Zarr or a plain array), or a URL ending in .zarr.
+    A zarr folder is one image: collected as a file is, never scanned."""
+    text = os.fspath(path)
+    if "://" in text:
+        return text.rstrip("/").endswith(".zarr")
+    folder = Path(text)
+    return folder.is_dir() and any((folder / marker).is_file() for marker in ZARR_MARKERS)
 
 
 def collect_images(
@@ -57,7 +69,9 @@ def collect_images(
     """Expand files, folders and globs into images, in input order, each file once.
 
     Args:
-        inputs: image files, folders, or glob patterns (`photos/*.tif`, `**` recurses).
+        inputs: image files, folders, or glob patterns (`photos/*.tif`, `**` recurses); a zarr
+            store folder is one image, and a folder's zarr stores named *.zarr are collected
+            with its files (URLs are opened by open_image in Python, not collected).
         pattern: for folders, a pathlib glob relative to the folder (`*.tif`, `**/*.png`);
             default: the files directly in the folder with an extension PIL can open.
             Hidden files and folders are left out.
@@ -85,6 +99,9 @@ def collect_images(
         path = Path(arg)
         before = len(images)
         try:
+            if is_zarr(path):
+                add(path, path.name)
+                continue
             if path.is_dir():
                 for file in _scan_folder(path, pattern):
                     add(file, file.relative_to(path).as_posix())
@@ -93,7 +110,7 @@ def collect_images(
             elif any(c in arg for c in "*?["):
                 root = _glob_root(arg)
                 for match in map(Path, sorted(glob(arg, recursive=True))):
-                    if match.is_dir():
+                    if match.is_dir() and not is_zarr(match):  # a zarr store is one image
                         for file in _scan_folder(match, pattern):
                             add(file, file.relative_to(root).as_posix())
                     else:
@@ -113,10 +130,26 @@ def collect_images(
 def _scan_folder(folder: Path, pattern: Optional[str]) -> list[Path]:
     if pattern is None:
         extensions = image_extensions()
-        files = [p for p in folder.iterdir() if p.suffix.lower() in extensions]
+        files = [p for p in folder.iterdir() if p.suffix.lower() in extensions or (p.suffix.lower() == ".zarr" and is_zarr(p))]
     else:
         files = list(folder.glob(pattern))
-    return sorted(p for p in files if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    stores: dict[Path, bool] = {}  # folder -> is a zarr store: one image, whose chunk files are not images
+
+    def store(path: Path) -> bool:
+        if path not in stores:
+            stores[path] = is_zarr(path)
+        return stores[path]
+
+    def inside_store(path: Path) -> bool:
+        return any(store(parent) for parent in path.parents if parent != folder and parent.is_relative_to(folder))
+
+    return sorted(
+        p
+        for p in files
+        if (p.is_file() or store(p))
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and not inside_store(p)
+    )
 
 
 def _glob_root(pattern: str) -> Path:

@@ -63,12 +63,21 @@ class Preview:
     full_size: tuple[int, int]
 
     @classmethod
-    def of(cls, image: np.ndarray, max_side: int = PREVIEW_SIDE) -> "Preview":
-        """`image` (H, W, 3) reduced by area averaging so that its longest side is at most `max_side`."""
+    def of(cls, image: np.ndarray, max_side: int = PREVIEW_SIDE, low: Optional[np.ndarray] = None) -> "Preview":
+        """`image` (H, W, 3) reduced by area averaging so that its longest side is at most `max_side`.
+
+        Args:
+            image: the full-resolution image, or anything with its `.shape` (an ImageSource read
+                window by window) when `low` is given.
+            low: (h, w, 3) the same image at a lower resolution (a pyramid level,
+                sam_blocked.inputs.sources.overview), resized to the preview instead of `image`.
+        """
         height, width = image.shape[:2]
         factor = max(1.0, max(height, width) / max_side)
         size = (max(1, round(width / factor)), max(1, round(height / factor)))  # PIL's (w, h)
-        reduced = image if factor == 1.0 else np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+        pixels = image if low is None else low
+        same = pixels.shape[1] == size[0] and pixels.shape[0] == size[1]
+        reduced = pixels if same else np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BOX))
         return cls(reduced, (height, width))
 
     @property

@@ -52,13 +52,16 @@ class TileSource(Protocol):
     def read(self, box: Box) -> np.ndarray: ...
 
 
-Source = Union[str, os.PathLike, np.ndarray, TileSource]
+Source = Union[str, os.PathLike, np.ndarray, TileSource, Any]  # Any: a zarr or dask array
 
 
 @contextlib.contextmanager
 def opened(source: Source) -> Iterator[Union[np.ndarray, TileSource]]:
-    """A path opened with sam_blocked.inputs.sources.open_image (closed on exit); an array or source as it is."""
-    if isinstance(source, (str, os.PathLike)):
+    """A path, or a zarr / dask array, opened with sam_blocked.inputs.sources.open_image (closed on
+    exit); an (H, W, 3) numpy array or a source as it is. To read an array's channels or a path's
+    level, or to open it once for many tiles, pass open_image(...) instead."""
+    lazy_array = not isinstance(source, np.ndarray) and not hasattr(source, "read") and hasattr(source, "shape")
+    if isinstance(source, (str, os.PathLike)) or lazy_array:
         with open_image(source) as image:
             yield image
     else:
