@@ -2,7 +2,7 @@
 
 The flat label TIFF (sam_blocked.outputs.labels, window by window, with the input's CRS
 and affine transform) is written first under a staging name, then rio-cogeo (GDAL)
-rewrites it as a COG: 512 x 512 deflate tiles, overviews halving down to one tile by
+rewrites it as a COG: 512 x 512 deflate tiles, overviews halving until the image fits one tile, by
 GDAL's "nearest" resampling (ids are never averaged), BigTIFF when needed. GDAL works
 through its block cache and a temporary file on disk, never the whole image in memory.
 An input without georeferencing gets a COG without CRS (still tiled, with overviews).
@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 from sam_blocked.inputs.geo import GeoInfo
 from sam_blocked.outputs.images import _save
 from sam_blocked.outputs.labels import CLASSIC_TIFF_BYTES, save_label_tiff
+from sam_blocked.outputs.pyramid import level_shapes
 from sam_blocked.tiles.crops import MaskCrop
 
 INSTALL_COG = 'pip install "sam-blocked[geo]"'
@@ -57,6 +58,7 @@ def save_cog(path: str | os.PathLike, masks: Sequence[MaskCrop], height: int, wi
             profile["BIGTIFF"] = "YES"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            cog_translate(source, path, profile, overview_resampling="nearest", in_memory=False, quiet=True)
+            levels = len(level_shapes(height, width, BLOCK)) - 1  # halving until the image fits one block, as the OME-TIFF
+            cog_translate(source, path, profile, overview_level=levels, overview_resampling="nearest", in_memory=False, quiet=True)
     finally:
         source.unlink(missing_ok=True)

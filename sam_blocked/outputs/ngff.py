@@ -99,7 +99,7 @@ def _paint(painter: LabelPainter, step: int, block_info: Optional[dict] = None) 
 
 def write_label_group(
     root: Path, masks: Sequence[MaskCrop], height: int, width: int, *, scale: Sequence[float], unit: Optional[str],
-    name: str = LABEL_NAME, zarr_format: Optional[int] = None, chunk: int = CHUNK, in_image: bool = False,
+    name: str = LABEL_NAME, zarr_format: Optional[int] = None, chunk: Optional[int] = None, in_image: bool = False,
 ) -> Path:
     """Write `root/labels/<name>` (root a new folder made into a zarr group). Returns that group's path.
 
@@ -110,18 +110,24 @@ def write_label_group(
         unit: the axes' unit ("micrometer"), or None.
         zarr_format: 2 (NGFF 0.4) or 3 (NGFF 0.5); None: ome-zarr's current format.
         in_image: the labels will sit in an image's `labels/` (image-label's source: ../../).
+        chunk: chunk side (default CHUNK); the pyramid stops at the first level within one chunk.
     """
     import dask
     import zarr
     from ome_zarr.format import FormatV04, CurrentFormat
     from ome_zarr.writer import write_multiscale_labels
 
+    import warnings
+
+    chunk = chunk or CHUNK
     fmt = FormatV04() if zarr_format == 2 else CurrentFormat()
     group = zarr.open_group(str(root), mode="w", zarr_format=fmt.zarr_format)
     pyramid = label_pyramid(masks, height, width, chunk)
     transforms = [[{"type": "scale", "scale": [s * 2**k for s in scale]}] for k in range(len(pyramid))]
     axes = [{"name": a, "type": "space", **({"unit": unit} if unit else {})} for a in ("y", "x")]
-    with dask.config.set(scheduler="threads", num_workers=DASK_THREADS):
+    with dask.config.set(scheduler="threads", num_workers=DASK_THREADS), warnings.catch_warnings():
+        # ome-zarr 0.18 prefers `scale` + `scale_factors`, which compute a pyramid; ours is given, with its scales
+        warnings.filterwarnings("ignore", "The 'coordinate_transformations' argument is deprecated", DeprecationWarning)
         write_multiscale_labels(
             pyramid, group, name, fmt=fmt, axes=axes, coordinate_transformations=transforms,
             storage_options={"chunks": (chunk, chunk)}, label_metadata={"source": {"image": "../../"}} if in_image else {},

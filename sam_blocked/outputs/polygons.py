@@ -37,6 +37,8 @@ def row_runs(mask: np.ndarray) -> np.ndarray:
     padded[:, 1:-1] = mask
     row, col = np.nonzero(np.diff(padded, axis=1))  # starts and ends alternate along each row
     y, x0, x1 = row[0::2], col[0::2], col[1::2]  # (n,) each
+    if not y.size:
+        return np.zeros((0, 4), np.int64)
     order = np.lexsort((y, x1, x0))  # runs with the same columns together, by row
     y, x0, x1 = y[order], x0[order], x1[order]
     new = np.ones(y.size, bool)

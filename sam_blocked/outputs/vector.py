@@ -133,6 +133,7 @@ def save_gpkg(path: str | os.PathLike, masks: Sequence[MaskCrop], *, layer: str,
         ]
         with warnings.catch_warnings():  # staged under a .partial name, renamed to .gpkg when complete
             warnings.filterwarnings("ignore", "The filename extension should be", RuntimeWarning)
+            warnings.filterwarnings("ignore", "'crs' was not provided", UserWarning)  # pixel coordinates: there is none
             write(str(path), geometry, data, GPKG_FIELDS, layer=layer, driver="GPKG", geometry_type="MultiPolygon",
                   crs=geo.crs if geo is not None else None, append=written)
         written = True
