@@ -353,3 +353,35 @@ def test_a_mask_with_many_parts_and_holes_traces_exactly(coffee):
     burnt = rasterize(shape, 70, 90)
     np.testing.assert_array_equal(burnt[5:65, 3:83], mask)
     assert vector_module.class_color("cat") == vector_module.class_color("cat")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*version mismatch", "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+def test_cli_writes_ome_tiff_ngff_and_geojson_that_agree(tmp_path):
+    """`sam-blocked segment --tile 256 --format ome-tiff,ngff,geojson` with the tiny model on a tiled
+    TIFF mosaic of photographs: the three outputs hold the same masks under the same ids."""
+    from test_tiles_run import mosaic, segment, summary_of
+
+    tifffile.imwrite(tmp_path / "mosaic.tif", mosaic(), tile=(128, 128), compression="zlib")
+    prompts = {"mosaic.tif": [{"name": "face", "foreground": [[222, 125]]}, {"name": "cup", "box": [720, 100, 840, 230]}]}
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    out = tmp_path / "out"
+    code = segment(tmp_path / "mosaic.tif", "--prompts", tmp_path / "prompts.json", "--output", out, "--tile", 256,
+                   "--format", "ome-tiff,ngff,geojson", "--multimask")  # fmt: skip
+    assert code == 0, summary_of(out)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("segment")) == ["mosaic.geojson", "mosaic.labels.ome.tif", "mosaic.ome.zarr"]
+    with tifffile.TiffFile(out / "mosaic.labels.ome.tif") as tif:
+        levels = [level.asarray() for level in tif.series[0].levels]
+    labels = levels[0]
+    assert labels.shape == (700, 1100) and len(levels) == 4 and all(np.array_equal(lv, labels[:: 2**k, :: 2**k]) for k, lv in enumerate(levels))
+    np.testing.assert_array_equal(np.asarray(read_ngff_labels(out / "mosaic.ome.zarr/labels/sam").data[0]), labels)
+    features = json.loads((out / "mosaic.geojson").read_text())["features"]
+    assert len(features) == 6 and [f["properties"]["classification"]["name"] for f in features[::3]] == ["face", "cup"]
+    for feature in features:
+        k = feature["properties"]["id"]
+        shape = shapely.geometry.shape(feature["geometry"])
+        assert shape.is_valid and feature["properties"]["objectType"] == "annotation"
+        burnt = rasterize(shape, 700, 1100)
+        assert burnt.sum() == feature["properties"]["measurements"]["area_px"], f"id {k}: the polygon is its mask"
+        assert np.all(burnt[labels == k]), f"id {k}: label pixels outside its polygon"
+    assert summary_of(out)["done"][0]["masks"] == 6
