@@ -35,6 +35,11 @@ class Frame:
     @classmethod
     def of(cls, source: Any) -> "Frame":
         """The frame of an image source: its `level`, `downsample` and `mpp` attributes where it
-        has them (None or absent: level 0, down-sampling 1, size unknown)."""
-        level, downsample, mpp = (getattr(source, name, None) for name in ("level", "downsample", "mpp"))
+        has them (None or absent: level 0, down-sampling 1, size unknown). A pair (x, y) for
+        `downsample` or `mpp` gives its x value: pixels are taken as square."""
+        level, downsample, mpp = (_x(getattr(source, name, None)) for name in ("level", "downsample", "mpp"))
         return cls(int(level or 0), float(downsample or 1.0), None if mpp is None else float(mpp))
+
+
+def _x(value: Any) -> Any:
+    return value[0] if isinstance(value, (tuple, list)) else value
