@@ -343,6 +343,8 @@ def test_options_refuse_what_cannot_be_written(monkeypatch):
 
     with pytest.raises(SettingError, match="simplify"):
         SegmentOptions(formats=("geojson",), simplify=-1)
+    with pytest.raises(SettingError, match="simplify applies to polygons"):
+        SegmentOptions(formats=("ome-tiff",), simplify=2)
     with pytest.raises(SettingError, match="labels_into_input"):
         SegmentOptions(formats=("ome-tiff",), labels_into_input=True)
     options = SegmentOptions(tiling=Tiling(256), labels_into_input=True)

@@ -84,6 +84,8 @@ class SegmentOptions:
             raise SettingError(f"{{formats}} {','.join(missing)} needs packages that are not installed: {'; '.join(sorted(set(missing.values())))}", "formats")
         if isinstance(self.simplify, bool) or not isinstance(self.simplify, (int, float)) or not math.isfinite(self.simplify) or self.simplify < 0:
             raise SettingError(f"{{simplify}} {self.simplify!r} must be a number of pixels >= 0", "simplify")
+        if self.simplify and not {"geojson", "gpkg"} & set(self.formats) and not self.per_input_formats:
+            raise SettingError("{simplify} applies to polygons: add geojson or gpkg to {formats}, or drop it", "simplify", "formats")
         if self.labels_into_input and "ngff" not in self.formats and not self.per_input_formats:
             raise SettingError("{labels_into_input} places the ngff labels: add ngff to {formats}", "labels_into_input", "formats")
         if self.overlay and self.huge_outputs:
