@@ -446,3 +446,32 @@ def test_pyramids_of_a_12000_px_image_are_written_with_memory_far_below_it(tmp_p
     z = zarr.open_group(str(tmp_path / "big.ome.zarr" / "labels" / "sam"), mode="r")
     path0 = z.attrs["ome"]["multiscales"][0]["datasets"][0]["path"]
     np.testing.assert_array_equal(z[path0][7000:7400, 5000:5600], expected)
+
+
+@pytest.mark.filterwarnings("ignore:.*version mismatch")
+def test_the_sources_level_downsample_and_mpp_reach_every_file(tmp_path, coffee, masks):
+    """A source read at level 1 of a slide (downsample 2, 0.5 µm a pixel), through the unit of work's
+    plan_huge / finish_huge: physical sizes in the OME-TIFF and NGFF, polygons in level-0 pixels."""
+    from affine import Affine
+
+    from sam_blocked.engines.unit import Job, finish_huge, make_outputs, plan_huge
+    from sam_blocked.inputs.base import ArraySource
+
+    crops, full = masks
+    source = ArraySource(coffee)
+    source.level, source.downsample, source.mpp = 1, 2.0, 0.5
+    item = ImageItem(tmp_path / "slide.svs", "slide.svs")
+    options = SegmentOptions(formats=("ome-tiff", "ngff", "geojson"))
+    outputs = make_outputs(tmp_path / "out", item, options)
+    huge = plan_huge(source, Job(0, item), options, outputs, prompt_mode=True)
+    assert huge.scale == {"level": 1, "downsample": 2.0, "mpp": 0.5}
+    finish_huge(huge, crops, outputs)
+    out = tmp_path / "out"
+    with tifffile.TiffFile(out / "slide.labels.ome.tif") as tif:
+        assert 'PhysicalSizeX="0.5"' in tif.ome_metadata and tif.series[0].shape == coffee.shape[:2]
+    attrs = json.loads((out / "slide.ome.zarr/labels/sam/zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+    assert attrs["datasets"][1]["coordinateTransformations"][0]["scale"] == [1.0, 1.0] and attrs["axes"][1]["unit"] == "micrometer"
+    feature = json.loads((out / "slide.geojson").read_text())["features"][0]
+    burnt = rasterize(shapely.geometry.shape(feature["geometry"]), *coffee.shape[:2], Affine.scale(2.0))
+    np.testing.assert_array_equal(burnt, full[0], err_msg="polygons in level-0 pixels: segmented pixels x 2")
+    assert feature["properties"]["measurements"]["area_um2"] == pytest.approx(full[0].sum() * 0.25)

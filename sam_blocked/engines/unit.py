@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
@@ -194,7 +194,8 @@ class HugeImage:
         geo: its georeferencing, for the outputs.
         tasks: its tiles' work (TileTask), or None when it goes in one pass, whole.
         tiles: tiles in its grid (1 when whole).
-        frame: the segmented level and pixel size (the source's level, downsample, mpp).
+        scale: the frame of its pixels: the source's level, downsample and mpp where it has them
+            ({}: level 0, downsample 1, pixel size unknown); the writers' Frame.of(scale).
     """
 
     height: int
@@ -203,7 +204,7 @@ class HugeImage:
     geo: Optional[GeoInfo]
     tasks: Optional[list[TileTask]]
     tiles: int
-    frame: Frame = Frame()
+    scale: dict = field(default_factory=dict)
 
 
 def plan_huge(source: ImageSource, job: Job, options: SegmentOptions, outputs: HugeImageOutputs, prompt_mode: bool) -> HugeImage:
@@ -225,9 +226,14 @@ def plan_huge(source: ImageSource, job: Job, options: SegmentOptions, outputs: H
     outputs.check(height, width)
     notes = list(source.notes) + list(getattr(outputs, "notes", []))
     if tiling is None or tiling.fits(height, width):
-        return HugeImage(height, width, notes, source.geo, None, 1, Frame.of(source))
+        return HugeImage(height, width, notes, source.geo, None, 1, source_scale(source))
     tasks = plan_tiles(tiling, height, width, job.prompts if prompt_mode else None, options.amg.get("points_per_side", 32))
-    return HugeImage(height, width, notes, source.geo, tasks, len(tiling.boxes(height, width)), Frame.of(source))
+    return HugeImage(height, width, notes, source.geo, tasks, len(tiling.boxes(height, width)), source_scale(source))
+
+
+def source_scale(source: ImageSource) -> dict:
+    """The source's level, downsample and mpp, those it has (plain values: they cross to workers)."""
+    return {k: getattr(source, k) for k in ("level", "downsample", "mpp") if getattr(source, k, None) is not None}
 
 
 def whole_crops(segmenter: Segmenter, source: ImageSource, prompts: Sequence[Prompt]) -> list[MaskCrop]:
@@ -250,7 +256,7 @@ def tile_crops(segmenter: Segmenter, source: ImageSource, task: TileTask) -> lis
 
 def finish_huge(huge: HugeImage, masks: Sequence[MaskCrop], outputs: HugeImageOutputs) -> dict[str, Any]:
     """Write the image's outputs (atomically) and return its summary entry's counts."""
-    outputs.commit(masks, huge.height, huge.width, geo=huge.geo, frame=huge.frame)
+    outputs.commit(masks, huge.height, huge.width, geo=huge.geo, frame=Frame.of(huge.scale))
     truncated = sum(bool(m.record.get("truncated")) for m in masks)
     passes = 1 if huge.tasks is None else len(huge.tasks)
     return {

@@ -11,7 +11,7 @@ and the slide's own viewers use, by multiplying by `downsample`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,11 @@ class Frame:
 
     @classmethod
     def of(cls, source: Any) -> "Frame":
-        """The frame of an image source: its `level`, `downsample` and `mpp` attributes where it
-        has them (None or absent: level 0, down-sampling 1, size unknown). A pair (x, y) for
-        `downsample` or `mpp` gives its x value: pixels are taken as square."""
-        level, downsample, mpp = (_x(getattr(source, name, None)) for name in ("level", "downsample", "mpp"))
+        """The frame of an image source, or of a mapping such as its summary's `scale` entry: its
+        `level`, `downsample` and `mpp` where it has them (None or absent: level 0, down-sampling 1,
+        size unknown). A pair (x, y) for `downsample` or `mpp` gives its x value: pixels are taken as square."""
+        get = source.get if isinstance(source, Mapping) else lambda name: getattr(source, name, None)
+        level, downsample, mpp = (_x(get(name)) for name in ("level", "downsample", "mpp"))
         return cls(int(level or 0), float(downsample or 1.0), None if mpp is None else float(mpp))
 
 
