@@ -31,7 +31,9 @@ prompt files (--prompts), coordinates in pixels of the original image as display
 outputs in --output, per image <stem>: <stem>/N.png + metadata.csv (png), <stem>.json
 (coco), <stem>.overlay.png (--overlay), <stem>.labels.tif (labels: uint32 label image, tiled
 TIFF, GeoTIFF for georeferenced inputs), <stem>.objects.csv (table: id, bbox, area, score,
-tile, truncated); for the run: {SUMMARY_NAME}, {LOG_NAME}.
+tile, truncated), <stem>.labels.ome.tif (ome-tiff), <stem>.labels.cog.tif (cog),
+<stem>.ome.zarr (ngff), <stem>.geojson (geojson), <stem>.gpkg (gpkg); for the run:
+{SUMMARY_NAME}, {LOG_NAME}. Ids agree across all of them.
 A rerun skips images whose outputs are complete; exit code 1 when any image failed.
 
 huge images (--tile): the tile is the model's input size, so pixels go in at scale 1 and
@@ -41,8 +43,9 @@ per tile (prompt mode: only the tiles its prompts need), and stitched: automatic
 in several tiles are kept once, from a tile that sees them whole; a mask that touches a tile
 edge inside the image is marked truncated. TIFF/BigTIFF, OME-Zarr and zarr stores (folders),
 and whole-slide images (.svs .ndpi .mrxs .scn .bif: OpenSlide, pip install "sam-blocked[slide]")
-are read window by window. Default --format with --tile: labels,coco,table for every image
-(png refused for huge images).
+are read window by window. Default --format with --tile, by input: labels,coco,table (plain
+images), ome-tiff,geojson,table (slides), ngff,geojson,table (OME-Zarr), cog,gpkg,table
+(GeoTIFF); png refused for huge images.
 
 pyramids and channels: --level N reads pyramid level N of a pyramidal TIFF, OME-Zarr or slide
 (0 = full resolution); --mpp M the level nearest M microns per pixel, resampled to exactly M.
@@ -109,8 +112,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--format",
         default=None,
         help="png (masks + metadata.csv), coco (RLE JSON), both (= png,coco), labels (label TIFF), table (object CSV), "
-        "or a comma list such as labels,coco,table; default png, or labels,coco,table with --tile",
+        "ome-tiff (pyramidal OME-TIFF labels), cog (Cloud-Optimized GeoTIFF labels), ngff (OME-Zarr labels), "
+        "geojson (polygons, QuPath's layout), gpkg (GeoPackage polygons), or a comma list such as ome-tiff,ngff,geojson; "
+        "default png, or with --tile by input: labels,coco,table (images), ome-tiff,geojson,table (slides), "
+        "ngff,geojson,table (OME-Zarr), cog,gpkg,table (GeoTIFF)",
     )
+    parser.add_argument(
+        "--simplify", type=float, default=0.0, metavar="PX",
+        help="geojson/gpkg: simplify polygons by this tolerance in pixels, topology kept (default 0: exact pixel edges)",
+    )
+    parser.add_argument(
+        "--labels-into-input", action="store_true",
+        help="ngff: write the labels into the OME-Zarr input itself (<input>/labels/sam), not as <stem>.ome.zarr in --output",
+    )  # fmt: skip
     parser.add_argument("--overlay", action="store_true", help="also write <stem>.overlay.png, a preview with the masks and prompts (png/coco only)")
     parser.add_argument("--overwrite", action="store_true", help="redo images whose outputs are already complete")
     parser.add_argument(
@@ -203,6 +217,8 @@ def main(args: argparse.Namespace) -> int:
         amg=amg,
         tiling=Tiling(tile, args.overlap) if isinstance(tile, int) else None,
         read=read,
+        simplify=args.simplify,
+        labels_into_input=args.labels_into_input,
     )
     prompts = load_prompts(args.prompts) if args.prompts else None
     output = Path(args.output)

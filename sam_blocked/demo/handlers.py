@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from sam_blocked.demo.session import VIEW, DemoSession, check_whole, decode, is_tiled, prepare, view  # noqa: F401  (VIEW: demo_ui's)
+from sam_blocked.demo.export import EXPORTS, export  # noqa: F401  (EXPORTS: demo_ui's)
 from sam_blocked.demo.memory_panel import format_memory  # noqa: F401  (re-exported: demo.X is the UI's and the tests' name)
 from sam_blocked.demo.settings import DemoSettings, banner, check_settings, list_examples, list_server_images, shared_model  # noqa: F401  (as format_memory)
 from sam_blocked.errors import InputError
@@ -319,3 +320,9 @@ def segment_api(image_path: Optional[str], prompts_json: str, settings: DemoSett
         "notes": notes,
     }
     return mask_image(mask), info
+
+
+def on_export(session: DemoSession, kind: str) -> Any:
+    """"Download for viewers": what is shown, written as `kind` (sam_blocked.demo.export), on the export button."""
+    path = export(session, kind)
+    return gr.update(value=str(path), visible=True, label=f"Download {path.name}")

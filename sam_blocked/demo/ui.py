@@ -95,6 +95,10 @@ def build_demo(settings: demo.DemoSettings, examples_dir: Optional[str | os.Path
                 memory = gr.Markdown(demo.format_memory(None), elem_id="memory")
                 mask = gr.Image(label="Mask", type="pil", format="png", interactive=False, buttons=[], height=260, elem_id="mask")
                 download = gr.DownloadButton("Download the mask at full resolution", visible=False, elem_id="download")
+                with gr.Accordion("Download for QuPath, Fiji, napari, QGIS", open=False):
+                    export_kind = gr.Dropdown(list(demo.EXPORTS), value=next(iter(demo.EXPORTS)), label="format", elem_id="export_kind")
+                    export_make = gr.Button("Prepare the file", elem_id="export_make")
+                    export_file = gr.DownloadButton("Download", visible=False, elem_id="export_download")
                 with gr.Accordion("Segment everything", open=False):
                     points_per_side = gr.Slider(4, 64, value=16, step=1, label="points per side (per tile on a large image)")
                     pred_iou = gr.Slider(0.0, 1.0, value=0.88, label="pred IoU threshold")
@@ -143,6 +147,7 @@ def build_demo(settings: demo.DemoSettings, examples_dir: Optional[str | os.Path
         clear.click(demo.on_clear, [session], view, **private)
         choice.input(demo.on_choose, [session, choice], view, **private)
         everything.click(demo.on_everything, [session, points_per_side, pred_iou, stability], view, **encoding)
+        export_make.click(demo.on_export, [session, export_kind], [export_file], **private)
         settings_inputs = [settings_state, model_type, checkpoint, device_box, dtype, img_size, chunks, max_block_mb, measure_stock, large_images]
         apply.click(demo.on_settings, settings_inputs, [settings_state, banner], **encoding).success(
             demo.on_encode, [session, settings_state], view, **encoding

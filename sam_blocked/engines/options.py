@@ -1,10 +1,12 @@
 """What a segment run is asked to do, checked when built so a bad option fails before any work.
 
 Formats: "png" (amg.py's mask folder) and "coco" (RLE JSON) for images segmented whole, as
-ever; "labels" (uint32 label TIFF) and "table" (object CSV) for huge ones. With a tiling
-the default is labels, coco and table for every image of the run (huge images get no PNG
-folder: thousands of full-size PNGs); without one it stays png. Asking for labels or table
-without a tiling writes them too, for images segmented whole.
+ever; "labels" (uint32 label TIFF), "table" (object CSV), "ome-tiff", "cog", "ngff",
+"geojson" and "gpkg" (sam_blocked.outputs.huge) for huge ones. With a tiling and no formats
+asked for, each image gets its kind's (outputs.huge.default_tiled_formats: labels, coco and
+table for plain images, as before; ome-tiff, geojson, table for slides; ngff, geojson, table
+for OME-Zarr; cog, gpkg, table for GeoTIFFs); without one it stays png. Asking for a huge
+image's format without a tiling writes it too, for images segmented whole.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from sam_blocked.errors import SettingError
 from sam_blocked.inputs.base import ReadSettings
 from sam_blocked.inputs.images import DEFAULT_MAX_PIXELS
 from sam_blocked.outputs.images import FORMATS
-from sam_blocked.outputs.huge import DEFAULT_TILED_FORMATS, TILED_FORMATS
+from sam_blocked.outputs.huge import DEFAULT_TILED_FORMATS, TILED_FORMATS, missing_packages
 from sam_blocked.tiles.plan import Tiling
 
 ALL_FORMATS = tuple(dict.fromkeys(FORMATS + TILED_FORMATS))  # png, coco, labels, table
@@ -59,6 +61,8 @@ class SegmentOptions:
         read: the pyramid level (or mpp) and channels read from every image (ReadSettings);
             masks, boxes and prompts are then in that level's pixels, and each image's
             summary entry records its `scale` (level, downsample, mpp) to map them to level 0.
+        simplify: polygon tolerance in pixels (geojson, gpkg); 0 keeps the exact pixel edges.
+        labels_into_input: ngff labels go into the input (an OME-Zarr image), not beside it.
     """
 
     formats: Optional[tuple[str, ...]] = None
@@ -69,15 +73,28 @@ class SegmentOptions:
     amg: dict[str, Any] = field(default_factory=dict)
     tiling: Optional[Tiling] = None
     read: ReadSettings = field(default_factory=ReadSettings)
+    simplify: float = 0.0
+    labels_into_input: bool = False
+    per_input_formats: bool = field(default=False, init=False)  # formats not asked for: each input's kind picks
 
     def __post_init__(self) -> None:
         if not isinstance(self.read, ReadSettings):
             raise TypeError(f"read must be a ReadSettings, not {type(self.read).__name__}")
         if self.formats is None:
+            self.per_input_formats = self.tiling is not None
             self.formats = DEFAULT_TILED_FORMATS if self.tiling is not None else ("png",)
         self.formats = tuple(dict.fromkeys(self.formats))
         if not self.formats or any(f not in ALL_FORMATS for f in self.formats):
             raise SettingError(f"{{formats}} {','.join(map(str, self.formats))}: choose one or more of {', '.join(ALL_FORMATS)}", "formats")
+        missing = missing_packages(self.formats)
+        if missing:
+            raise SettingError(f"{{formats}} {','.join(missing)} needs packages that are not installed: {'; '.join(sorted(set(missing.values())))}", "formats")
+        if isinstance(self.simplify, bool) or not isinstance(self.simplify, (int, float)) or not math.isfinite(self.simplify) or self.simplify < 0:
+            raise SettingError(f"{{simplify}} {self.simplify!r} must be a number of pixels >= 0", "simplify")
+        if self.simplify and not {"geojson", "gpkg"} & set(self.formats) and not self.per_input_formats:
+            raise SettingError("{simplify} applies to polygons: add geojson or gpkg to {formats}, or drop it", "simplify", "formats")
+        if self.labels_into_input and "ngff" not in self.formats and not self.per_input_formats:
+            raise SettingError("{labels_into_input} places the ngff labels: add ngff to {formats}", "labels_into_input", "formats")
         if self.overlay and self.huge_outputs:
             raise SettingError(
                 "{overlay} draws the masks on the whole image: it goes with {formats} png/coco, "
@@ -110,4 +127,4 @@ class SegmentOptions:
     def huge_outputs(self) -> bool:
         """Whether images are written as huge images are (sam_blocked.outputs.huge): with a
         tiling, or when the label TIFF or the object table is asked for."""
-        return self.tiling is not None or any(f in ("labels", "table") for f in self.formats)
+        return self.tiling is not None or any(f not in FORMATS for f in self.formats)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
@@ -39,7 +39,8 @@ from sam_blocked.inputs.prompts import Prompt, check_prompts
 from sam_blocked.summary import LOG_NAME
 from sam_blocked.tiles.crops import MaskCrop
 from sam_blocked.inputs.geo import GeoInfo
-from sam_blocked.outputs.huge import HugeImageOutputs
+from sam_blocked.outputs.frame import Frame
+from sam_blocked.outputs.huge import HugeImageOutputs, default_tiled_formats
 from sam_blocked.tiles.plan import TileTask
 from sam_blocked.inputs.base import ImageSource, scale_record
 from sam_blocked.inputs.sources import open_image, read_whole
@@ -95,7 +96,10 @@ def make_outputs(output: Path, item: ImageItem, options: SegmentOptions, token: 
     """The outputs of one image: HugeImageOutputs when written as huge images are, else
     ImageOutputs (staged under .NAME.partial.<token> names when a token is given)."""
     if options.huge_outputs:
-        return HugeImageOutputs(output, item, options.formats)
+        formats, notes = default_tiled_formats(item.path) if options.per_input_formats else (options.formats, [])
+        outputs = HugeImageOutputs(output, item, formats, simplify=options.simplify, labels_into_input=options.labels_into_input)
+        outputs.notes = notes
+        return outputs
     return ImageOutputs(output, item, options.formats, options.overlay, token=token)
 
 
@@ -224,10 +228,11 @@ def plan_huge(source: ImageSource, job: Job, options: SegmentOptions, outputs: H
         )  # fmt: skip
     check_prompts(job.prompts, height, width)
     outputs.check(height, width)
+    notes = list(source.notes) + list(getattr(outputs, "notes", []))
     if tiling is None or tiling.fits(height, width):
-        return HugeImage(height, width, list(source.notes), source.geo, None, 1, source.scale)
+        return HugeImage(height, width, notes, source.geo, None, 1, source.scale)
     tasks = plan_tiles(tiling, height, width, job.prompts if prompt_mode else None, options.amg.get("points_per_side", 32))
-    return HugeImage(height, width, list(source.notes), source.geo, tasks, len(tiling.boxes(height, width)), source.scale)
+    return HugeImage(height, width, notes, source.geo, tasks, len(tiling.boxes(height, width)), source.scale)
 
 
 def whole_crops(segmenter: Segmenter, source: ImageSource, prompts: Sequence[Prompt]) -> list[MaskCrop]:
@@ -250,7 +255,7 @@ def tile_crops(segmenter: Segmenter, source: ImageSource, task: TileTask) -> lis
 
 def finish_huge(huge: HugeImage, masks: Sequence[MaskCrop], outputs: HugeImageOutputs) -> dict[str, Any]:
     """Write the image's outputs (atomically) and return its summary entry's counts."""
-    outputs.commit(masks, huge.height, huge.width, geo=huge.geo)
+    outputs.commit(masks, huge.height, huge.width, geo=huge.geo, frame=Frame.of(huge.scale))
     truncated = sum(bool(m.record.get("truncated")) for m in masks)
     passes = 1 if huge.tasks is None else len(huge.tasks)
     return {
