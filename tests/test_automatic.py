@@ -136,3 +136,24 @@ def test_switch_patches_stock_generator(sam, image):
         got = SamAutomaticMaskGenerator(sam, **settings).generate(image)
     assert {name: SamAutomaticMaskGenerator.__dict__[name] for name in before} == before
     compare_records(want, got, logits, settings)
+
+
+def test_switch_patches_sam_hq_generator():
+    """SAM-HQ's generator under the switch: its own decoder a chunk of points at a time, the
+    bounded post-processing after it: stock SAM-HQ's records; disable() restores its methods."""
+    from segment_anything_hq import SamAutomaticMaskGenerator as HQGenerator
+
+    from sam_libraries import sam_hq_sam
+
+    sam = sam_hq_sam()
+    image = data.coffee()[:150, :211]
+    settings = dict(points_per_side=4, points_per_batch=5, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
+    before = HQGenerator.__dict__["_process_batch"]
+    stock = HQGenerator(sam, **settings)
+    logits = record_stock_logits(stock)
+    want = stock.generate(image)
+    with sam_blocked.enabled(max_block_mb=1):
+        got = HQGenerator(sam, **settings).generate(image)
+    assert HQGenerator.__dict__["_process_batch"] is before
+    assert len(want) == 16  # SAM-HQ keeps its best of the three masks a point
+    compare_records(want, got, logits, settings)
