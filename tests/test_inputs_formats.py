@@ -402,3 +402,11 @@ def test_cli_segments_an_ome_zarr_level_whole_without_tiles(ome, tmp_path):
     assert done["scale"] == {"level": 2, "downsample": 4.0, "mpp": 2.0} and (done["width"], done["height"]) == (100, 75)
     coco = json.loads((out / "cells.ome.json").read_text())
     assert (coco["image"]["width"], coco["image"]["height"]) == (100, 75)
+
+
+def test_a_level_of_a_georeferenced_image_keeps_its_origin_with_larger_pixels():
+    from sam_blocked.inputs.geo import GeoInfo, scaled_geo
+
+    geo = GeoInfo("EPSG:32633", (10.0, 0.0, 500000.0, 0.0, -10.0, 4600000.0))
+    assert scaled_geo(geo, 4.0).transform == (40.0, 0.0, 500000.0, 0.0, -40.0, 4600000.0)
+    assert scaled_geo(geo, 1.0) is geo and scaled_geo(None, 2.0) is None
