@@ -17,6 +17,10 @@ batches only and scales to all of them (the row says so); memory is measured on 
     python benchmarks/bench_amg.py                                     # 1024 px, 16 points per side, both filter sets
     python benchmarks/bench_amg.py --sizes 512 1024 --points 16 32 --filters zero
     python benchmarks/bench_amg.py --stock-batches 2                   # stock timed on 2 batches
+    python benchmarks/bench_amg.py --device cuda --out-dir DIR --machine h200   # the GPU check's call
+    python benchmarks/bench_amg.py --quick                             # tiny model, 512 px, 4 x 4 points (a smoke run)
+
+On CUDA the peaks are the allocator's (max_memory_allocated over what was allocated before).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, gemm_rate, machine_info, machine_label, machine_slug, print_result, read_rows, write_rows  # noqa: E402
 
-FIELDS = ["machine", "model", "img_size", "points_per_side", "filters", "encoder_s", "stock_s", "blocked_s", "speedup",
+FIELDS = ["machine", "device", "model", "input_px", "img_size", "points_per_side", "filters", "encoder_s", "stock_s", "blocked_s", "speedup",
           "stock_batches_timed", "batches", "encoder_peak_mib", "stock_peak_mib", "blocked_peak_mib", "peak_vs_encoder",
           "records", "same_records", "flipped_pixels", "gemm_gflops", "floor_s", "blocked_vs_floor"]  # fmt: skip
 FILTERS = {"default": dict(pred_iou_thresh=0.88, stability_score_thresh=0.95), "zero": dict(pred_iou_thresh=0.0, stability_score_thresh=0.0)}
@@ -70,25 +74,49 @@ def decoder_flops(points: int, tokens: int) -> float:
     return points * (attention + upscale)
 
 
+def tensor_peak(device: str, fn) -> tuple[object, int]:
+    """(fn(), the peak bytes of tensors alive during it over those before): the profiler's view
+    on the CPU, the allocator's on CUDA."""
+    from sam_blocked.memory.measure import tensor_peak_bytes
+
+    if not device.startswith("cuda"):
+        return tensor_peak_bytes(fn)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    return result, max(0, torch.cuda.max_memory_allocated(device) - before)
+
+
+def timed(device: str, fn) -> tuple[object, float]:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
+
+
 def run(args, size: int, points: int, filters: str, info: dict) -> dict:
     from segment_anything import SamAutomaticMaskGenerator
 
     from sam_blocked import build_sam, patch_sam
-    from sam_blocked.automatic import BlockedMaskGenerator
-    from sam_blocked.memory.measure import tensor_peak_bytes
-    from sam_blocked.memory.flops import encoder_flops
-
-    torch.manual_seed(0)
-    sam = patch_sam(build_sam(args.model_type, seed=0))
-    image = mosaic(size)
     from segment_anything import SamPredictor
 
+    from sam_blocked.automatic import BlockedMaskGenerator
+    from sam_blocked.memory.flops import encoder_flops
+
+    device = args.device
+    torch.manual_seed(0)
+    sam = patch_sam(build_sam(args.model_type, img_size=args.img_size, seed=0).to(device))
+    image = mosaic(size)
     predictor = SamPredictor(sam)
     with torch.inference_mode():
-        start = time.perf_counter()
-        predictor.set_image(image)
-        encoder_s = time.perf_counter() - start
-        _, encoder_peak = tensor_peak_bytes(lambda: predictor.set_image(image))
+        predictor.set_image(image)  # warm-up
+        _, encoder_s = timed(device, lambda: predictor.set_image(image))
+        _, encoder_peak = tensor_peak(device, lambda: predictor.set_image(image))
     embedding, input_size = predictor.features, predictor.input_size
     settings = dict(points_per_side=points, points_per_batch=64, output_mode="uncompressed_rle", **FILTERS[filters])
     batches = math.ceil(points * points / 64)
@@ -102,20 +130,17 @@ def run(args, size: int, points: int, filters: str, info: dict) -> dict:
         return generator.generate(image)
 
     with torch.inference_mode():
-        start = time.perf_counter()
-        stock = generate(SamAutomaticMaskGenerator, stock_batches)
-        stock_s = (time.perf_counter() - start) * batches / stock_batches
-        start = time.perf_counter()
-        blocked = generate(BlockedMaskGenerator)
-        blocked_s = time.perf_counter() - start
-        _, stock_peak = tensor_peak_bytes(lambda: generate(SamAutomaticMaskGenerator, min(stock_batches, 1)))
-        blocked_same, blocked_peak = tensor_peak_bytes(lambda: generate(BlockedMaskGenerator, stock_batches))
+        stock, stock_s = timed(device, lambda: generate(SamAutomaticMaskGenerator, stock_batches))
+        stock_s *= batches / stock_batches
+        blocked, blocked_s = timed(device, lambda: generate(BlockedMaskGenerator))
+        _, stock_peak = tensor_peak(device, lambda: generate(SamAutomaticMaskGenerator, 1))
+        blocked_same, blocked_peak = tensor_peak(device, lambda: generate(BlockedMaskGenerator, stock_batches))
     same, flipped = compare(stock, blocked if stock_batches == batches else blocked_same)
-    rate = gemm_rate()
+    rate = gemm_rate(device=device)
     tokens = (sam.image_encoder.img_size // 16) ** 2
     floor = (encoder_flops(args.model_type, sam.image_encoder.img_size) + decoder_flops(points * points, tokens)) / rate
     row = {
-        "machine": machine_label(info), "model": args.model_type, "img_size": size, "points_per_side": points, "filters": filters,
+        "machine": machine_label(info), "device": device, "model": args.model_type, "input_px": sam.image_encoder.img_size, "img_size": size, "points_per_side": points, "filters": filters,
         "encoder_s": f"{encoder_s:.2f}", "stock_s": f"{stock_s:.2f}", "blocked_s": f"{blocked_s:.2f}", "speedup": f"{stock_s / blocked_s:.2f}",
         "stock_batches_timed": stock_batches, "batches": batches,
         "encoder_peak_mib": f"{encoder_peak / 2**20:.0f}", "stock_peak_mib": f"{stock_peak / 2**20:.0f}", "blocked_peak_mib": f"{blocked_peak / 2**20:.0f}",
@@ -146,18 +171,27 @@ def main(argv=None) -> int:
     parser.add_argument("--points", type=int, nargs="+", default=[16])
     parser.add_argument("--filters", nargs="+", choices=list(FILTERS), default=list(FILTERS))
     parser.add_argument("--model-type", default="vit_b")
+    parser.add_argument("--img-size", type=int, default=1024, help="the model's input size (SAM's: 1024)")
     parser.add_argument("--stock-batches", type=int, default=None, help="time stock on this many point batches and scale (default: all)")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=None, help="the CSV (default: benchmarks/results/amg_<machine>.csv)")
+    parser.add_argument("--out-dir", type=Path, default=None, help="write amg_<machine>.csv here instead")
+    parser.add_argument("--machine", default=None, help="the machine's name in the file name (default: from the CPU or GPU)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny model at 256 px, a 512 px image, 4 x 4 points, filters at 0")
     args = parser.parse_args(argv)
-    info = machine_info("cpu")
-    out = args.out or RESULTS / f"amg_{machine_slug(info)}.csv"
+    if args.quick:
+        args.sizes, args.points, args.filters, args.model_type, args.img_size, args.stock_batches = [512], [4], ["zero"], "tiny", 256, 1
+    info = machine_info(args.device)
+    name = f"amg_{args.machine or machine_slug(info)}.csv"
+    out = args.out or (args.out_dir / name if args.out_dir else RESULTS / name)
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = read_rows(out) if out.exists() else []
     for size in args.sizes:
         for points in args.points:
             for filters in args.filters:
                 row = run(args, size, points, filters, info)
                 print_result(row)
-                rows = [r for r in rows if (r["model"], int(r["img_size"]), int(r["points_per_side"]), r["filters"]) != (row["model"], size, points, filters)] + [row]
+                rows = [r for r in rows if (r["device"], r["model"], int(r["input_px"]), int(r["img_size"]), int(r["points_per_side"]), r["filters"]) != (row["device"], row["model"], row["input_px"], size, points, filters)] + [row]
                 write_rows(out, rows, FIELDS)
     plot(rows, out.with_suffix(".png"), machine_label(info))
     print(f"wrote {out}")
