@@ -157,3 +157,30 @@ def test_switch_patches_sam_hq_generator():
     assert HQGenerator.__dict__["_process_batch"] is before
     assert len(want) == 16  # SAM-HQ keeps its best of the three masks a point
     compare_records(want, got, logits, settings)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("img_size, max_block_mb", [(512, 16), (1024, None)])
+def test_planner_counts_the_automatic_path(img_size, max_block_mb):
+    """The planner's decoder figure (automatic_tensor_bytes) against the tensors a whole
+    generate() holds beyond the embedding, filters at 0 (every mask post-processed), within 15%."""
+    from sam_blocked.automatic.batch import automatic_tensor_bytes
+    from sam_blocked.automatic.decoder import budget_bytes
+    from sam_blocked.memory.measure import tensor_peak_bytes
+    from sam_blocked.models.registry import build_sam
+
+    sam = build_sam("tiny", img_size=img_size, seed=0)
+    grid = img_size // 16
+    embedding = torch.randn(1, 256, grid, grid)
+    generator = BlockedMaskGenerator(sam, points_per_side=8, pred_iou_thresh=0, stability_score_thresh=0, max_block_mb=max_block_mb, output_mode="uncompressed_rle")
+    predictor = generator.predictor
+
+    def set_image(image, image_format="RGB"):  # the embedding installed, as the demo and bench_amg do
+        predictor.reset_image()
+        predictor.features, predictor.original_size, predictor.input_size, predictor.is_image_set = embedding, (img_size, img_size), (img_size, img_size), True
+
+    predictor.set_image = set_image
+    with torch.inference_mode():
+        _, measured = tensor_peak_bytes(lambda: generator.generate(np.zeros((img_size, img_size, 3), np.uint8)))
+    predicted = automatic_tensor_bytes(grid * grid, img_size * img_size, budget_bytes(max_block_mb))
+    assert predicted == pytest.approx(measured, rel=0.15), (predicted / 2**20, measured / 2**20)

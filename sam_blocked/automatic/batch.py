@@ -37,11 +37,38 @@ from segment_anything.utils.amg import (
 )
 from torchvision.ops.boxes import batched_nms
 
-from sam_blocked.automatic.decoder import DEFAULT_DECODER_BYTES, FP32_BYTES, decoder_reasons, predict_masks, prompts_per_chunk
+from sam_blocked.automatic.decoder import DEFAULT_DECODER_BYTES, FP32_BYTES, LAYER_TENSORS, decoder_reasons, predict_masks, prompts_per_chunk, upscale_per_chunk
 
 # per full-size mask in the post-processing: float32 logits at the model's input size and at
 # the image size, the comparisons and the bool mask (padded to the image when in a crop)
 POST_BYTES_PER_PIXEL = 2 * FP32_BYTES + 4
+
+
+# automatic_tensor_bytes' counts, in (tokens x channels) float32 tensors ("planes"), fitted to
+# tensor_peak_bytes over 512-2048 px and budgets of 16, 64 and 256 MiB (within 7%):
+SHARED_PLANES = 2  # the image side shared by every prompt and the dense positional encoding
+UPSCALE_PEAK_TENSORS = 5.5  # per prompt in an upscaling step: the transposed convolutions' activations and GELUs
+
+
+def automatic_tensor_bytes(tokens: int, pixels: int, budget_bytes: Optional[int] = None, channels: int = 256, masks: int = 3, prompts: Optional[int] = None) -> int:
+    """The extra peak of tensors while process_batch runs (over the image embedding): the
+    largest of its phases, counted from the same chunk sizes it uses.
+
+    Args:
+        tokens: image tokens of the embedding (h * w; 4096 at 1024 px).
+        pixels: pixels of the image (or crop) the masks are upsampled to.
+        budget_bytes: as process_batch's (None: the default).
+        channels: the embedding's channels; masks: masks per point (3: multimask).
+        prompts: prompts per batch, when fewer than a chunk (1: one prompt set).
+    """
+    chunk = min(prompts or 2**31, prompts_per_chunk(tokens, channels, budget_bytes))
+    up = min(chunk, upscale_per_chunk(tokens, channels, budget_bytes))
+    plane = tokens * channels * FP32_BYTES  # one prompt's image side
+    low_res = chunk * masks * 16 * tokens * FP32_BYTES  # a chunk's low-resolution masks
+    transformer = chunk * LAYER_TENSORS * plane
+    upscale = chunk * plane + up * UPSCALE_PEAK_TENSORS * plane + low_res
+    post = low_res + masks_per_step(pixels, budget_bytes) * POST_BYTES_PER_PIXEL * pixels
+    return SHARED_PLANES * plane + max(transformer, upscale, post)
 
 
 def masks_per_step(pixels: int, budget_bytes: Optional[int]) -> int:
@@ -175,32 +202,25 @@ def process_batch(
         MaskData with rles, iou_preds, points, stability_score and boxes, as stock's.
     """
     filters = Filters(generator.pred_iou_thresh, generator.stability_score_thresh, generator.stability_score_offset)
-    parts = list(decode_steps(generator.predictor, points, im_size, filters, budget_bytes, decode))
     orig_h, orig_w = orig_size
-    return _assemble(parts, crop_box, orig_h, orig_w)
-
-
-def _assemble(parts: list[dict[str, Any]], crop_box: list[int], orig_h: int, orig_w: int) -> MaskData:
-    """The batch's MaskData from its steps' survivors of the stability filter: boxes, the
-    crop-edge filter and RLEs, step by step, with the dtypes stock's whole-batch steps give."""
-    data = MaskData(**{key: torch.cat([p[key] for p in parts]) for key in ("iou_preds", "points", "stability_score")})
-    parts = [p for p in parts if len(p["masks"])]
-    if not parts:  # stock boxes no mask as float zeros and filters nothing
+    rows: dict[str, list[torch.Tensor]] = {"iou_preds": [], "points": [], "stability_score": [], "boxes": []}
+    rles: list[dict[str, Any]] = []
+    masks_seen = 0
+    for step in decode_steps(generator.predictor, points, im_size, filters, budget_bytes, decode):
+        masks = step.pop("masks")  # (m, h, w) bool: boxed, filtered and encoded now, then dropped
+        if len(masks):
+            masks_seen += len(masks)
+            boxes = batched_mask_to_box(masks)  # (m, 4) long
+            keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+            step["boxes"] = boxes
+            step = {key: value[keep] for key, value in step.items()}
+            rles += mask_to_rle(uncrop_masks(masks[keep], crop_box, orig_h, orig_w))
+        del masks
+        for key, value in step.items():
+            rows[key].append(value)
+    data = MaskData(**{key: torch.cat(values) for key, values in rows.items() if values})
+    if not masks_seen:  # stock boxes no mask as float zeros
         data["boxes"] = torch.zeros(0, 4, device=data["iou_preds"].device)
-        data["rles"] = []
-        return data
-    boxes, keep, rles = [], [], []
-    for part in parts:
-        part_boxes = batched_mask_to_box(part["masks"])  # (m, 4) long
-        part_keep = ~is_box_near_crop_edge(part_boxes, crop_box, [0, 0, orig_w, orig_h])
-        boxes.append(part_boxes)
-        keep.append(part_keep)
-        rles += mask_to_rle(uncrop_masks(part["masks"][part_keep], crop_box, orig_h, orig_w))
-        del part["masks"]
-    data["boxes"] = torch.cat(boxes)
-    keep_all = torch.cat(keep)
-    if not torch.all(keep_all):
-        data.filter(keep_all)
     data["rles"] = rles
     return data
 

@@ -98,7 +98,7 @@ def report(plan: MemoryPlan, max_memory_mb: float | None = None, fits: dict[str,
         _row("weights", plan.weights_bytes, plan.weights_bytes),
         _row("input image tensor", plan.input_bytes, plan.input_bytes),
         _row("image encoder, extra peak", plan.encoder_patched_bytes, plan.encoder_stock_bytes),
-        _row(f"mask decoder, {plan.points_per_batch} prompts", plan.decoder_bytes + plan.embedding_bytes, plan.decoder_bytes + plan.embedding_bytes),
+        _row(f"mask decoder, {plan.points_per_batch} prompts", plan.decoder_bytes + plan.embedding_bytes, plan.decoder_stock_bytes + plan.embedding_bytes),
         _row("total", plan.total_bytes, plan.stock_total_bytes),
         f"patched encoder peaks in: {plan.encoder_peak_phase}",
     ]
@@ -110,7 +110,7 @@ def report(plan: MemoryPlan, max_memory_mb: float | None = None, fits: dict[str,
         )
     decoder = plan.decoder_bytes + plan.embedding_bytes
     if decoder > plan.input_bytes + plan.encoder_patched_bytes:
-        lines.append(f"the decoder batch sets the patched total: lower --points-per-batch ({plan.points_per_batch} now) to need less")
+        lines.append("the decoder sets the patched total: a lower --max-block-mb decodes fewer prompts and masks at a time")
     if fits:
         lines.append(f"within {max_memory_mb:g} MiB ({plan.dtype}, {plan.device}, {plan.points_per_batch} prompts per decoder batch), patched:")
         for model, size in fits.items():

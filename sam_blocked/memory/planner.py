@@ -11,8 +11,10 @@ and what each attention kernel says it holds (its workspace_bytes), for the back
   alive at once in units of one token activation a = batch x tokens x dim x itemsize,
   plus the attention kernel's workspace from its BlockPlan;
 - mask decoder: one batch of `points_per_batch` point prompts, three masks each, upsampled
-  to the input size, as SamAutomaticMaskGenerator decodes a batch (measured on the CPU:
-  7.1-7.8 x prompts x 256 x tokens x 4 bytes), plus the kept image embedding;
+  to the input size, as sam_blocked.automatic decodes and post-processes it (a chunk of
+  prompts and a few masks at a time within max_block_mb: automatic_tensor_bytes, which that
+  code owns), plus the kept image embedding; stock's batch (SamAutomaticMaskGenerator:
+  7.1-7.8 x prompts x 256 x tokens x 4 bytes, measured on the CPU) for the stock total;
 - total: weights + the larger of (input + encoder) and (embedding + decoder).
 
 The counts are what the tensors hold (the allocator's view, as CUDA's max_memory_allocated
@@ -37,6 +39,8 @@ from typing import Optional
 import torch
 
 from sam_blocked.attention.common import DEFAULT_CHUNKS
+from sam_blocked.automatic.batch import automatic_tensor_bytes
+from sam_blocked.automatic.decoder import budget_bytes
 from sam_blocked.encoder.layer import BlockConfig, check_config
 from sam_blocked.memory.encoder import EncoderShape, encoder_phases
 from sam_blocked.attention.common import FP32_BYTES
@@ -45,7 +49,7 @@ from sam_blocked.models.registry import DTYPES, ENCODER_CONFIGS, MLP_RATIO, PATC
 MIB = 2**20
 CHECKPOINT_SIZE = 1024  # the official checkpoints' input size: global rel-pos tables have 2 * 64 - 1 rows
 PROMPT_DECODER_PARAMS = 6476 + 4058340 + 6  # prompt encoder, mask decoder, pixel mean/std (same for every model type)
-DECODER_ACTIVATIONS = 7.5  # a decoder batch peaks at about this many (prompts, 256, tokens) float32 tensors
+DECODER_ACTIVATIONS = 7.5  # stock's decoder batch peaks at about this many (prompts, 256, tokens) float32 tensors
 # On the CPU, resident extra peak <= resident_bound_bytes(the tensors counted, device). A
 # first run's process kept 9-107 MiB beside the tensors the planner counts (bench_resolution:
 # vit_b, vit_l and vit_h, 1024-4096 px, float32 and bfloat16, whole encoder or first blocks;
@@ -93,8 +97,9 @@ class MemoryPlan:
     encoder_tensor_bytes: int  # the patched extra peak in tensors alone (the allocator's view; on CUDA = encoder_patched_bytes)
     encoder_stock_tensor_bytes: int  # the same, stock
     embedding_bytes: int  # the image embedding a predictor keeps
-    decoder_bytes: int  # extra peak of one decoder batch of points_per_batch prompts
+    decoder_bytes: int  # extra peak of one decoder batch of points_per_batch prompts (sam_blocked.automatic)
     backend: str = "auto"  # the patch's attention backend the patched figures are for
+    decoder_stock_bytes: int = 0  # the same batch through stock's decoder and SamAutomaticMaskGenerator
 
     @property
     def blocking(self) -> BlockConfig:
@@ -109,13 +114,13 @@ class MemoryPlan:
     @property
     def stock_total_bytes(self) -> int:
         """total_bytes with stock segment_anything's encoder."""
-        return self.weights_bytes + max(self.input_bytes + self.encoder_stock_bytes, self.embedding_bytes + self.decoder_bytes)
+        return self.weights_bytes + max(self.input_bytes + self.encoder_stock_bytes, self.embedding_bytes + self.decoder_stock_bytes)
 
     def as_dict(self) -> dict:
         """Settings, bytes and the same figures in MiB (weights_mib, encoder_extra_mib, ...)."""
         out = asdict(self)
         out.update(total_bytes=self.total_bytes, stock_total_bytes=self.stock_total_bytes)
-        for key in ("weights", "input", "encoder_stock", "encoder_patched", "encoder_tensor", "encoder_stock_tensor", "embedding", "decoder", "total", "stock_total"):
+        for key in ("weights", "input", "encoder_stock", "encoder_patched", "encoder_tensor", "encoder_stock_tensor", "embedding", "decoder", "decoder_stock", "total", "stock_total"):
             out[f"{key}_mib"] = round(out[f"{key}_bytes"] / MIB, 1)
         out["encoder_extra_mib"] = out["encoder_patched_mib"]
         out["encoder_stock_extra_mib"] = out["encoder_stock_mib"]
@@ -154,7 +159,8 @@ def plan_memory(
     tokens = (img_size // PATCH_SIZE) ** 2
     tensors, stock_tensors, phase = encoder_tensor_bytes(EncoderShape.of(model_type), img_size, dtype, device, batch, chunks, max_block_mb, backend)
     embedding = batch * PROMPT_EMBED_DIM * tokens * FP32_BYTES
-    decoder = DECODER_ACTIVATIONS * points_per_batch * PROMPT_EMBED_DIM * tokens * FP32_BYTES
+    decoder_stock = DECODER_ACTIVATIONS * points_per_batch * PROMPT_EMBED_DIM * tokens * FP32_BYTES
+    decoder = automatic_tensor_bytes(tokens, img_size * img_size, budget_bytes(max_block_mb), PROMPT_EMBED_DIM, prompts=points_per_batch)
     return MemoryPlan(
         model_type=model_type,
         img_size=img_size,
@@ -175,6 +181,7 @@ def plan_memory(
         embedding_bytes=embedding,
         decoder_bytes=int(decoder),
         backend=backend,
+        decoder_stock_bytes=int(decoder_stock),
     )
 
 
