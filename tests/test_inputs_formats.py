@@ -298,7 +298,8 @@ def test_cli_segments_an_ome_zarr_level_and_a_slide_at_an_mpp_tile_by_tile(ome, 
     assert done["cells.ome.zarr"]["scale"] == {"level": 1, "downsample": 2.0, "mpp": 1.0}
     assert (done["cells.ome.zarr"]["height"], done["cells.ome.zarr"]["width"]) == (150, 200) and done["cells.ome.zarr"]["tiles"] == 4
     assert done["tissue.svs"]["scale"] == {"level": 1, "downsample": 2.0, "mpp": 0.5}
-    assert tifffile.imread(tmp_path / "tissue.svs" / "tissue.labels.tif").shape == (300, 200), "labels in level 1's frame"
+    # a slide's default outputs (ome-tiff, geojson, table): the pyramid's level 0 is level 1's frame
+    assert tifffile.imread(tmp_path / "tissue.svs" / "tissue.labels.ome.tif").shape == (300, 200), "labels in level 1's frame"
     assert any("reading level 1" in n for n in done["tissue.svs"]["notes"])
 
 
@@ -347,7 +348,7 @@ def test_ray_workers_read_the_level_and_channels_asked_for(tmp_path, monkeypatch
     monkeypatch.setenv("RAY_DISABLE_USAGE_STATS", "1")
     path = tmp_path / "cells.ome.zarr"
     write_ome_zarr(path, "0.5", photo_channels())
-    args = (path, "--auto", "--points-per-side", 2, "--pred-iou-thresh", 0, "--stability-score-thresh", 0, "--tile", 128, "--level", 1, "--channels", 3)
+    args = (path, "--auto", "--points-per-side", 2, "--pred-iou-thresh", 0, "--stability-score-thresh", 0, "--tile", 128, "--level", 1, "--channels", 3, "--format", "labels,table")
     assert segment(*args, "--output", tmp_path / "local") == 0
     try:
         assert segment(*args, "--output", tmp_path / "ray", "--engine", "ray", "--workers", 1, "--cpus-per-worker", 1) == 0

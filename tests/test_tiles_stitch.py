@@ -34,32 +34,52 @@ def _one_thread():
 SETTINGS = DecodeSettings(points_per_batch=32)  # SAM's filters: the stand-in's masks pass them (stability 1, IoU 0.99)
 
 
+class _PromptEncoder:
+    """The stand-in's prompt encoder: a point's "embedding" is its coordinates."""
+
+    def __call__(self, points, boxes=None, masks=None):
+        coords, _ = points  # (B, 1, 2)
+        return coords, torch.zeros(len(coords), 1)
+
+    def get_dense_pe(self):
+        return None
+
+
 class ComponentPredictor:
-    """Duck-types what segment_tile uses of SamPredictor. Logits +-10 on the component under
-    each point in the tile it was given; background points give an empty mask."""
+    """A SamPredictor stand-in: the mask of a point is the connected component under it, as
+    each point in the tile it was given; background points give an empty mask. It answers
+    at the decoder's level (prompt encoder, mask decoder, postprocess_masks), where
+    sam_blocked.automatic.batch.decode_steps calls a model."""
 
     def __init__(self, tile: int) -> None:
-        self.model = SimpleNamespace(mask_threshold=0.0, image_encoder=SimpleNamespace(img_size=tile))
+        self.model = SimpleNamespace(
+            mask_threshold=0.0,
+            image_encoder=SimpleNamespace(img_size=tile),
+            prompt_encoder=_PromptEncoder(),
+            mask_decoder=self._mask_decoder,
+            postprocess_masks=lambda masks, input_size, original_size: masks,  # the stand-in's masks are at the tile's size
+        )
         self.transform = ResizeLongestSide(tile)
         self.device = torch.device("cpu")
+        self.features = torch.zeros(1, 1, 1, 1)
         self.encoded = 0
 
     def set_image(self, image: np.ndarray) -> None:
         self.labels = measure.label(image[..., 0] > 0)  # (h, w), components as the tile shows them
-        self.original_size = image.shape[:2]
+        self.original_size = self.input_size = image.shape[:2]
         self.encoded += 1
 
     def reset_image(self) -> None:
         self.labels = None
 
-    def predict_torch(self, point_coords, point_labels, boxes=None, mask_input=None, multimask_output=True, return_logits=False):
+    def _mask_decoder(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output=True):
         assert self.transform.get_preprocess_shape(*self.original_size, TILE) == self.original_size, "scale 1"
         masks = []
-        for x, y in point_coords[:, 0, :].tolist():
+        for x, y in sparse_prompt_embeddings[:, 0, :].tolist():
             label = self.labels[int(y), int(x)]
             masks.append(torch.as_tensor((self.labels == label) & (label > 0)))
         logits = torch.where(torch.stack(masks)[:, None], 10.0, -10.0).expand(-1, 3, -1, -1)  # (B, 3, h, w)
-        return logits, torch.full((len(masks), 3), 0.99), None
+        return logits, torch.full((len(masks), 3), 0.99)
 
 
 def objects(height: int, width: int, seed: int, size: int = 32) -> np.ndarray:
