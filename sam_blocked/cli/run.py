@@ -31,12 +31,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run a Python script or module unchanged, with SAM's attention computed in blocks",
         description="Runs SCRIPT (or -m MODULE) in this interpreter with sam_blocked.enable(...) on: every SAM "
         "image-encoder attention of segment_anything, segment_anything_hq, transformers and timm it builds computes "
-        "in blocks. Arguments after SCRIPT or MODULE are the script's own.",
+        "in blocks; segment_anything's MaskDecoder and the automatic mask generators of segment_anything and "
+        "SAM-HQ run sam_blocked.automatic's bounded steps (stock's masks to float rounding). Arguments after "
+        "SCRIPT or MODULE are the script's own.",
         usage="sam-blocked run [-h] [--chunks N | --max-block-mb MB] [--backend B] (SCRIPT | -m MODULE) [ARGS ...]",
     )
     blocking = parser.add_mutually_exclusive_group()
     blocking.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, metavar="N", help="blocks per attention matrix (default %(default)s = 4 x 4)")
-    blocking.add_argument("--max-block-mb", type=float, default=None, metavar="MB", help="memory budget in MiB for the largest attention block, instead of --chunks")
+    blocking.add_argument("--max-block-mb", type=float, default=None, metavar="MB", help="memory budget in MiB for the largest attention block (and for a step of the mask decoder and automatic masks), instead of --chunks")
     parser.add_argument("--backend", default="auto", choices=list(BACKEND_CHOICES), metavar="B", help=f"attention kernel: {', '.join(BACKEND_CHOICES)} (default %(default)s)")
     parser.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE", help="run a library module as a script, as python -m")
     parser.add_argument("target", nargs=argparse.REMAINDER, metavar="SCRIPT [ARGS]", help="the script and its arguments")
