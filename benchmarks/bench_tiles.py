@@ -19,7 +19,15 @@ Modes:
 Images: tiled (512 px) TIFFs of a mosaic of scikit-image photographs, deflate-compressed
 up to 100 M pixels and uncompressed above (a 32000 px side: 3 GB of pixels, 3 GB on
 disk), built once tile by tile and cached in --cache-dir (not committed). A tile size not smaller than the image is skipped (that
-image takes the untiled path).
+image takes the untiled path). --inputs builds the same pixels as other kinds, each window by
+window: a GeoTIFF (the TIFF with EPSG:3857 georeferencing, for the COG writer), a pyramidal
+slide (Aperio SVS layout, 512 px JPEG tiles, levels at 1/4, 1/16, read through OpenSlide) and
+an OME-Zarr (NGFF 0.4, 1024 px chunks, levels halving). --formats runs one configuration per
+entry, each a list of `--format` names (default labels,coco,table, what the rows without an
+`input` or `formats` column wrote); `segment_peak_mb` is the peak before any output is written.
+
+    python benchmarks/bench_tiles.py --sizes 8000 32000 --tiles 1024 --threads 1 --inputs slide ome-zarr --formats ome-tiff ngff geojson gpkg
+    python benchmarks/bench_tiles.py --sizes 8000 32000 --tiles 1024 --threads 1 --inputs geotiff --formats cog
 
 Writes benchmarks/results/tiles_<machine>.csv (rows of earlier runs kept unless
 re-measured) and a PNG next to it.
@@ -435,10 +443,12 @@ def writers_panel(ax, rows: list[dict]) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """A Markdown table, a row per configuration: size, tile, tiles, passes, masks, times, peak memory."""
-    lines = ["| mode | model | image px | tile px | tiles | encoder passes | masks | segment s | write s | peak MiB | input | formats | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in sorted(rows, key=_order):
+    """Markdown tables, a row per configuration: the tiled TIFF with the default outputs (size, tile,
+    tiles, passes, masks, times, peak memory), then, if measured, the other inputs and writers."""
+    default = [r for r in rows if (_input(r), _formats(r)) == ("tiff", DEFAULT_FORMATS)]
+    lines = ["| mode | model | image px | tile px | tiles | encoder passes | masks | segment s | write s | peak MiB | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in sorted(default, key=_order):
         mode = f"prompts ({r['prompts']} sets)" if r["mode"] == "prompts" else f"auto ({r['points_per_side']} pts/side)"
         note = r["note"]
         if r["mode"] == "auto" and r["status"] == "ok":
@@ -447,8 +457,20 @@ def markdown_table(rows: list[dict]) -> str:
             cells = [r["status"]] + [""] * 5
         else:
             cells = [r["tiles"], r["encoder_passes"], r["masks"], f"{float(r['seconds']):.1f}", f"{float(r['write_s']):.1f}", f"{float(r['peak_mb']):.0f}"]
-        lines.append(f"| {mode} | {r['model']} | {r['width']} x {r['height']} | {r['tile']} | " + " | ".join(map(str, cells))
-                     + f" | {_input(r)} | {_formats(r)} | {note} |")  # fmt: skip
+        lines.append(f"| {mode} | {r['model']} | {r['width']} x {r['height']} | {r['tile']} | " + " | ".join(map(str, cells)) + f" | {note} |")
+    writers = [r for r in rows if (_input(r), _formats(r)) != ("tiff", DEFAULT_FORMATS)]
+    if writers:
+        lines += ["", "| input | formats | mode | model | image px | tile px | encoder passes | masks | segment s | write s | peak before writing MiB | peak MiB | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in sorted(writers, key=_order):
+            mode = f"prompts ({r['prompts']} sets)" if r["mode"] == "prompts" else f"auto ({r['points_per_side']} pts/side)"
+            if r["status"] != "ok":
+                cells = [r["status"]] + [""] * 5
+            else:
+                cells = [r["encoder_passes"], r["masks"], f"{float(r['seconds']):.1f}", f"{float(r['write_s']):.1f}",
+                         f"{float(r['segment_peak_mb']):.0f}", f"{float(r['peak_mb']):.0f}"]  # fmt: skip
+            lines.append(f"| {_input(r)} | {_formats(r)} | {mode} | {r['model']} | {r['width']} x {r['height']} | {r['tile']} | "
+                         + " | ".join(map(str, cells)) + f" | {r['note']} |")  # fmt: skip
     return "\n".join(lines)
 
 
