@@ -145,19 +145,19 @@ def test_bench_tiles_inputs_hold_the_mosaic_tiffs_pixels(tmp_path):
     from sam_blocked.inputs.base import ReadSettings
     from sam_blocked.inputs.sources import open_image
 
-    expected = tifffile.imread(bench_tiles.mosaic_tiff(tmp_path, 2600, 2100))  # (2100, 2600, 3)
+    expected = tifffile.imread(bench_tiles.mosaic_tiff(tmp_path, 4100, 2100))  # (2100, 4100, 3): the OME-Zarr has 2 levels
     box = (500, 300, 2013, 1811)  # odd sizes, across chunks and tiles
     window = expected[300:1811, 500:2013]
     for kind, tolerance in (("ome-zarr", 0), ("geotiff", 0), ("slide", 8)):
-        with open_image(bench_tiles.mosaic_image(kind, tmp_path, 2600, 2100)) as source:
+        with open_image(bench_tiles.mosaic_image(kind, tmp_path, 4100, 2100)) as source:
             read = source.read(box).astype(int)
-            assert (source.width, source.height) == (2600, 2100), kind
+            assert (source.width, source.height) == (4100, 2100), kind
             assert np.abs(read - window).mean() <= tolerance, f"{kind}: mean difference {np.abs(read - window).mean():.2f}"
             assert (kind == "geotiff") == (source.geo is not None), kind
-    with open_image(tmp_path / "mosaic_2600x2100.ome.zarr", read=ReadSettings(level=1)) as source:
-        assert (source.read((0, 0, 1300, 1050)) == expected[::2, ::2]).all() and source.mpp == 2 * bench_tiles.SLIDE_MPP
-    with open_image(tmp_path / "mosaic_2600x2100.svs", read=ReadSettings(level=1)) as source:
-        assert (source.width, source.height, source.downsample) == (650, 525, 4.0)
+    with open_image(tmp_path / "mosaic_4100x2100.ome.zarr", read=ReadSettings(level=1)) as source:
+        assert (source.read((0, 0, 2050, 1050)) == expected[::2, ::2]).all() and source.mpp == 2 * bench_tiles.SLIDE_MPP
+    with open_image(tmp_path / "mosaic_4100x2100.svs", read=ReadSettings(level=1)) as source:
+        assert (source.width, source.height, source.downsample) == (1025, 525, 4.0)
 
 
 @pytest.mark.slow
