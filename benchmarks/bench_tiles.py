@@ -19,7 +19,15 @@ Modes:
 Images: tiled (512 px) TIFFs of a mosaic of scikit-image photographs, deflate-compressed
 up to 100 M pixels and uncompressed above (a 32000 px side: 3 GB of pixels, 3 GB on
 disk), built once tile by tile and cached in --cache-dir (not committed). A tile size not smaller than the image is skipped (that
-image takes the untiled path).
+image takes the untiled path). --inputs builds the same pixels as other kinds, each window by
+window: a GeoTIFF (the TIFF with EPSG:3857 georeferencing, for the COG writer), a pyramidal
+slide (Aperio SVS layout, 512 px JPEG tiles, levels at 1/4, 1/16, read through OpenSlide) and
+an OME-Zarr (NGFF 0.4, 1024 px chunks, levels halving). --formats runs one configuration per
+entry, each a list of `--format` names (default labels,coco,table, what the rows without an
+`input` or `formats` column wrote); `segment_peak_mb` is the peak before any output is written.
+
+    python benchmarks/bench_tiles.py --sizes 8000 32000 --tiles 1024 --threads 1 --inputs slide ome-zarr --formats ome-tiff ngff geojson gpkg
+    python benchmarks/bench_tiles.py --sizes 8000 32000 --tiles 1024 --threads 1 --inputs geotiff --formats cog
 
 Writes benchmarks/results/tiles_<machine>.csv (rows of earlier runs kept unless
 re-measured) and a PNG next to it.
@@ -57,6 +65,8 @@ from common import (  # noqa: E402
 )
 
 MODES = ["prompts", "auto"]
+INPUTS = ["tiff", "geotiff", "slide", "ome-zarr"]  # what mosaic_image builds; old rows (no `input`) are tiff
+DEFAULT_FORMATS = "labels,coco,table"  # HugeImageOutputs' default; old rows (no `formats`) wrote these
 SIZES = ["4000", "8000", "16000", "32000"]
 TILES = [1024, 2048, 4096]
 QUICK = [("prompts", "vit_b", "4000", 1024), ("prompts", "vit_b", "8000", 1024), ("prompts", "vit_b", "8000", 2048),
@@ -64,11 +74,14 @@ QUICK = [("prompts", "vit_b", "4000", 1024), ("prompts", "vit_b", "8000", 1024),
 # Prompt sets at fixed fractions of the image: (kind, x, y); the second shares the first's tile.
 PROMPTS = [("point", 0.21, 0.23), ("point", 0.215, 0.235), ("box", 0.77, 0.31), ("point", 0.34, 0.72), ("point", 0.68, 0.81)]
 TIFF_TILE = 512
+ZARR_CHUNK = 1024
+SLIDE_MPP = 0.5  # the slide's and the OME-Zarr's level-0 pixel size, micrometres
+GEO_TRANSFORM = (1.0, 0.0, 1_000_000.0, 0.0, -1.0, 6_000_000.0)  # the GeoTIFF's affine: 1 m pixels, EPSG:3857
 DEFLATE_PIXELS = 10**8  # larger mosaics are written uncompressed: deflate, single-threaded, would take longer than the run
 FIELDS = [
     "machine", "device", "mode", "model", "width", "height", "tile", "overlap", "points_per_side", "prompts", "status",
     "tiles", "encoder_passes", "masks", "truncated", "duplicates", "seconds", "cpu_s", "write_s", "model_mb", "peak_mb",
-    "cap_mb", "threads", "torch", "note",
+    "cap_mb", "threads", "torch", "note", "input", "formats", "segment_peak_mb",
 ]  # fmt: skip
 
 
@@ -101,11 +114,12 @@ def mosaic_unit(side: int = 4096, row: int = 512) -> np.ndarray:
     return out
 
 
-def mosaic_tiff(cache: Path, width: int, height: int) -> Path:
-    """The cached tiled TIFF of (width, height), built tile by tile (memory: the mosaic unit, 48 MiB)."""
+def mosaic_tiff(cache: Path, width: int, height: int, geo: bool = False) -> Path:
+    """The cached tiled TIFF of (width, height), built tile by tile (memory: the mosaic unit, 48 MiB);
+    with `geo`, a GeoTIFF (EPSG:3857, 1 m pixels: GEO_TRANSFORM)."""
     import tifffile
 
-    path = cache / f"mosaic_{width}x{height}.tif"
+    path = cache / f"mosaic_{width}x{height}{'.geo' if geo else ''}.tif"
     if path.exists():
         return path
     cache.mkdir(parents=True, exist_ok=True)
@@ -123,8 +137,111 @@ def mosaic_tiff(cache: Path, width: int, height: int) -> Path:
     tifffile.imwrite(partial, tiles(), shape=(height, width, 3), dtype=np.uint8, tile=(TIFF_TILE, TIFF_TILE), photometric="rgb",
                      compression="zlib" if deflate else None, compressionargs={"level": 1} if deflate else None,
                      bigtiff=width * height * 3 > 2**31)  # fmt: skip
+    if geo:
+        from rasterio.crs import CRS
+
+        from sam_blocked.inputs.geo import GeoInfo, stamp_geo
+
+        stamp_geo(partial, GeoInfo(CRS.from_epsg(3857).to_wkt(), GEO_TRANSFORM))  # GDAL adds the GeoTIFF tags in place
     os.replace(partial, path)
     return path
+
+
+def mosaic_pixels(unit: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """(len(ys), len(xs), 3) uint8: the mosaic TIFF's pixels at rows `ys` and columns `xs` (any
+    stride: a pyramid level is the level-0 pixels at every 2**k-th row and column)."""
+    side = unit.shape[0]
+    shift = 7 * (ys // side) * TIFF_TILE  # the unit's shift per block of rows, as in mosaic_tiff
+    return unit[(ys % side)[:, None], (xs[None, :] + shift[:, None]) % side]  # (len(ys), len(xs), 3)
+
+
+def level_sizes(width: int, height: int, factor: int, smallest: int) -> list[int]:
+    """Downsample factors 1, factor, factor**2, ... while the level is at least `smallest` px a side."""
+    out = [1]
+    while max(width, height) // (out[-1] * factor) >= smallest:
+        out.append(out[-1] * factor)
+    return out
+
+
+def mosaic_slide(cache: Path, width: int, height: int) -> Path:
+    """The cached pyramidal slide (Aperio SVS layout, as OpenSlide reads it): level 0 in 512 px JPEG
+    tiles, a thumbnail, then levels at 1/4, 1/16, ... (nearest: every 4**k-th pixel), each built
+    tile by tile from the mosaic's pixels (memory: the mosaic unit)."""
+    import tifffile
+
+    path = cache / f"mosaic_{width}x{height}.svs"
+    if path.exists():
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    unit = mosaic_unit()
+
+    def tiles(step: int):
+        h, w = -(-height // step), -(-width // step)
+        for y in range(0, h, TIFF_TILE):
+            for x in range(0, w, TIFF_TILE):
+                ys, xs = np.arange(y, min(y + TIFF_TILE, h)) * step, np.arange(x, min(x + TIFF_TILE, w)) * step
+                tile = np.zeros((TIFF_TILE, TIFF_TILE, 3), np.uint8)  # edge tiles padded, as tifffile wants whole tiles
+                tile[: len(ys), : len(xs)] = mosaic_pixels(unit, ys, xs)
+                yield tile
+
+    description = (f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] ({TIFF_TILE}x{TIFF_TILE}) "
+                   f"JPEG/RGB Q=80|AppMag = 20|MPP = {SLIDE_MPP}")  # fmt: skip
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.part.svs")
+    steps = level_sizes(width, height, 4, TIFF_TILE)
+    thumb = -(-max(width, height) // 1024)  # a thumbnail at most 1024 px a side
+    with tifffile.TiffWriter(partial, bigtiff=width * height * 3 > 2**32) as tif:
+        for i, step in enumerate(steps):
+            shape = (-(-height // step), -(-width // step), 3)
+            tif.write(tiles(step), shape=shape, dtype=np.uint8, tile=(TIFF_TILE, TIFF_TILE), photometric="rgb", compression="jpeg",
+                      compressionargs={"level": 80}, description=description if i == 0 else "Aperio Image Library level", metadata=None)  # fmt: skip
+            if i == 0:
+                ys, xs = np.arange(0, height, thumb), np.arange(0, width, thumb)
+                tif.write(mosaic_pixels(unit, ys, xs), photometric="rgb", compression="jpeg", compressionargs={"level": 80},
+                          description="Aperio Image Library thumbnail", metadata=None)  # fmt: skip
+    os.replace(partial, path)
+    return path
+
+
+def mosaic_ome_zarr(cache: Path, width: int, height: int) -> Path:
+    """The cached OME-Zarr (NGFF 0.4, zarr v2): axes c, y, x, levels halving down to ~2000 px (nearest:
+    every 2**k-th pixel), 1024 x 1024 chunks of 3 channels, each chunk written on its own (memory: the
+    mosaic unit and one chunk)."""
+    import zarr
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_multiscales_metadata
+
+    path = cache / f"mosaic_{width}x{height}.ome.zarr"
+    if path.exists():
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    unit = mosaic_unit()
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.part.zarr")
+    group = zarr.open_group(str(partial), mode="w", zarr_format=2)
+    steps = level_sizes(width, height, 2, 2000)
+    for k, step in enumerate(steps):
+        h, w = -(-height // step), -(-width // step)
+        array = group.create_array(f"s{k}", shape=(3, h, w), chunks=(3, ZARR_CHUNK, ZARR_CHUNK), dtype=np.uint8)
+        for y in range(0, h, ZARR_CHUNK):
+            for x in range(0, w, ZARR_CHUNK):
+                ys, xs = np.arange(y, min(y + ZARR_CHUNK, h)) * step, np.arange(x, min(x + ZARR_CHUNK, w)) * step
+                array[:, y : y + len(ys), x : x + len(xs)] = mosaic_pixels(unit, ys, xs).transpose(2, 0, 1)  # (3, h, w)
+    datasets = [{"path": f"s{k}", "coordinateTransformations": [{"type": "scale", "scale": [1.0, SLIDE_MPP * s, SLIDE_MPP * s]}]}
+                for k, s in enumerate(steps)]  # fmt: skip
+    write_multiscales_metadata(group, datasets, fmt=FormatV04(), axes=[{"name": "c", "type": "channel"},
+                               {"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}])  # fmt: skip
+    os.replace(partial, path)
+    return path
+
+
+def mosaic_image(kind: str, cache: Path, width: int, height: int) -> Path:
+    """The cached input of `kind` (INPUTS), built window by window."""
+    if kind == "tiff":
+        return mosaic_tiff(cache, width, height)
+    if kind == "geotiff":
+        return mosaic_tiff(cache, width, height, geo=True)
+    if kind == "slide":
+        return mosaic_slide(cache, width, height)
+    return mosaic_ome_zarr(cache, width, height)
 
 
 def prompt_sets(width: int, height: int):
@@ -168,6 +285,7 @@ def run_child(args: argparse.Namespace) -> int:
         from segment_anything import SamPredictor
 
         from sam_blocked.inputs.images import ImageItem
+        from sam_blocked.outputs.frame import Frame
         from sam_blocked.memory.measure import current_bytes, peak_bytes
         from sam_blocked.models.registry import build_sam
         from sam_blocked.patch import patched
@@ -192,11 +310,11 @@ def run_child(args: argparse.Namespace) -> int:
                 result = segment_tiled(SamPredictor(sam), source, source.height, source.width, tiling, prompts=prompts,
                                        points_per_side=args.points_per_side, settings=settings)  # fmt: skip
                 row["seconds"], row["cpu_s"] = round(time.perf_counter() - start, 2), round(time.process_time() - cpu, 2)
-                with tempfile.TemporaryDirectory(prefix="bench_tiles_") as folder:
+                row["segment_peak_mb"] = round(peak_bytes() / MIB, 1)  # before any output is written
+                with tempfile.TemporaryDirectory(prefix="bench_tiles_", dir=args.write_dir) as folder:
                     start = time.perf_counter()
-                    HugeImageOutputs(Path(folder), ImageItem(Path(args.image), Path(args.image).name)).commit(
-                        result.masks, source.height, source.width, geo=source.geo
-                    )
+                    outputs = HugeImageOutputs(Path(folder), ImageItem(Path(args.image), Path(args.image).name), args.formats[0].split(","))
+                    outputs.commit(result.masks, source.height, source.width, geo=source.geo, frame=Frame.of(source))
                     row["write_s"] = round(time.perf_counter() - start, 2)
             masks = result.masks
             row.update(tiles=result.tiles, encoder_passes=result.encoder_passes, masks=len(masks), status="ok",
@@ -215,43 +333,60 @@ def run_child(args: argparse.Namespace) -> int:
 # --- the sweep, in the parent ------------------------------------------------------------
 
 
-def configurations(args: argparse.Namespace) -> list[tuple[str, str, str, int]]:
+def configurations(args: argparse.Namespace) -> list[tuple[str, str, str, int, str, str]]:
+    """(mode, model, size, tile, input, formats) for each run."""
     if args.quick:
-        return QUICK
-    return [(args.mode, model, size, tile) for model in args.models for size in args.sizes for tile in args.tiles]
+        return [(*c, "tiff", DEFAULT_FORMATS) for c in QUICK]
+    return [(args.mode, model, size, tile, kind, formats) for kind in args.inputs for formats in args.formats
+            for model in args.models for size in args.sizes for tile in args.tiles]  # fmt: skip
 
 
 def sweep(args: argparse.Namespace) -> Path:
     out = SweepCSV.open(args, "tiles", _key, FIELDS, _order)
-    for mode, model, size, tile in configurations(args):
+    for mode, model, size, tile, kind, formats in configurations(args):
         width, height = parse_size(size)
         side = args.points_per_side if mode == "auto" else ""
         overlap = args.overlap if args.overlap is not None else tile // 4
         row = {"machine": out.label, "device": args.device, "mode": mode, "model": model, "width": width, "height": height,
                "tile": tile, "overlap": overlap, "points_per_side": side, "prompts": len(PROMPTS) if mode == "prompts" else "",
-               "cap_mb": cap_mb(args.mem_cap_gb, args.device), "torch": out.info["torch"]}  # fmt: skip
+               "cap_mb": cap_mb(args.mem_cap_gb, args.device), "torch": out.info["torch"], "input": kind, "formats": formats}  # fmt: skip
         if tile >= max(width, height):
             print(f"{mode} {model} {width} x {height} tile {tile}: skipped, the image fits in one tile (untiled path)", flush=True)
             continue
-        image = mosaic_tiff(args.cache_dir, width, height)
-        command = ["--image", str(image), "--mode", mode, "--model", model, "--tile", str(tile), "--overlap", str(overlap),
+        start = time.perf_counter()
+        image = mosaic_image(kind, args.cache_dir, width, height)
+        if time.perf_counter() - start > 1:
+            print(f"built {image} in {time.perf_counter() - start:.0f} s", flush=True)
+        command = ["--image", str(image), "--formats", formats, "--mode", mode, "--model", model, "--tile", str(tile), "--overlap", str(overlap),
                    "--points-per-side", str(args.points_per_side), "--pred-iou-thresh", str(args.pred_iou_thresh),
                    "--stability-score-thresh", str(args.stability_score_thresh), "--device", args.device,
                    "--mem-cap-gb", str(args.mem_cap_gb), "--threads", str(args.threads)]  # fmt: skip
+        if args.write_dir is not None:
+            command += ["--write-dir", str(args.write_dir)]
         row.update(run_in_child(__file__, command, args.timeout))
-        print(f"{mode:7s} {model:5s} {width:5d} x {height:5d} tile {tile:4d}: {row['status']:6s} {row.get('seconds', '')} s "
+        print(f"{kind} -> {formats}: {mode:7s} {model:5s} {width:5d} x {height:5d} tile {tile:4d}: {row['status']:6s} {row.get('seconds', '')} s "
               f"(write {row.get('write_s', '')} s), {row.get('encoder_passes', '')} passes of {row.get('tiles', '')} tiles, "
               f"{row.get('masks', '')} masks, peak {row.get('peak_mb', '')} MiB {row.get('note', '')}", flush=True)  # fmt: skip
         out.add(row)
     return out.finish(plot)
 
 
+def _input(row: dict) -> str:
+    return row.get("input") or "tiff"
+
+
+def _formats(row: dict) -> str:
+    return row.get("formats") or DEFAULT_FORMATS
+
+
 def _key(row: dict) -> tuple:
-    return (row["device"], row["mode"], row["model"], int(row["width"]), int(row["height"]), int(row["tile"]), str(row["points_per_side"]))
+    return (row["device"], row["mode"], row["model"], int(row["width"]), int(row["height"]), int(row["tile"]), str(row["points_per_side"]),
+            _input(row), _formats(row))  # fmt: skip
 
 
 def _order(row: dict) -> tuple:
-    return (row["device"], MODES.index(row["mode"]), row["model"], int(row["width"]) * int(row["height"]), int(row["tile"]))
+    return (row["device"], INPUTS.index(_input(row)), _formats(row) != DEFAULT_FORMATS, _formats(row), MODES.index(row["mode"]), row["model"],
+            int(row["width"]) * int(row["height"]), int(row["tile"]))  # fmt: skip
 
 
 # --- the plot and the README table -----------------------------------------------------------
@@ -266,8 +401,12 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if r["status"] == "ok"]
-    fig, (ax_time, ax_mem, ax_auto) = plt.subplots(1, 3, figsize=(16, 4.8))
-    prompts = [r for r in ok if r["mode"] == "prompts"]
+    writers = [r for r in ok if (_input(r), _formats(r)) != ("tiff", DEFAULT_FORMATS)]
+    fig, axes = plt.subplots(1, 4 if writers else 3, figsize=(21 if writers else 16, 4.8))
+    ax_time, ax_mem, ax_auto = axes[:3]
+    if writers:
+        writers_panel(axes[3], writers)
+    prompts = [r for r in ok if r["mode"] == "prompts" and _input(r) == "tiff" and _formats(r) == DEFAULT_FORMATS]
     for model, tile in sorted({(r["model"], int(r["tile"])) for r in prompts}):
         line = sorted((r for r in prompts if r["model"] == model and int(r["tile"]) == tile), key=lambda r: int(r["width"]))
         sides = [int(r["width"]) for r in line]
@@ -278,12 +417,12 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
     ax_mem.set(xscale="log", xlabel="image side, px", ylabel="process peak MiB (VmHWM)", title="prompt mode: peak memory, outputs included")
     ax_mem.axhline(2048, color="gray", ls=":", lw=1)
     ax_mem.set_ylim(bottom=0)
-    auto = [r for r in ok if r["mode"] == "auto"]
+    auto = [r for r in ok if r["mode"] == "auto" and _input(r) == "tiff" and _formats(r) == DEFAULT_FORMATS]
     for model, side, tile in sorted({(r["model"], r["points_per_side"], int(r["tile"])) for r in auto}):
         line = sorted((r for r in auto if (r["model"], r["points_per_side"], int(r["tile"])) == (model, side, tile)), key=lambda r: int(r["tiles"]))
         ax_auto.plot([int(r["tiles"]) for r in line], [float(r["seconds"]) for r in line], "o-", label=f"{model}, tile {tile}, {side} pts/side")
     ax_auto.set(xlabel="tiles", ylabel="s to segment (wall clock)", title="automatic masks: time against tiles")
-    for ax in (ax_time, ax_mem, ax_auto):
+    for ax in axes:
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -293,11 +432,23 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
     plt.close(fig)
 
 
+def writers_panel(ax, rows: list[dict]) -> None:
+    """Peak memory against image side, a line per (input, formats, model, tile): flat means bounded by the tile."""
+    for line_key in sorted({(_input(r), _formats(r), r["model"], int(r["tile"])) for r in rows}):
+        line = sorted((r for r in rows if (_input(r), _formats(r), r["model"], int(r["tile"])) == line_key), key=lambda r: int(r["width"]))
+        kind, formats, model, tile = line_key
+        ax.plot([int(r["width"]) for r in line], [float(r["peak_mb"]) for r in line], "o-", label=f"{kind} -> {formats} ({model}, tile {tile})")
+    ax.set(xscale="log", xlabel="image side, px", ylabel="process peak MiB (VmHWM)", title="inputs and writers: peak memory")
+    ax.set_ylim(bottom=0)
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """A Markdown table, a row per configuration: size, tile, tiles, passes, masks, times, peak memory."""
+    """Markdown tables, a row per configuration: the tiled TIFF with the default outputs (size, tile,
+    tiles, passes, masks, times, peak memory), then, if measured, the other inputs and writers."""
+    default = [r for r in rows if (_input(r), _formats(r)) == ("tiff", DEFAULT_FORMATS)]
     lines = ["| mode | model | image px | tile px | tiles | encoder passes | masks | segment s | write s | peak MiB | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in sorted(rows, key=_order):
+    for r in sorted(default, key=_order):
         mode = f"prompts ({r['prompts']} sets)" if r["mode"] == "prompts" else f"auto ({r['points_per_side']} pts/side)"
         note = r["note"]
         if r["mode"] == "auto" and r["status"] == "ok":
@@ -307,6 +458,19 @@ def markdown_table(rows: list[dict]) -> str:
         else:
             cells = [r["tiles"], r["encoder_passes"], r["masks"], f"{float(r['seconds']):.1f}", f"{float(r['write_s']):.1f}", f"{float(r['peak_mb']):.0f}"]
         lines.append(f"| {mode} | {r['model']} | {r['width']} x {r['height']} | {r['tile']} | " + " | ".join(map(str, cells)) + f" | {note} |")
+    writers = [r for r in rows if (_input(r), _formats(r)) != ("tiff", DEFAULT_FORMATS)]
+    if writers:
+        lines += ["", "| input | formats | mode | model | image px | tile px | encoder passes | masks | segment s | write s | peak before writing MiB | peak MiB | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in sorted(writers, key=_order):
+            mode = f"prompts ({r['prompts']} sets)" if r["mode"] == "prompts" else f"auto ({r['points_per_side']} pts/side)"
+            if r["status"] != "ok":
+                cells = [r["status"]] + [""] * 5
+            else:
+                cells = [r["encoder_passes"], r["masks"], f"{float(r['seconds']):.1f}", f"{float(r['write_s']):.1f}",
+                         f"{float(r['segment_peak_mb']):.0f}", f"{float(r['peak_mb']):.0f}"]  # fmt: skip
+            lines.append(f"| {_input(r)} | {_formats(r)} | {mode} | {r['model']} | {r['width']} x {r['height']} | {r['tile']} | "
+                         + " | ".join(map(str, cells)) + f" | {r['note']} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -367,6 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--points-per-side", type=int, default=16, help="auto: grid points per tile side (default %(default)s)")
     parser.add_argument("--pred-iou-thresh", type=float, default=0.0, help="auto: (default 0: random weights' scores are low)")
     parser.add_argument("--stability-score-thresh", type=float, default=0.0, help="auto: (default 0)")
+    parser.add_argument("--inputs", nargs="+", default=["tiff"], choices=INPUTS,
+                        help="input kinds, each a mosaic built window by window: tiled TIFF, GeoTIFF, pyramidal SVS slide, OME-Zarr (default tiff)")
+    parser.add_argument("--formats", nargs="+", default=[DEFAULT_FORMATS],
+                        help=f"the outputs, one run per entry, each one or more comma-separated --format names (default {DEFAULT_FORMATS})")
+    parser.add_argument("--write-dir", type=Path, default=None, help="where outputs are written, then deleted (default: the system's temporary folder)")
     parser.add_argument("--quick", action="store_true", help="the cheap rows: vit_b prompts on 4000 and 8000 px, tiny auto on 2000x1500 and 4000x3000")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "sam_blocked_bench_tiles",
                         help="where the mosaic TIFFs are built and kept (default %(default)s)")  # fmt: skip
@@ -404,6 +573,11 @@ def main(argv: list[str] | None = None) -> int:
             parse_size(size)
     except ValueError as error:
         parser.error(f"--sizes: {error}")
+    from sam_blocked.outputs.huge import TILED_FORMATS
+
+    unknown = [f for formats in args.formats for f in formats.split(",") if f not in TILED_FORMATS]
+    if unknown:
+        parser.error(f"--formats {' '.join(unknown)}: each must be one of {', '.join(TILED_FORMATS)}")
     bad = [t for t in args.tiles if t <= 0 or t % 16]
     if bad:
         parser.error(f"--tiles {' '.join(map(str, bad))}: tile sizes must be positive multiples of 16")

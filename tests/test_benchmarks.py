@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sam_blocked.attention.dispatch import auto_order
@@ -135,8 +136,51 @@ def test_bench_tiles_writes_rows_table_and_picture(tmp_path):
     assert "9 tiles" in out and picture.stat().st_size > 0
 
 
+def test_bench_tiles_inputs_hold_the_mosaic_tiffs_pixels(tmp_path):
+    # the OME-Zarr and GeoTIFF exactly, level 1 of the zarr at every 2nd pixel; the slide through JPEG, closely
+    sys.path.insert(0, str(BENCHMARKS))
+    import bench_tiles
+    import tifffile
+
+    from sam_blocked.inputs.base import ReadSettings
+    from sam_blocked.inputs.sources import open_image
+
+    expected = tifffile.imread(bench_tiles.mosaic_tiff(tmp_path, 4100, 2100))  # (2100, 4100, 3): the OME-Zarr has 2 levels
+    box = (500, 300, 2013, 1811)  # odd sizes, across chunks and tiles
+    window = expected[300:1811, 500:2013]
+    for kind, tolerance in (("ome-zarr", 0), ("geotiff", 0), ("slide", 8)):
+        with open_image(bench_tiles.mosaic_image(kind, tmp_path, 4100, 2100)) as source:
+            read = source.read(box).astype(int)
+            assert (source.width, source.height) == (4100, 2100), kind
+            assert np.abs(read - window).mean() <= tolerance, f"{kind}: mean difference {np.abs(read - window).mean():.2f}"
+            assert (kind == "geotiff") == (source.geo is not None), kind
+    with open_image(tmp_path / "mosaic_4100x2100.ome.zarr", read=ReadSettings(level=1)) as source:
+        assert (source.read((0, 0, 2050, 1050)) == expected[::2, ::2]).all() and source.mpp == 2 * bench_tiles.SLIDE_MPP
+    with open_image(tmp_path / "mosaic_4100x2100.svs", read=ReadSettings(level=1)) as source:
+        assert (source.width, source.height, source.downsample) == (1025, 525, 4.0)
+
+
+@pytest.mark.slow
+def test_bench_tiles_segments_each_input_into_each_writer(tmp_path):
+    args = ["--models", "tiny", "--tiles", "256", "--threads", "1", "--out-dir", str(tmp_path), "--machine", "test",
+            "--cache-dir", str(tmp_path / "cache"), "--sizes", "600x500", "--write-dir", str(tmp_path)]  # fmt: skip
+    run_script("bench_tiles.py", *args, "--inputs", "slide", "ome-zarr", "--formats", "ome-tiff,ngff,geojson,gpkg")
+    run_script("bench_tiles.py", *args, "--inputs", "geotiff", "--formats", "cog")
+
+    rows = {(r["input"], r["formats"]): r for r in read_csv(tmp_path / "tiles_test.csv")}
+    assert set(rows) == {("slide", "ome-tiff,ngff,geojson,gpkg"), ("ome-zarr", "ome-tiff,ngff,geojson,gpkg"), ("geotiff", "cog")}
+    for r in rows.values():
+        assert r["status"] == "ok" and (r["tiles"], r["encoder_passes"], r["masks"]) == ("9", "4", "5"), r
+        assert float(r["peak_mb"]) >= float(r["segment_peak_mb"]) > float(r["model_mb"]) > 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("bench_tiles_")) == [], "outputs deleted after"
+    table = run_script("bench_tiles.py", "--table", "--out-dir", str(tmp_path), "--machine", "test")
+    assert "| slide | ome-tiff,ngff,geojson,gpkg | prompts (5 sets) | tiny | 600 x 500 | 256 | 4 | 5 |" in table
+    assert "| geotiff | cog |" in table
+
+
 def test_bench_tiles_refuses_bad_arguments():
-    for args, message in ((["--sizes", "8000x"], "WIDTHxHEIGHT"), (["--tiles", "1000"], "multiples of 16")):
+    for args, message in ((["--sizes", "8000x"], "WIDTHxHEIGHT"), (["--tiles", "1000"], "multiples of 16"),
+                          (["--formats", "labels,tiff"], "--formats tiff")):
         done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_tiles.py"), *args], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr, done.stderr
 
