@@ -103,6 +103,7 @@ def run(args, size: int, points: int, filters: str, info: dict) -> dict:
     from segment_anything import SamAutomaticMaskGenerator
 
     from sam_blocked import build_sam, patch_sam
+    from sam_blocked import stock as stock_layers
     from segment_anything import SamPredictor
 
     from sam_blocked.automatic import BlockedMaskGenerator
@@ -127,6 +128,9 @@ def run(args, size: int, points: int, filters: str, info: dict) -> dict:
         install(generator, embedding, image.shape[:2], input_size)
         if limit is not None and limit < batches:
             generator.point_grids = [generator.point_grids[0][: 64 * limit]]
+        if cls is SamAutomaticMaskGenerator:  # stock's decoder too: patch_sam also patched the MaskDecoder
+            with stock_layers(sam):
+                return generator.generate(image)
         return generator.generate(image)
 
     with torch.inference_mode():

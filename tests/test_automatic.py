@@ -184,3 +184,18 @@ def test_planner_counts_the_automatic_path(img_size, max_block_mb):
         _, measured = tensor_peak_bytes(lambda: generator.generate(np.zeros((img_size, img_size, 3), np.uint8)))
     predicted = automatic_tensor_bytes(grid * grid, img_size * img_size, budget_bytes(max_block_mb))
     assert predicted == pytest.approx(measured, rel=0.15), (predicted / 2**20, measured / 2**20)
+
+
+def test_run_lengths_are_shared_by_deepcopy_and_read_as_lists():
+    """The counts stock's MaskData.cat deep-copies twice per batch are shared, and read as lists everywhere."""
+    import copy
+    import json
+
+    from pycocotools import mask as mask_utils
+
+    masks = torch.zeros(1, 5, 4, dtype=torch.bool)
+    masks[0, 1:3, 1:3] = True
+    (rle,) = mask_to_rle(masks)
+    assert copy.deepcopy(rle)["counts"] is rle["counts"]
+    assert rle["counts"] == [6, 2, 3, 2, 7] and json.loads(json.dumps(rle))["counts"] == [6, 2, 3, 2, 7]
+    assert mask_utils.area(mask_utils.frPyObjects(rle, 5, 4)) == 4
