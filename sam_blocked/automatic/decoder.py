@@ -160,10 +160,12 @@ def two_way_transformer(transformer: nn.Module, x: Tensor, pe: Tensor, tokens: T
             q = queries + tokens
             queries = queries + layer.self_attn(q=q, k=q, v=queries)
         queries = layer.norm1(queries)
-        queries = layer.norm2(queries + token_to_image(layer.cross_attn_token_to_image, queries + tokens, keys, pe))
+        keys_pe = keys + pe  # (1 or B, N, C): the keys both cross attentions of this layer read
+        queries = layer.norm2(queries + token_to_image(layer.cross_attn_token_to_image, queries + tokens, keys, keys_pe))
         queries = layer.norm3(queries + layer.mlp(queries))
-        keys = layer.norm4(keys + image_to_token(layer.cross_attn_image_to_token, keys, pe, queries + tokens, queries))
-    queries = transformer.norm_final_attn(queries + token_to_image(transformer.final_attn_token_to_image, queries + tokens, keys, pe))
+        keys = layer.norm4(image_to_token(layer.cross_attn_image_to_token, keys, keys_pe, queries + tokens, queries))
+        del keys_pe
+    queries = transformer.norm_final_attn(queries + token_to_image(transformer.final_attn_token_to_image, queries + tokens, keys, keys + pe))
     return queries, keys
 
 
@@ -171,12 +173,12 @@ def _heads(attn: nn.Module) -> tuple[int, int]:
     return attn.num_heads, attn.q_proj.out_features // attn.num_heads
 
 
-def token_to_image(attn: nn.Module, q_in: Tensor, x: Tensor, pe: Tensor) -> Tensor:
-    """Attention(q=q_in, k=x + pe, v=x) of segment_anything's transformer.
+def token_to_image(attn: nn.Module, q_in: Tensor, x: Tensor, x_pe: Tensor) -> Tensor:
+    """Attention(q=q_in, k=x_pe, v=x) of segment_anything's transformer (x_pe = x + pe).
 
     Args:
         q_in: (B, T, C) prompt-side queries.
-        x: (1 or B, N, C) image tokens; pe: (1, N, C).
+        x: (1 or B, N, C) image tokens; x_pe: the same plus their positional encoding.
 
     Returns:
         (B, T, C), after out_proj.
@@ -185,7 +187,7 @@ def token_to_image(attn: nn.Module, q_in: Tensor, x: Tensor, pe: Tensor) -> Tens
     b, t, _ = q_in.shape
     q = attn.q_proj(q_in).view(b, t, heads, d).transpose(1, 2)  # (B, H, T, d)
     if x.shape[0] == 1:  # one image side for all: stock's arithmetic, projected once
-        k = attn.k_proj(x + pe).view(1, -1, heads, d).transpose(1, 2)  # (1, H, N, d)
+        k = attn.k_proj(x_pe).view(1, -1, heads, d).transpose(1, 2)  # (1, H, N, d)
         v = attn.v_proj(x).view(1, -1, heads, d).transpose(1, 2)  # (1, H, N, d)
         scores = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(d), dim=-1)  # (B, H, T, N)
         out = scores @ v  # (B, H, T, d)
@@ -194,7 +196,7 @@ def token_to_image(attn: nn.Module, q_in: Tensor, x: Tensor, pe: Tensor) -> Tens
         wk = attn.k_proj.weight.view(heads, d, c)
         wv = attn.v_proj.weight.view(heads, d, c)
         qk = (q @ wk).reshape(b, heads * t, c)  # (B, H*T, C); q.bk is the same for every key: softmax drops it
-        scores = torch.bmm(qk, (x + pe).transpose(1, 2)) / math.sqrt(d)  # (B, H*T, N)
+        scores = torch.bmm(qk, x_pe.transpose(1, 2)) / math.sqrt(d)  # (B, H*T, N)
         scores = torch.softmax(scores, dim=-1)
         ax = torch.bmm(scores, x).view(b, heads, t, c)  # (B, H, T, C)
         del scores
@@ -202,34 +204,38 @@ def token_to_image(attn: nn.Module, q_in: Tensor, x: Tensor, pe: Tensor) -> Tens
     return attn.out_proj(out.transpose(1, 2).reshape(b, t, heads * d))
 
 
-def image_to_token(attn: nn.Module, x: Tensor, pe: Tensor, k_in: Tensor, v_in: Tensor) -> Tensor:
-    """Attention(q=x + pe, k=k_in, v=v_in) of segment_anything's transformer.
+def image_to_token(attn: nn.Module, x: Tensor, x_pe: Tensor, k_in: Tensor, v_in: Tensor) -> Tensor:
+    """x + Attention(q=x_pe, k=k_in, v=v_in) of segment_anything's transformer: the residual
+    sum the two-way block normalises next (x_pe = x + pe).
 
     Args:
-        x: (1 or B, N, C) image tokens; pe: (1, N, C).
+        x: (1 or B, N, C) image tokens; x_pe: the same plus their positional encoding.
         k_in, v_in: (B, T, C) prompt-side keys and values.
 
     Returns:
-        (B, N, C), after out_proj.
+        (B, N, C).
     """
     heads, d = _heads(attn)
     b, t, c = k_in.shape
     k = attn.k_proj(k_in).view(b, t, heads, d).transpose(1, 2)  # (B, H, T, d)
     v = attn.v_proj(v_in).view(b, t, heads, d).transpose(1, 2)  # (B, H, T, d)
     wo = attn.out_proj.weight.view(c, heads, d).permute(1, 2, 0)  # (H, d, C)
-    vo = (v @ wo).reshape(b, heads * t, c)  # (B, H*T, C): each head's values through its share of out_proj
+    # each head's values through its share of out_proj, and a 1/H share of its bias: a head's
+    # attention rows sum to one, so the heads together add the bias once
+    vo = (v @ wo + attn.out_proj.bias / heads).reshape(b, heads * t, c)  # (B, H*T, C)
+    # The scores are built transposed, (B, H, T, N): the softmax over a prompt's T (~7) tokens
+    # then runs along dim 2 with the N image tokens contiguous, several times faster on the
+    # CPU than over a last dimension of 7.
     if x.shape[0] == 1:
-        q = attn.q_proj(x + pe).view(1, -1, heads, d).transpose(1, 2)  # (1, H, N, d), once for all prompts
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)  # (B, H, N, T)
-        scores = torch.softmax(scores, dim=-1).transpose(1, 2).reshape(b, -1, heads * t)  # (B, N, H*T)
+        q = attn.q_proj(x_pe).view(1, -1, heads, d).permute(0, 2, 3, 1)  # (1, H, d, N), once for all prompts
+        scores = k @ q  # (B, H, T, N)
     else:
         wq = attn.q_proj.weight.view(heads, d, c)
-        m = (k @ wq).reshape(b, heads * t, c)  # (B, H*T, C): Wq_h^T k_h^T, transposed
-        bias = (k @ attn.q_proj.bias.view(heads, d, 1)).reshape(b, 1, heads * t)  # (B, 1, H*T): bq_h k_h^T
-        scores = torch.baddbmm(bias, x + pe, m.transpose(1, 2)) / math.sqrt(d)  # (B, N, H*T)
-        n = scores.shape[1]
-        scores = torch.softmax(scores.view(b, n, heads, t), dim=-1).view(b, n, heads * t)
-    return torch.baddbmm(attn.out_proj.bias.expand(b, 1, c), scores, vo)  # (B, N, C)
+        m = (k @ wq).reshape(b, heads * t, c)  # (B, H*T, C): k_h Wq_h
+        bias = (k @ attn.q_proj.bias.view(heads, d, 1)).reshape(b, heads * t, 1)  # (B, H*T, 1): k_h bq_h
+        scores = torch.baddbmm(bias, m, x_pe.transpose(1, 2)).view(b, heads, t, -1)  # (B, H, T, N)
+    scores = torch.softmax(scores / math.sqrt(d), dim=2).view(b, heads * t, -1)  # (B, H*T, N), over each head's T
+    return torch.baddbmm(x.expand(b, -1, -1), scores.transpose(1, 2), vo)  # (B, N, C): x + attention
 
 
 def upscale_masks(upscaling: nn.Sequential, keys: Tensor, hyper: Tensor, h: int, w: int, budget_bytes: Optional[int]) -> Tensor:
