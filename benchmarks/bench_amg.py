@@ -155,7 +155,7 @@ def run(args, size: int, points: int, filters: str, info: dict) -> dict:
 
 
 def compare(stock: list[dict], blocked: list[dict]) -> tuple[bool, int]:
-    """Records matched by point and score (rel 1e-5, abs 1e-6); pixels that differ counted."""
+    """Records matched by point and score (rel 1e-5, abs 1e-5: the IoU head's order-one scale); pixels that differ counted."""
     from segment_anything.utils.amg import rle_to_mask
 
     if len(stock) != len(blocked):
@@ -163,7 +163,7 @@ def compare(stock: list[dict], blocked: list[dict]) -> tuple[bool, int]:
     flipped = 0
     key = lambda r: (tuple(r["point_coords"][0]), round(r["predicted_iou"], 4))  # noqa: E731
     for s, b in zip(sorted(stock, key=key), sorted(blocked, key=key)):
-        if s["point_coords"] != b["point_coords"] or not math.isclose(s["predicted_iou"], b["predicted_iou"], rel_tol=1e-5, abs_tol=1e-6):
+        if s["point_coords"] != b["point_coords"] or not math.isclose(s["predicted_iou"], b["predicted_iou"], rel_tol=1e-5, abs_tol=1e-5):
             return False, -1
         flipped += int(np.count_nonzero(rle_to_mask(s["segmentation"]) != rle_to_mask(b["segmentation"])))
     return True, flipped

@@ -20,9 +20,10 @@ from segment_anything.utils.amg import rle_to_mask
 from sam_blocked.models.registry import build_sam
 
 SCORE_RTOL = 1e-5  # predicted_iou, stability_score: the reassociated decoder's float32 rounding, relative
-# ... and absolute for predicted_iou: the IoU head's outputs are of order one, so a score near
-# zero carries rounding of order 1e-7 that is large relative to the score itself
-SCORE_ATOL = 1e-6
+# ... and absolute for predicted_iou, on the IoU head's scale: its outputs are of order one, so a
+# score near zero carries the head's rounding (measured up to 1.04e-6 here), large relative to
+# the score itself; 1e-5 of the head's order-one scale is the decoder test's bound (DECODER_RTOL)
+SCORE_ATOL = 1e-5
 LOGIT_RTOL = 1e-5  # a pixel may differ only where |stock logit - threshold| <= this x the mask's largest |logit|
 EDGE_ATOL = 1e-4
 HYPER_GAIN = 30.0

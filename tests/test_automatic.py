@@ -199,3 +199,14 @@ def test_run_lengths_are_shared_by_deepcopy_and_read_as_lists():
     assert copy.deepcopy(rle)["counts"] is rle["counts"]
     assert rle["counts"] == [6, 2, 3, 2, 7] and json.loads(json.dumps(rle))["counts"] == [6, 2, 3, 2, 7]
     assert mask_utils.area(mask_utils.frPyObjects(rle, 5, 4)) == 4
+
+
+@pytest.mark.parametrize("original", [(256, 256), (256, 171), (131, 197)])
+def test_upsample_is_sams_postprocess_masks_bit_for_bit(sam, original):
+    """The skipped second interpolation (same size) changes no bit of stock's logits; other sizes run stock's."""
+    from sam_blocked.automatic.batch import upsample
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    input_size = ResizeLongestSide(256).get_preprocess_shape(*original, 256)
+    low_res = torch.randn(1, 5, 64, 64, generator=torch.Generator().manual_seed(0)) * 20
+    assert torch.equal(upsample(sam, low_res, input_size, original), sam.postprocess_masks(low_res, input_size, original))

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from segment_anything.utils.amg import (
     MaskData,
     batched_mask_to_box,
@@ -126,6 +127,20 @@ def multimask_decode(predictor: Any, budget_bytes: Optional[int]) -> Decode:
     return lambda sparse, dense: predict_masks(decoder, predictor.features, image_pe, sparse, dense, slice(1, None), budget_bytes)
 
 
+def upsample(model: Any, masks: torch.Tensor, input_size: tuple[int, ...], original_size: tuple[int, ...]) -> torch.Tensor:
+    """model.postprocess_masks(masks, input_size, original_size). For segment_anything's own
+    Sam.postprocess_masks, when the image is the model's input size (no resize: a 1024 px
+    image, a tile), its second bilinear interpolation is to the same size: for finite logits
+    that is the identity, exactly (weights 1 and 0), and is skipped. (B, M, h, w) -> (B, M, H, W)."""
+    from segment_anything.modeling import Sam
+
+    if type(model).postprocess_masks is not Sam.postprocess_masks or tuple(input_size) != tuple(original_size) or not bool(torch.isfinite(masks).all()):
+        return model.postprocess_masks(masks, input_size, original_size)
+    size = model.image_encoder.img_size
+    masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
+    return masks[..., : input_size[0], : input_size[1]]
+
+
 @dataclass(frozen=True)
 class Filters:
     """SamAutomaticMaskGenerator's per-batch filters (amg.py's names)."""
@@ -178,7 +193,7 @@ def decode_steps(
             yield {"iou_preds": iou_preds, "points": point_rows, "stability_score": iou_preds.new_zeros(0), "masks": torch.zeros(0, out_h, out_w, dtype=torch.bool)}
         for s in range(0, low_res.shape[0], step):
             e = min(low_res.shape[0], s + step)
-            logits = model.postprocess_masks(low_res[None, s:e], predictor.input_size, predictor.original_size)[0]  # (m, h, w)
+            logits = upsample(model, low_res[None, s:e], predictor.input_size, predictor.original_size)[0]  # (m, h, w)
             stability = calculate_stability_score(logits, threshold, filters.stability_score_offset)
             keep = torch.ones_like(stability, dtype=torch.bool)
             if filters.stability_score_thresh > 0.0:
