@@ -134,7 +134,7 @@ def upsample(model: Any, masks: torch.Tensor, input_size: tuple[int, ...], origi
     that is the identity, exactly (weights 1 and 0), and is skipped. (B, M, h, w) -> (B, M, H, W)."""
     from segment_anything.modeling import Sam
 
-    if type(model).postprocess_masks is not Sam.postprocess_masks or tuple(input_size) != tuple(original_size) or not bool(torch.isfinite(masks).all()):
+    if getattr(type(model), "postprocess_masks", None) is not Sam.postprocess_masks or tuple(input_size) != tuple(original_size) or not bool(torch.isfinite(masks).all()):
         return model.postprocess_masks(masks, input_size, original_size)
     size = model.image_encoder.img_size
     masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
