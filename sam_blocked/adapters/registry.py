@@ -51,14 +51,15 @@ def patches_of(module: ModuleType) -> list[ClassPatch]:
     return patches
 
 
+def _imported_modules() -> list[ModuleType]:
+    """The supported library modules (ADAPTERS) imported so far and done initialising; none is imported here."""
+    modules = (sys.modules.get(name) for name in ADAPTERS)
+    return [m for m in modules if m is not None and not getattr(getattr(m, "__spec__", None), "_initializing", False)]
+
+
 def imported_patches() -> list[ClassPatch]:
     """The ClassPatches of every supported library module imported so far (none is imported here)."""
-    patches = []
-    for name in ADAPTERS:
-        module = sys.modules.get(name)
-        if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
-            patches += patches_of(module)
-    return patches
+    return [patch for module in _imported_modules() for patch in patches_of(module)]
 
 
 def method_patches_of(module: ModuleType) -> list[MethodPatch]:
@@ -69,12 +70,7 @@ def method_patches_of(module: ModuleType) -> list[MethodPatch]:
 
 def imported_method_patches() -> list[MethodPatch]:
     """The MethodPatches of every supported library module imported so far."""
-    patches = []
-    for name in ADAPTERS:
-        module = sys.modules.get(name)
-        if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
-            patches += method_patches_of(module)
-    return patches
+    return [patch for module in _imported_modules() for patch in method_patches_of(module)]
 
 
 def patch_of(module: torch.nn.Module) -> Optional[ClassPatch]:
