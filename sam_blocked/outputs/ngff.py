@@ -28,7 +28,7 @@ import os
 from functools import partial
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -52,13 +52,19 @@ def is_ome_zarr(path: str | os.PathLike) -> bool:
     return _multiscales(Path(path)) is not None
 
 
-def _multiscales(path: Path) -> Optional[dict]:
+def _ome_attributes(path: Path) -> Iterator[dict]:
+    """The OME attributes of the zarr group at `path`, from each metadata file it has that
+    reads: zarr v3's zarr.json (under attributes.ome), then v2's .zattrs."""
     for name, nested in (("zarr.json", True), (".zattrs", False)):
         try:
             attrs = json.loads((path / name).read_text())
         except (OSError, ValueError):
             continue
-        attrs = attrs.get("attributes", {}).get("ome", {}) if nested else attrs
+        yield attrs.get("attributes", {}).get("ome", {}) if nested else attrs
+
+
+def _multiscales(path: Path) -> Optional[dict]:
+    for attrs in _ome_attributes(path):
         scales = attrs.get("multiscales")
         if scales:
             return scales[0]
@@ -156,14 +162,8 @@ def register_label(image: Path, name: str) -> None:
 def is_registered(image: Path, name: str) -> bool:
     """Whether `image/labels/<name>` exists and is listed in `image/labels`' metadata."""
     path = image / "labels"
-    for meta, nested in (("zarr.json", True), (".zattrs", False)):
-        try:
-            attrs = json.loads((path / meta).read_text())
-        except (OSError, ValueError):
-            continue
-        attrs = attrs.get("attributes", {}).get("ome", {}) if nested else attrs
-        return name in attrs.get("labels", []) and (path / name).is_dir()
-    return False
+    attrs = next(_ome_attributes(path), None)
+    return attrs is not None and name in attrs.get("labels", []) and (path / name).is_dir()
 
 
 def input_zarr_format(image: Path) -> int:
