@@ -12,6 +12,26 @@ from sam_blocked.models.load import DTYPES, MODEL_TYPE_CHOICES, LoadedModel, Mod
 __all__ = ["DTYPES", "LoadedModel", "add_model_args", "blocking_from_args", "device_from_args", "model_from_args", "settings_from_args"]
 
 
+def add_read_args(parser: argparse.ArgumentParser, title: str) -> None:
+    """--level / --mpp (one or the other) and --channels: what is read of each image (ReadSettings)."""
+    read = parser.add_argument_group(title)
+    levels = read.add_mutually_exclusive_group()
+    levels.add_argument("--level", type=int, default=None, metavar="N", help="read pyramid level N (0: full resolution, the default)")
+    levels.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        metavar="M",
+        help="read at M microns per pixel: the level nearest M, resampled to exactly M (the image must state its mpp)",
+    )
+    read.add_argument(
+        "--channels",
+        default=None,
+        metavar="R,G,B|C",
+        help="channels shown: three as R,G,B (e.g. 2,1,0) or one as gray (e.g. 1); default: the image's RGB, or its first channel(s)",
+    )
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(

@@ -11,7 +11,7 @@ if TYPE_CHECKING:  # the demo imports gradio: only `sam-blocked demo` pays for i
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from sam_blocked.cli.common import add_model_args
+    from sam_blocked.cli.common import add_model_args, add_read_args
 
     parser = sub.add_parser(
         "demo",
@@ -31,11 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="folder of slides, OME-Zarr stores and TIFFs offered to open on the server, read window by window (not uploaded)",
     )
-    read = parser.add_argument_group("pyramid levels and channels of --slides images")
-    levels = read.add_mutually_exclusive_group()
-    levels.add_argument("--level", type=int, default=None, metavar="N", help="pyramid level to segment (0: full resolution, the default)")
-    levels.add_argument("--mpp", type=float, default=None, metavar="M", help="microns per pixel: the level nearest M, resampled to exactly M")
-    read.add_argument("--channels", default=None, metavar="R,G,B|C", help="channels shown: three as R,G,B (e.g. 2,1,0) or one as gray (e.g. 1)")
+    add_read_args(parser, "pyramid levels and channels of --slides images")
     limits = parser.add_argument_group("limits and large images")
     limits.add_argument(
         "--large-images",

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from sam_blocked.cli import FLAGS
-from sam_blocked.cli.common import add_model_args, blocking_from_args, model_from_args, settings_from_args
+from sam_blocked.cli.common import add_model_args, add_read_args, blocking_from_args, model_from_args, settings_from_args
 from sam_blocked.inputs.base import ReadSettings
 from sam_blocked.inputs.images import DEFAULT_MAX_PIXELS, collect_images
 from sam_blocked.memory import planner
@@ -150,22 +150,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="pixels neighbouring tiles share (default a quarter of the tile); objects up to half of it are always seen whole",
     )
     tiles.add_argument("--max-memory-mb", type=float, default=None, metavar="MB", help="--tile auto: memory budget (default: the memory free now)")
-    read = parser.add_argument_group("pyramid levels and channels (pyramidal TIFF, OME-Zarr, slides, multichannel images)")
-    levels = read.add_mutually_exclusive_group()
-    levels.add_argument("--level", type=int, default=None, metavar="N", help="read pyramid level N (0: full resolution, the default)")
-    levels.add_argument(
-        "--mpp",
-        type=float,
-        default=None,
-        metavar="M",
-        help="read at M microns per pixel: the level nearest M, resampled to exactly M (the image must state its mpp)",
-    )
-    read.add_argument(
-        "--channels",
-        default=None,
-        metavar="R,G,B|C",
-        help="channels shown: three as R,G,B (e.g. 2,1,0) or one as gray (e.g. 1); default: the image's RGB, or its first channel(s)",
-    )
+    add_read_args(parser, "pyramid levels and channels (pyramidal TIFF, OME-Zarr, slides, multichannel images)")
     engine = parser.add_argument_group("engine: where the work runs")
     engine.add_argument(
         "--engine",
