@@ -38,7 +38,8 @@ from segment_anything.utils.amg import (
 )
 from torchvision.ops.boxes import batched_nms
 
-from sam_blocked.automatic.decoder import DEFAULT_DECODER_BYTES, FP32_BYTES, LAYER_TENSORS, decoder_reasons, predict_masks, prompts_per_chunk, upscale_per_chunk
+from sam_blocked.attention.common import FP32_BYTES
+from sam_blocked.automatic.decoder import DEFAULT_DECODER_BYTES, LAYER_TENSORS, decoder_reasons, predict_masks, prompts_per_chunk, upscale_per_chunk
 
 # per full-size mask in the post-processing: float32 logits at the model's input size and at
 # the image size, the comparisons and the bool mask (padded to the image when in a crop)

@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sam_blocked.attention.common import FP32_BYTES
+
 Tensor = torch.Tensor
 
-FP32_BYTES = 4
 # image-side (prompts, h*w, C) tensors alive at once in a transformer layer: the keys, keys +
 # positional encoding, an attention output (and the softmax input of the same order)
 LAYER_TENSORS = 4
