@@ -31,7 +31,6 @@ from segment_anything.utils.amg import (
     batched_mask_to_box,
     calculate_stability_score,
     is_box_near_crop_edge,
-    mask_to_rle_pytorch,
     remove_small_regions,
     rle_to_mask,
     uncrop_masks,
@@ -284,4 +283,4 @@ def postprocess_small_regions(mask_data: MaskData, min_area: int, nms_thresh: fl
     return mask_data
 
 
-__all__ = ["RunLengths", "mask_to_rle", "mask_to_rle_pytorch", "masks_per_step", "postprocess_small_regions", "process_batch"]
+__all__ = ["RunLengths", "mask_to_rle", "masks_per_step", "postprocess_small_regions", "process_batch"]
