@@ -44,23 +44,82 @@ def _prompts(sam, n, seed=0, with_masks=False):
         return sam.prompt_encoder(points=points, boxes=None, masks=masks)
 
 
+@pytest.mark.parametrize("workspace", [False, True], ids=["fresh-tensors", "workspace"])
 @pytest.mark.parametrize("with_masks", [False, True], ids=["shared-image", "mask-prompts"])
 @pytest.mark.parametrize("budget", [None, 1], ids=["default-budget", "one-prompt-steps"])
-def test_decoder_matches_stock(sam, image, with_masks, budget):
+def test_decoder_matches_stock(sam, image, with_masks, budget, workspace):
+    """The decoder against MaskDecoder.predict_masks; with a workspace, three calls in a row on
+    it (its slots reused, the first layer's image side made once and kept): different prompts,
+    then mask prompts (a different dense embedding: what was kept must not be used), then the
+    first prompts again."""
     from segment_anything import SamPredictor
+
+    from sam_blocked.automatic.decoder import Workspace
 
     predictor = SamPredictor(sam)
     predictor.set_image(image)
     decoder = sam.mask_decoder
     assert decoder_reasons(decoder) == []
-    sparse, dense = _prompts(sam, 7, with_masks=with_masks)  # 7 prompts: no chunk divides them
     pe = sam.prompt_encoder.get_dense_pe()
-    with torch.no_grad():
-        want_masks, want_iou = decoder.predict_masks(predictor.features, pe, sparse, dense)
-        got_masks, got_iou = predict_masks(decoder, predictor.features, pe, sparse, dense, budget_bytes=budget)
-    scale = want_masks.abs().max()
-    assert (got_masks - want_masks).abs().max() <= DECODER_RTOL * scale, float((got_masks - want_masks).abs().max() / scale)
-    assert torch.allclose(got_iou, want_iou, rtol=DECODER_RTOL, atol=DECODER_RTOL)
+    work = Workspace() if workspace else None
+    calls = [(7, with_masks, 0), (5, not with_masks, 1), (7, with_masks, 0)] if workspace else [(7, with_masks, 0)]  # 7 prompts: no chunk divides them
+    for n, masks, seed in calls:
+        sparse, dense = _prompts(sam, n, seed=seed, with_masks=masks)
+        with torch.no_grad():
+            want_masks, want_iou = decoder.predict_masks(predictor.features, pe, sparse, dense)
+            got_masks, got_iou = predict_masks(decoder, predictor.features, pe, sparse, dense, budget_bytes=budget, work=work)
+        scale = want_masks.abs().max()
+        assert (got_masks - want_masks).abs().max() <= DECODER_RTOL * scale, float((got_masks - want_masks).abs().max() / scale)
+        assert torch.allclose(got_iou, want_iou, rtol=DECODER_RTOL, atol=DECODER_RTOL)
+
+
+def test_mask_boxes_equal_stock():
+    """mask_boxes (byte reductions) gives batched_mask_to_box's boxes exactly: empty, full,
+    single pixels at the corners, thin lines, random masks and a non-contiguous view."""
+    from segment_anything.utils.amg import batched_mask_to_box
+
+    from sam_blocked.automatic.batch import mask_boxes
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(12, 37, 53, generator=g) > 0.97
+    masks[0] = False
+    masks[1] = True
+    masks[2] = False
+    masks[2, 0, 0] = True
+    masks[3] = False
+    masks[3, 36, 52] = True
+    masks[4] = False
+    masks[4, 10, 3:40] = True
+    masks[5] = False
+    masks[5, 2:30, 51] = True
+    for m in (masks, masks.transpose(1, 2), masks[:, 5:, ::2]):
+        want = batched_mask_to_box(m)
+        got = mask_boxes(m)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert torch.equal(mask_boxes(masks[:0]), batched_mask_to_box(masks[:0]))
+
+
+@pytest.mark.parametrize("input_size, size", [((256, 256), (256, 256)), ((175, 256), (175, 256)), ((256, 187), (1500, 1100))], ids=["model-size", "padded", "resized"])
+def test_postprocessing_steps_in_the_workspace_equal_stock(sam, input_size, size):
+    """upsample and stability_score written into a workspace give Sam.postprocess_masks' logits
+    and calculate_stability_score's scores bit for bit (the same aten ops), twice in a row on the
+    same slots, the second step smaller."""
+    from segment_anything.utils.amg import calculate_stability_score
+
+    from sam_blocked.automatic.batch import stability_score, upsample
+    from sam_blocked.automatic.decoder import Workspace
+
+    g = torch.Generator().manual_seed(1)
+    low = 4 * sam.prompt_encoder.image_embedding_size[0]
+    work = Workspace()
+    for m in (5, 2):
+        low_res = torch.randn(1, m, low, low, generator=g) * 8
+        with torch.no_grad():
+            want = sam.postprocess_masks(low_res, input_size, size)[0]
+            got = upsample(sam, low_res, input_size, size, work)[0]
+            assert torch.equal(got, want)
+            want_score = calculate_stability_score(want, sam.mask_threshold, 1.0)
+            assert torch.equal(stability_score(got, sam.mask_threshold, 1.0, work), want_score)
 
 
 def test_decoder_forward_under_switch_matches_stock(sam, image):
@@ -79,6 +138,31 @@ def test_decoder_forward_under_switch_matches_stock(sam, image):
     for (wm, ws, wl), (gm, gs, gl) in zip(want, got):
         assert np.abs(gl - wl).max() <= DECODER_RTOL * np.abs(wl).max()
         np.testing.assert_allclose(gs, ws, rtol=DECODER_RTOL, atol=DECODER_RTOL)
+
+
+def test_one_generator_on_two_images_matches_stock(sam, image):
+    """What the workspace keeps per image (the first layer's image side) belongs to that image:
+    one generator on two images in a row (crop layers: a new image per crop too) gives stock's
+    records for each, and an image's workspace is freed with it (reset_image)."""
+    import weakref
+
+    from segment_anything import SamPredictor
+
+    from sam_blocked.automatic.decoder import workspace_for
+
+    settings = SETTINGS["crop-layers"]
+    blocked = BlockedMaskGenerator(sam, **settings, max_block_mb=1)
+    for picture in (image, np.ascontiguousarray(image[::-1, ::-1])):
+        stock = SamAutomaticMaskGenerator(sam, **settings)
+        logits = record_stock_logits(stock)
+        want = stock.generate(picture)
+        compare_records(want, blocked.generate(picture), logits, settings)
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    kept = weakref.ref(workspace_for(predictor.features))
+    assert kept() is workspace_for(predictor.features)
+    predictor.reset_image()
+    assert kept() is None  # no reference cycle keeps it
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (37, 53), (64, 64)])

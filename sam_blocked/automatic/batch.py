@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,22 +40,24 @@ from segment_anything.utils.amg import (
 from torchvision.ops.boxes import batched_nms
 
 from sam_blocked.attention.common import FP32_BYTES
-from sam_blocked.automatic.decoder import DEFAULT_DECODER_BYTES, LAYER_TENSORS, decoder_reasons, predict_masks, prompts_per_chunk, upscale_per_chunk
+from sam_blocked.automatic.decoder import DEFAULT_DECODER_BYTES, LAYER_TENSORS, Workspace, decoder_reasons, predict_masks, prompts_per_chunk, upscale_per_chunk, workspace_for
 
 # per full-size mask in the post-processing: float32 logits at the model's input size and at
 # the image size, the comparisons and the bool mask (padded to the image when in a crop)
 POST_BYTES_PER_PIXEL = 2 * FP32_BYTES + 4
 
 
-# automatic_tensor_bytes' counts, in (tokens x channels) float32 tensors ("planes"), fitted to
-# tensor_peak_bytes over 512-2048 px and budgets of 16, 64 and 256 MiB (within 7%):
-SHARED_PLANES = 2  # the image side shared by every prompt and the dense positional encoding
-UPSCALE_PEAK_TENSORS = 5.5  # per prompt in an upscaling step: the transposed convolutions' activations and GELUs
+# automatic_tensor_bytes' counts, in (tokens x channels) float32 tensors ("planes"):
+SHARED_PLANES = 5  # kept per image: the shared image side, its first-layer keys, values and queries, and the dense positional encoding
+FRESH_PLANES = 2  # per prompt of a chunk, outside the workspace: a layer's keys and the next layer norm's output
+SCORE_ROWS = 56  # heads x prompt-side tokens of a cross attention's scores (8 x 7 for a point prompt)
 
 
 def automatic_tensor_bytes(tokens: int, pixels: int, budget_bytes: Optional[int] = None, channels: int = 256, masks: int = 3, prompts: Optional[int] = None) -> int:
-    """The extra peak of tensors while process_batch runs (over the image embedding): the
-    largest of its phases, counted from the same chunk sizes it uses.
+    """The extra peak of tensors while process_batch runs (over the image embedding), for an
+    image at the model's input size: the workspace's slots at their largest
+    (decoder.Workspace), what is kept per image, a chunk's fresh tensors and its
+    low-resolution masks, counted from the same chunk and step sizes the code uses.
 
     Args:
         tokens: image tokens of the embedding (h * w; 4096 at 1024 px).
@@ -65,11 +69,17 @@ def automatic_tensor_bytes(tokens: int, pixels: int, budget_bytes: Optional[int]
     chunk = min(prompts or 2**31, prompts_per_chunk(tokens, channels, budget_bytes))
     up = min(chunk, upscale_per_chunk(tokens, channels, budget_bytes))
     plane = tokens * channels * FP32_BYTES  # one prompt's image side
-    low_res = chunk * masks * 16 * tokens * FP32_BYTES  # a chunk's low-resolution masks
-    transformer = chunk * LAYER_TENSORS * plane
-    upscale = chunk * plane + up * UPSCALE_PEAK_TENSORS * plane + low_res
-    post = low_res + masks_per_step(pixels, budget_bytes) * POST_BYTES_PER_PIXEL * pixels
-    return SHARED_PLANES * plane + max(transformer, upscale, post)
+    scores = chunk * SCORE_ROWS * tokens * FP32_BYTES
+    step_pixels = masks_per_step(pixels, budget_bytes) * pixels
+    slots = (
+        max(chunk * plane, up * 2 * plane, FP32_BYTES * step_pixels)  # a: keys + pe, the 2nd convolution, the logits
+        + max(chunk * plane, up * plane)  # b: x + attention, the 1st convolution
+        + step_pixels  # c: the comparisons (bool)
+        + max(scores, step_pixels)  # d: scores, the masks (bool)
+        + max(scores, up * 16 * tokens * masks * FP32_BYTES)  # e: softmax, the mask logits
+    )
+    low_res = chunk * masks * 16 * tokens * FP32_BYTES
+    return SHARED_PLANES * plane + slots + FRESH_PLANES * chunk * plane + low_res
 
 
 def masks_per_step(pixels: int, budget_bytes: Optional[int]) -> int:
@@ -115,7 +125,7 @@ def mask_to_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
 Decode = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
-def multimask_decode(predictor: Any, budget_bytes: Optional[int]) -> Decode:
+def multimask_decode(predictor: Any, budget_bytes: Optional[int], work: Optional[Workspace] = None) -> Decode:
     """The decoder call of SamPredictor.predict_torch(multimask_output=True) on the predictor's image."""
     model = predictor.model
     decoder = model.mask_decoder
@@ -124,21 +134,69 @@ def multimask_decode(predictor: Any, budget_bytes: Optional[int]) -> Decode:
         return lambda sparse, dense: decoder(
             image_embeddings=predictor.features, image_pe=image_pe, sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True
         )
-    return lambda sparse, dense: predict_masks(decoder, predictor.features, image_pe, sparse, dense, slice(1, None), budget_bytes)
+    return lambda sparse, dense: predict_masks(decoder, predictor.features, image_pe, sparse, dense, slice(1, None), budget_bytes, work)
 
 
-def upsample(model: Any, masks: torch.Tensor, input_size: tuple[int, ...], original_size: tuple[int, ...]) -> torch.Tensor:
-    """model.postprocess_masks(masks, input_size, original_size). For segment_anything's own
-    Sam.postprocess_masks, when the image is the model's input size (no resize: a 1024 px
-    image, a tile), its second bilinear interpolation is to the same size: for finite logits
-    that is the identity, exactly (weights 1 and 0), and is skipped. (B, M, h, w) -> (B, M, H, W)."""
+def upsample(model: Any, masks: torch.Tensor, input_size: tuple[int, ...], original_size: tuple[int, ...], out: Optional[Workspace] = None) -> torch.Tensor:
+    """model.postprocess_masks(masks, input_size, original_size), (B, M, h, w) -> (B, M, H, W).
+
+    For segment_anything's own Sam.postprocess_masks the two bilinear interpolations run as
+    its own calls do (the same aten op), written into `out`'s slots when given, so that a
+    step does not take fresh memory from the system; and when the image is the model's input
+    size (a 1024 px image, a tile) the second interpolation is to the same size: for finite
+    logits that is the identity, exactly (weights 1 and 0), and is skipped. The result is a
+    view of `out`'s slot then: valid until its next use."""
     from segment_anything.modeling import Sam
 
-    if getattr(type(model), "postprocess_masks", None) is not Sam.postprocess_masks or tuple(input_size) != tuple(original_size) or not bool(torch.isfinite(masks).all()):
+    if getattr(type(model), "postprocess_masks", None) is not Sam.postprocess_masks:
         return model.postprocess_masks(masks, input_size, original_size)
     size = model.image_encoder.img_size
-    masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
-    return masks[..., : input_size[0], : input_size[1]]
+    same = tuple(input_size) == tuple(original_size) and bool(torch.isfinite(masks).all())
+    first = out.take("a" if same else "b", (*masks.shape[:-2], size, size), masks) if out is not None else None
+    masks = _bilinear(masks, (size, size), first)[..., : input_size[0], : input_size[1]]
+    if same:
+        return masks
+    second = out.take("a", (*masks.shape[:-2], *original_size), masks) if out is not None else None
+    return _bilinear(masks, tuple(original_size), second)
+
+
+def _bilinear(masks: torch.Tensor, size: tuple[int, int], out: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.interpolate(masks, size, mode="bilinear", align_corners=False), into `out` when given (the same aten op)."""
+    if out is None:
+        return F.interpolate(masks, size, mode="bilinear", align_corners=False)
+    return torch._C._nn.upsample_bilinear2d(masks, size, False, None, None, out=out)
+
+
+def stability_score(logits: torch.Tensor, threshold: float, offset: float, out: Optional[Workspace] = None) -> torch.Tensor:
+    """amg.py's calculate_stability_score(logits, threshold, offset), the same counts and the
+    same float32 division, with the comparisons written into a reused buffer."""
+    if out is None or logits.dim() != 3 or logits.shape[-1] > 32767:  # stock's int16 row sums, kept as they are
+        return calculate_stability_score(logits, threshold, offset)
+    above = out.take("c", tuple(logits.shape), logits, torch.bool)
+    intersections = torch.gt(logits, threshold + offset, out=above).sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
+    unions = torch.gt(logits, threshold - offset, out=above).sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
+    return intersections / unions
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """amg.py's batched_mask_to_box for (B, H, W) bool masks, the same long boxes (zeros for
+    an empty mask), from the rows and columns any pixel is set in: bytes reduced with amax,
+    ~40x faster on the CPU than stock's max over bools."""
+    if masks.dim() != 3 or masks.dtype != torch.bool or masks.numel() == 0:
+        return batched_mask_to_box(masks)
+    as_bytes = masks.view(torch.uint8)
+    rows = as_bytes.amax(-1)  # (B, H): 1 where the row has a pixel
+    cols = as_bytes.amax(-2)  # (B, W)
+    top, bottom = _first_last(rows)
+    left, right = _first_last(cols)
+    boxes = torch.stack([left, top, right, bottom], dim=-1)
+    return boxes * (rows.amax(-1) > 0).unsqueeze(-1)  # an empty mask: [0, 0, 0, 0], as stock
+
+
+def _first_last(line: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the first and the last 1 along the last dim of a 0/1 uint8 tensor (argmax gives the first maximum)."""
+    n = line.shape[-1]
+    return line.argmax(-1), (n - 1) - line.flip(-1).argmax(-1)
 
 
 @dataclass(frozen=True)
@@ -167,7 +225,8 @@ def decode_steps(
 
     Yields:
         {"iou_preds": (m,), "points": (m, 2) float64, "stability_score": (m,), "masks": (m, h, w) bool}
-        in stock's order (point-major, then mask).
+        in stock's order (point-major, then mask). "masks" may be a reused buffer: use it (or
+        copy it) before asking for the next step.
     """
     model = predictor.model
     transformed_points = predictor.transform.apply_coords(points, im_size)
@@ -176,7 +235,8 @@ def decode_steps(
     sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
     _, c, h, w = predictor.features.shape
     chunk = prompts_per_chunk(h * w, c, budget_bytes)
-    decode = decode or multimask_decode(predictor, budget_bytes)
+    work = workspace_for(predictor.features)  # the decoder's and these steps' tensors, kept while the image is set
+    decode = decode or multimask_decode(predictor, budget_bytes, work)
     threshold = model.mask_threshold
     out_h, out_w = predictor.original_size
     step = masks_per_step(out_h * out_w, budget_bytes)
@@ -193,14 +253,16 @@ def decode_steps(
             yield {"iou_preds": iou_preds, "points": point_rows, "stability_score": iou_preds.new_zeros(0), "masks": torch.zeros(0, out_h, out_w, dtype=torch.bool)}
         for s in range(0, low_res.shape[0], step):
             e = min(low_res.shape[0], s + step)
-            logits = upsample(model, low_res[None, s:e], predictor.input_size, predictor.original_size)[0]  # (m, h, w)
-            stability = calculate_stability_score(logits, threshold, filters.stability_score_offset)
-            keep = torch.ones_like(stability, dtype=torch.bool)
+            logits = upsample(model, low_res[None, s:e], predictor.input_size, predictor.original_size, work)[0]  # (m, h, w)
+            stability = stability_score(logits, threshold, filters.stability_score_offset, work)
+            masks = torch.gt(logits, threshold, out=work.take("d", tuple(logits.shape), logits, torch.bool))
+            del logits
             if filters.stability_score_thresh > 0.0:
                 keep = stability >= filters.stability_score_thresh
-            masks = logits[keep] > threshold
-            del logits
-            yield {"iou_preds": iou_preds[s:e][keep], "points": point_rows[s:e][keep], "stability_score": stability[keep], "masks": masks}
+                stability, masks = stability[keep], masks[keep]
+                yield {"iou_preds": iou_preds[s:e][keep], "points": point_rows[s:e][keep], "stability_score": stability, "masks": masks}
+            else:
+                yield {"iou_preds": iou_preds[s:e], "points": point_rows[s:e], "stability_score": stability, "masks": masks}
 
 
 @torch.no_grad()
@@ -238,11 +300,13 @@ def process_batch(
         masks = step.pop("masks")  # (m, h, w) bool: boxed, filtered and encoded now, then dropped
         if len(masks):
             masks_seen += len(masks)
-            boxes = batched_mask_to_box(masks)  # (m, 4) long
+            boxes = mask_boxes(masks)  # (m, 4) long
             keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
             step["boxes"] = boxes
-            step = {key: value[keep] for key, value in step.items()}
-            rles += mask_to_rle(uncrop_masks(masks[keep], crop_box, orig_h, orig_w))
+            if not bool(keep.all()):
+                step = {key: value[keep] for key, value in step.items()}
+                masks = masks[keep]
+            rles += mask_to_rle(uncrop_masks(masks, crop_box, orig_h, orig_w))
         del masks
         for key, value in step.items():
             rows[key].append(value)
@@ -269,7 +333,7 @@ def postprocess_small_regions(mask_data: MaskData, min_area: int, nms_thresh: fl
         mask, changed = remove_small_regions(mask, min_area, mode="islands")
         unchanged = unchanged and not changed
         mask_t = torch.as_tensor(mask).unsqueeze(0)
-        boxes.append(batched_mask_to_box(mask_t)[0])
+        boxes.append(mask_boxes(mask_t)[0])
         scores.append(float(unchanged))
         if not unchanged:
             new_rles[i] = mask_to_rle(mask_t)[0]
@@ -283,4 +347,4 @@ def postprocess_small_regions(mask_data: MaskData, min_area: int, nms_thresh: fl
     return mask_data
 
 
-__all__ = ["RunLengths", "mask_to_rle", "masks_per_step", "postprocess_small_regions", "process_batch"]
+__all__ = ["RunLengths", "mask_boxes", "mask_to_rle", "masks_per_step", "postprocess_small_regions", "process_batch", "stability_score"]

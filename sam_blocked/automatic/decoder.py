@@ -24,7 +24,7 @@ its image-side tensors fit `budget_bytes`; never a copy of the image per prompt 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,87 @@ LAYER_TENSORS = 4
 # the upscaling holds, per prompt, 2 x (4 h*w, C/4) then 2 x (16 h*w, C/8) activations and the masks
 UPSCALE_TENSORS = 2 * 4 / 4 + 2 * 16 / 8 + 1
 DEFAULT_DECODER_BYTES = 64 * 2**20
+
+
+class Workspace:
+    """Buffers reused from step to step, so that a step does not take fresh memory from the system.
+
+    glibc hands blocks of tens of MiB back to the system when they are freed (or maps them
+    afresh), and the CPU then takes a page fault for every 4 KiB written into the next one:
+    a chunk of the decoder and a step of the post-processing allocate ~100 MiB each, and the
+    faults were a fifth of the automatic path's time. A buffer taken again is already mapped.
+    The results are the same: the same aten ops write into the buffers (their .out forms).
+    The workspace of an image also keeps what the decoder computes once per image.
+
+    Buffers are bytes, named by slot. A phase (a transformer layer, an upscaling step, a
+    post-processing step) takes its tensors from slots its inputs are not in, and what it
+    returns is freshly allocated unless it says which slot holds it. The phases run one after
+    another and share the slots, so the workspace holds about one phase's peak:
+
+    | slot | transformer   | upscaling   | post-processing                      |
+    |------|---------------|-------------|--------------------------------------|
+    | a    | keys + pe     | 2nd conv    | logits at the image's size           |
+    | b    | x + attention | 1st conv    | logits at the model's (when resized) |
+    | c    |               |             | comparisons                          |
+    | d    | scores        |             | masks                                |
+    | e    | softmax       | mask logits |                                      |
+
+    (Layer norms write fresh tensors: aten's layer norm has no form that writes into a buffer.)
+
+    A slot grows to its largest request and is freed with the workspace.
+    """
+
+    def __init__(self) -> None:
+        self.slots: dict[str, Tensor] = {}
+        self._image: Optional[tuple[Tensor, Any]] = None
+
+    def image_side(self, dense: Tensor, make: Callable[[], Any]) -> Any:
+        """make(): what the decoder computes once per image (the first layer's image side),
+        kept while the dense prompt embedding is the same; the workspace is the image's
+        (workspace_for), so the image cannot change under it."""
+        if self._image is None or self._image[0].shape != dense.shape or not torch.equal(self._image[0], dense):
+            self._image = None
+            self._image = (dense.clone(), make())
+        return self._image[1]
+
+    def take(self, slot: str, shape: tuple[int, ...], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """A contiguous `shape` tensor in `slot` (like's dtype unless given, on like's
+        device), over whatever the slot held before."""
+        dtype = dtype or like.dtype
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        buf = self.slots.get(slot)
+        if buf is None or buf.numel() < size or buf.device != like.device:
+            self.slots.pop(slot, None)
+            buf = self.slots[slot] = torch.empty(size, dtype=torch.uint8, device=like.device)
+        return buf[:size].view(dtype).view(shape)
+
+
+def workspace_for(features: Tensor) -> Workspace:
+    """The Workspace of one image embedding: kept on the tensor itself, so that it lives as
+    long as the image is set (SamPredictor.reset_image or the next set_image frees both)."""
+    work = getattr(features, "_sam_blocked_workspace", None)
+    if work is None:
+        work = Workspace()
+        features._sam_blocked_workspace = work
+    return work
+
+
+def _out(work: Optional[Workspace], name: str, shape: tuple[int, ...], like: Tensor) -> Optional[Tensor]:
+    return None if work is None else work.take(name, tuple(shape), like)
+
+
+def _softmax(x: Tensor, dim: int, work: Optional[Workspace], name: str) -> Tensor:
+    """torch.softmax(x, dim), into slot `name` when there is a workspace (aten._softmax, as torch.softmax calls)."""
+    if work is None:
+        return torch.softmax(x, dim=dim)
+    return torch.ops.aten._softmax.out(x, dim, False, out=work.take(name, tuple(x.shape), x))
+
+
+def _gelu(act: nn.Module, x: Tensor) -> Tensor:
+    """act(x) on a tensor nothing else reads: an nn.GELU in place (the same values, no new tensor)."""
+    if type(act) is nn.GELU:
+        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    return act(x)
 
 
 def decoder_reasons(decoder: nn.Module) -> list[str]:
@@ -101,6 +182,7 @@ def predict_masks(
     dense_prompt_embeddings: Tensor,
     mask_tokens: Optional[slice] = None,
     budget_bytes: Optional[int] = None,
+    work: Optional[Workspace] = None,
 ) -> tuple[Tensor, Tensor]:
     """MaskDecoder.predict_masks for B prompts on one image, to float rounding.
 
@@ -113,6 +195,8 @@ def predict_masks(
             along B, as the prompt encoder returns without mask prompts) counts as one.
         mask_tokens: which masks to compute (forward's slice); None: all of them.
         budget_bytes: bytes for one chunk of prompts' image-side tensors.
+        work: slots to reuse from chunk to chunk and from call to call (a caller decoding
+            many chunks keeps one); None: each chunk allocates its own tensors.
 
     Returns:
         masks (B, M, 4h, 4w) logits and iou_pred (B, M), M the masks of `mask_tokens`.
@@ -124,8 +208,12 @@ def predict_masks(
     dense = dense_prompt_embeddings
     if dense.shape[0] == 1 or dense.stride(0) == 0:
         dense = dense[:1]
-    x = (image_embeddings + dense).flatten(2).transpose(1, 2)  # (1 or B, hw, C)
     pe = image_pe.flatten(2).transpose(1, 2)  # (1, hw, C)
+    first = None
+    if dense.shape[0] == 1 and work is not None:  # one image side for every prompt: its first-layer projections once per image
+        x, first = work.image_side(dense, lambda: _shared_first_layer(decoder.transformer, (image_embeddings + dense).flatten(2).transpose(1, 2), pe))
+    else:
+        x = (image_embeddings + dense).flatten(2).transpose(1, 2)  # (1 or B, hw, C)
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # (1 + M, C)
     tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings), dim=1)  # (B, T, C)
     selected = range(decoder.num_mask_tokens)[mask_tokens or slice(None)]
@@ -134,39 +222,71 @@ def predict_masks(
     for start in range(0, b, chunk):
         stop = min(b, start + chunk)
         xs = x if x.shape[0] == 1 else x[start:stop]
-        hs, keys = two_way_transformer(decoder.transformer, xs, pe, tokens[start:stop])  # (b', T, C), (b', hw, C)
+        hs, keys = two_way_transformer(decoder.transformer, xs, pe, tokens[start:stop], work, first)  # (b', T, C), (b', hw, C)
         hyper = torch.stack([decoder.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in selected], dim=1)  # (b', M, C/8)
-        masks.append(upscale_masks(decoder.output_upscaling, keys, hyper, h, w, budget_bytes))
+        masks.append(upscale_masks(decoder.output_upscaling, keys, hyper, h, w, budget_bytes, work))
         ious.append(decoder.iou_prediction_head(hs[:, 0])[:, list(selected)])
         del keys
     return torch.cat(masks), torch.cat(ious)
 
 
-def two_way_transformer(transformer: nn.Module, x: Tensor, pe: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+def _shared_first_layer(transformer: nn.Module, x: Tensor, pe: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """x and the first layer's projections of it when x (1, N, C) is every prompt's image side:
+    the token-to-image keys and values and the image-to-token queries (two_way_transformer's `first`)."""
+    layer = transformer.layers[0]
+    t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    x_pe = x + pe
+    k, v = _shared_kv(t2i, x, x_pe)
+    return x, {"kv": (k, v), "q": _shared_q(i2t, x_pe)}
+
+
+def _shared_kv(attn: nn.Module, x: Tensor, x_pe: Tensor) -> tuple[Tensor, Tensor]:
+    heads, d = _heads(attn)
+    k = attn.k_proj(x_pe).view(1, -1, heads, d).transpose(1, 2)  # (1, H, N, d)
+    v = attn.v_proj(x).view(1, -1, heads, d).transpose(1, 2)  # (1, H, N, d)
+    return k, v
+
+
+def _shared_q(attn: nn.Module, x_pe: Tensor) -> Tensor:
+    heads, d = _heads(attn)
+    return attn.q_proj(x_pe).view(1, -1, heads, d).permute(0, 2, 3, 1)  # (1, H, d, N)
+
+
+def two_way_transformer(
+    transformer: nn.Module, x: Tensor, pe: Tensor, tokens: Tensor, work: Optional[Workspace] = None, first: Optional[dict[str, Any]] = None
+) -> tuple[Tensor, Tensor]:
     """TwoWayTransformer.forward on channel-last image tokens.
 
     Args:
         x: (1 or B, hw, C) image tokens (1: the same image side for every prompt).
         pe: (1, hw, C) their positional encoding.
         tokens: (B, T, C) output and prompt tokens (also their positional encoding, as in stock).
+        work: slots for the image-side tensors (a, b, d, e).
+        first: the first layer's projections of a shared x (_shared_first_layer), made once per image.
 
     Returns:
         queries (B, T, C) and keys (B, hw, C), as stock returns them.
     """
     queries, keys = tokens, x
-    for layer in transformer.layers:
+    for i, layer in enumerate(transformer.layers):
+        made = first if i == 0 else None
         if layer.skip_first_layer_pe:
             queries = layer.self_attn(q=queries, k=queries, v=queries)
         else:
             q = queries + tokens
             queries = queries + layer.self_attn(q=q, k=q, v=queries)
         queries = layer.norm1(queries)
-        keys_pe = keys + pe  # (1 or B, N, C): the keys both cross attentions of this layer read
-        queries = layer.norm2(queries + token_to_image(layer.cross_attn_token_to_image, queries + tokens, keys, keys_pe))
+        # (1 or B, N, C): the keys both cross attentions of this layer read (made: projected already)
+        keys_pe = None if made else torch.add(keys, pe, out=_out(work, "a", keys.shape, keys))
+        t2i = token_to_image(layer.cross_attn_token_to_image, queries + tokens, keys, keys_pe, work, made and made["kv"])
+        queries = layer.norm2(queries + t2i)
         queries = layer.norm3(queries + layer.mlp(queries))
-        keys = layer.norm4(image_to_token(layer.cross_attn_image_to_token, keys, keys_pe, queries + tokens, queries))
+        i2t = image_to_token(layer.cross_attn_image_to_token, keys, keys_pe, queries + tokens, queries, work, made and made["q"])
+        keys = layer.norm4(i2t)  # a fresh tensor: aten's layer norm has no form that writes into a buffer
+        del i2t
         del keys_pe
-    queries = transformer.norm_final_attn(queries + token_to_image(transformer.final_attn_token_to_image, queries + tokens, keys, keys + pe))
+    keys_pe = torch.add(keys, pe, out=_out(work, "a", keys.shape, keys))
+    queries = transformer.norm_final_attn(queries + token_to_image(transformer.final_attn_token_to_image, queries + tokens, keys, keys_pe, work))
     return queries, keys
 
 
@@ -174,12 +294,14 @@ def _heads(attn: nn.Module) -> tuple[int, int]:
     return attn.num_heads, attn.q_proj.out_features // attn.num_heads
 
 
-def token_to_image(attn: nn.Module, q_in: Tensor, x: Tensor, x_pe: Tensor) -> Tensor:
+def token_to_image(attn: nn.Module, q_in: Tensor, x: Tensor, x_pe: Optional[Tensor], work: Optional[Workspace] = None, kv: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
     """Attention(q=q_in, k=x_pe, v=x) of segment_anything's transformer (x_pe = x + pe).
 
     Args:
         q_in: (B, T, C) prompt-side queries.
         x: (1 or B, N, C) image tokens; x_pe: the same plus their positional encoding.
+        work: slots for the scores (d, e).
+        kv: for a shared x (1, N, C), its keys and values projected already (_shared_kv); x_pe unused then.
 
     Returns:
         (B, T, C), after out_proj.
@@ -188,30 +310,37 @@ def token_to_image(attn: nn.Module, q_in: Tensor, x: Tensor, x_pe: Tensor) -> Te
     b, t, _ = q_in.shape
     q = attn.q_proj(q_in).view(b, t, heads, d).transpose(1, 2)  # (B, H, T, d)
     if x.shape[0] == 1:  # one image side for all: stock's arithmetic, projected once
-        k = attn.k_proj(x_pe).view(1, -1, heads, d).transpose(1, 2)  # (1, H, N, d)
-        v = attn.v_proj(x).view(1, -1, heads, d).transpose(1, 2)  # (1, H, N, d)
-        scores = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(d), dim=-1)  # (B, H, T, N)
-        out = scores @ v  # (B, H, T, d)
+        k, v = kv or _shared_kv(attn, x, x_pe)  # (1, H, N, d) each
+        # prompt by prompt: a broadcast (B, H, T, d) @ (1, H, d, N) would copy k (and v) per prompt
+        scores = x.new_empty(b, heads, t, x.shape[1]) if work is None else work.take("d", (b, heads, t, x.shape[1]), x)
+        for i in range(b):
+            torch.matmul(q[i], k[0].transpose(-1, -2), out=scores[i])  # (H, T, N)
+        scores = _softmax(scores.div_(math.sqrt(d)), -1, work, "e")  # (B, H, T, N)
+        out = torch.stack([scores[i] @ v[0] for i in range(b)])  # (B, H, T, d)
     else:
         c = x.shape[-1]
         wk = attn.k_proj.weight.view(heads, d, c)
         wv = attn.v_proj.weight.view(heads, d, c)
         qk = (q @ wk).reshape(b, heads * t, c)  # (B, H*T, C); q.bk is the same for every key: softmax drops it
-        scores = torch.bmm(qk, x_pe.transpose(1, 2)) / math.sqrt(d)  # (B, H*T, N)
-        scores = torch.softmax(scores, dim=-1)
+        scores = torch.bmm(qk, x_pe.transpose(1, 2), out=_out(work, "d", (b, heads * t, x.shape[1]), x))  # (B, H*T, N)
+        scores = _softmax(scores.div_(math.sqrt(d)), -1, work, "e")
         ax = torch.bmm(scores, x).view(b, heads, t, c)  # (B, H, T, C)
         del scores
         out = ax @ wv.transpose(1, 2) + attn.v_proj.bias.view(heads, 1, d)  # (B, H, T, d)
     return attn.out_proj(out.transpose(1, 2).reshape(b, t, heads * d))
 
 
-def image_to_token(attn: nn.Module, x: Tensor, x_pe: Tensor, k_in: Tensor, v_in: Tensor) -> Tensor:
+def image_to_token(
+    attn: nn.Module, x: Tensor, x_pe: Optional[Tensor], k_in: Tensor, v_in: Tensor, work: Optional[Workspace] = None, q: Optional[Tensor] = None
+) -> Tensor:
     """x + Attention(q=x_pe, k=k_in, v=v_in) of segment_anything's transformer: the residual
     sum the two-way block normalises next (x_pe = x + pe).
 
     Args:
         x: (1 or B, N, C) image tokens; x_pe: the same plus their positional encoding.
         k_in, v_in: (B, T, C) prompt-side keys and values.
+        work: slots; the result is then in slot "b".
+        q: for a shared x (1, N, C), its queries projected already (_shared_q); x_pe unused then.
 
     Returns:
         (B, N, C).
@@ -227,27 +356,31 @@ def image_to_token(attn: nn.Module, x: Tensor, x_pe: Tensor, k_in: Tensor, v_in:
     # The scores are built transposed, (B, H, T, N): the softmax over a prompt's T (~7) tokens
     # then runs along dim 2 with the N image tokens contiguous, several times faster on the
     # CPU than over a last dimension of 7.
+    n = x.shape[1]
     if x.shape[0] == 1:
-        q = attn.q_proj(x_pe).view(1, -1, heads, d).permute(0, 2, 3, 1)  # (1, H, d, N), once for all prompts
-        scores = k @ q  # (B, H, T, N)
+        q = _shared_q(attn, x_pe) if q is None else q  # (1, H, d, N), once for all prompts
+        scores = x.new_empty(b, heads, t, n) if work is None else work.take("d", (b, heads, t, n), x)
+        for i in range(b):  # prompt by prompt, not a broadcast that copies q per prompt
+            torch.matmul(k[i], q[0], out=scores[i])  # (H, T, N)
     else:
         wq = attn.q_proj.weight.view(heads, d, c)
         m = (k @ wq).reshape(b, heads * t, c)  # (B, H*T, C): k_h Wq_h
         bias = (k @ attn.q_proj.bias.view(heads, d, 1)).reshape(b, heads * t, 1)  # (B, H*T, 1): k_h bq_h
-        scores = torch.baddbmm(bias, m, x_pe.transpose(1, 2)).view(b, heads, t, -1)  # (B, H, T, N)
-    scores = torch.softmax(scores / math.sqrt(d), dim=2).view(b, heads * t, -1)  # (B, H*T, N), over each head's T
-    return torch.baddbmm(x.expand(b, -1, -1), scores.transpose(1, 2), vo)  # (B, N, C): x + attention
+        scores = torch.baddbmm(bias, m, x_pe.transpose(1, 2), out=_out(work, "d", (b, heads * t, n), x)).view(b, heads, t, n)  # (B, H, T, N)
+    scores = _softmax(scores.div_(math.sqrt(d)), 2, work, "e").view(b, heads * t, n)  # (B, H*T, N), over each head's T
+    return torch.baddbmm(x.expand(b, -1, -1), scores.transpose(1, 2), vo, out=_out(work, "b", (b, n, c), x))  # (B, N, C): x + attention
 
 
-def upscale_masks(upscaling: nn.Sequential, keys: Tensor, hyper: Tensor, h: int, w: int, budget_bytes: Optional[int]) -> Tensor:
+def upscale_masks(upscaling: nn.Sequential, keys: Tensor, hyper: Tensor, h: int, w: int, budget_bytes: Optional[int], work: Optional[Workspace] = None) -> Tensor:
     """hyper @ output_upscaling(keys as (B, C, h, w)), a few prompts at a time.
 
     Args:
         keys: (B, hw, C) the transformer's image side.
         hyper: (B, M, C/8) the hypernetworks' outputs.
+        work: slots for the activations (a, b, e).
 
     Returns:
-        (B, M, 4h, 4w) mask logits.
+        (B, M, 4h, 4w) mask logits, freshly allocated.
     """
     conv1, norm, act1, conv2, act2 = upscaling
     b, n, c = keys.shape
@@ -261,12 +394,13 @@ def upscale_masks(upscaling: nn.Sequential, keys: Tensor, hyper: Tensor, h: int,
     step = upscale_per_chunk(n, c, budget_bytes)
     for s in range(0, b, step):
         e = min(b, s + step)
-        y = torch.addmm(b1, keys[s:e].reshape(-1, c), w1).view(-1, c1)  # ((b'', h, w, a, b'), C1)
-        y = act1(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
-        y = act2(torch.addmm(b2, y, w2))  # ((b'', h, w, a, b'), (c', e, C2))
+        rows = (e - s) * n
+        y = torch.addmm(b1, keys[s:e].reshape(-1, c), w1, out=_out(work, "b", (rows, 4 * c1), keys)).view(-1, c1)  # ((b'', h, w, a, b'), C1)
+        y = _gelu(act1, F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
+        y = _gelu(act2, torch.addmm(b2, y, w2, out=_out(work, "a", (rows * 4, 4 * c2), keys)))  # ((b'', h, w, a, b'), (c', e, C2))
         y = y.view(e - s, n * 16, c2)
-        logits = torch.bmm(y, hyper[s:e].transpose(1, 2))  # (b'', (h, w, a, b', c', e), M)
+        logits = torch.bmm(y, hyper[s:e].transpose(1, 2), out=_out(work, "e", (e - s, n * 16, m), keys))  # (b'', (h, w, a, b', c', e), M)
         del y
         logits = logits.view(e - s, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)  # (b'', M, h, a, c', w, b', e)
-        out[s:e] = logits.reshape(e - s, m, 4 * h, 4 * w)  # row 4i + 2a + c', column 4j + 2b' + e
+        out[s:e].view(e - s, m, h, 2, 2, w, 2, 2).copy_(logits)  # row 4i + 2a + c', column 4j + 2b' + e
     return out

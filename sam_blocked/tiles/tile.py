@@ -35,7 +35,7 @@ from segment_anything import SamPredictor
 from segment_anything.utils.amg import MaskData, batch_iterator, batched_mask_to_box, remove_small_regions
 from torchvision.ops.boxes import batched_nms
 
-from sam_blocked.automatic.batch import Filters, decode_steps
+from sam_blocked.automatic.batch import Filters, decode_steps, mask_boxes
 from sam_blocked.automatic.generator import decoder_budget_mb
 from sam_blocked.automatic.decoder import budget_bytes
 from sam_blocked.masks import prompt_masks
@@ -197,7 +197,7 @@ def _decode_points(predictor: SamPredictor, points: np.ndarray, size: tuple[int,
         keep = masks.flatten(1).any(dim=1)  # an empty mask has no box, no crop
         part = MaskData(**{key: value[keep].cpu() for key, value in step.items()})  # small; NMS and stitching run on the CPU
         masks = masks[keep]
-        part["boxes"] = batched_mask_to_box(masks).long().cpu()  # (M, 4) x0, y0, x1, y1 inclusive (zeros when M = 0)
+        part["boxes"] = mask_boxes(masks).long().cpu()  # (M, 4) x0, y0, x1, y1 inclusive (zeros when M = 0)
         # Candidates wait for the tile's NMS as bits: 1/8 of a byte a pixel (3 x points_per_side**2 of them, up to tile size each).
         crops = (m[b[1] : b[3] + 1, b[0] : b[2] + 1].cpu().numpy() for m, b in zip(masks, part["boxes"].tolist()))
         part["crops"] = [(np.packbits(c), c.shape) for c in crops]
