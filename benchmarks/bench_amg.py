@@ -8,11 +8,14 @@ generation after the encoder (the decoder and SAM's post-processing) on the same
 - stock: SamAutomaticMaskGenerator as segment_anything ships it;
 - blocked: sam_blocked.automatic.BlockedMaskGenerator (the switch installs the same steps).
 
-Each row has both times, the encoder's time, the extra peak of CPU tensors (the allocator's
+Each row has both times split into the mask decoder and the post-processing after it
+(DecoderClock), the encoder's time, the extra peak of CPU tensors (the allocator's
 view, sam_blocked.memory.measure.tensor_peak_bytes) of the encoder and of each generator, and
 whether the records are the same (tests/automatic_oracle.py's rule, without stock's logits:
 pixel flips counted, not located). `--stock-batches N` times stock on its first N point
 batches only and scales to all of them (the row says so); memory is measured on those too.
+`--stock-points-per-batch N` runs stock with smaller batches where 64 would not fit in RAM
+(the row says so; its peak is then per N points, and stock's masks are the same).
 
     python benchmarks/bench_amg.py                                     # 1024 px, 16 points per side, both filter sets
     python benchmarks/bench_amg.py --sizes 512 1024 --points 16 32 --filters zero
@@ -38,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, gemm_rate, machine_info, machine_label, machine_slug, print_result, read_rows, write_rows  # noqa: E402
 
 FIELDS = ["machine", "device", "model", "input_px", "img_size", "points_per_side", "filters", "encoder_s", "stock_s", "blocked_s", "speedup",
-          "stock_batches_timed", "batches", "encoder_peak_mib", "stock_peak_mib", "blocked_peak_mib", "peak_vs_encoder",
+          "stock_decoder_s", "stock_post_s", "blocked_decoder_s", "blocked_post_s",
+          "stock_points_per_batch", "stock_batches_timed", "batches", "encoder_peak_mib", "stock_peak_mib", "blocked_peak_mib", "peak_vs_encoder",
           "records", "same_records", "flipped_pixels", "gemm_gflops", "floor_s", "blocked_vs_floor"]  # fmt: skip
 FILTERS = {"default": dict(pred_iou_thresh=0.88, stability_score_thresh=0.95), "zero": dict(pred_iou_thresh=0.0, stability_score_thresh=0.0)}
 
@@ -72,6 +76,48 @@ def decoder_flops(points: int, tokens: int) -> float:
     attention = 7 * 2 * 56 * tokens * 256
     upscale = 2 * tokens * 256 * 256 + 2 * 4 * tokens * 64 * 128 + 2 * 16 * tokens * 32 * 4
     return points * (attention + upscale)
+
+
+class DecoderClock:
+    """Seconds spent in the mask decoder during a generate() call: stock's MaskDecoder module
+    (forward hooks) and sam_blocked.automatic's predict_masks (wrapped where batch.py calls it).
+    The rest of mask generation after the encoder is the post-processing (prompt encoding,
+    upsampling, filters, boxes, RLE, NMS)."""
+
+    def __init__(self, sam, device: str):
+        self.sam, self.device, self.seconds, self._start = sam, device, 0.0, None
+
+    def _sync(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self):
+        from sam_blocked.automatic import batch
+
+        def pre(*_):
+            self._sync()
+            self._start = time.perf_counter()
+
+        def post(*_):
+            self._sync()
+            self.seconds += time.perf_counter() - self._start
+
+        self._hooks = [self.sam.mask_decoder.register_forward_pre_hook(pre), self.sam.mask_decoder.register_forward_hook(post)]
+        self._batch, self._predict = batch, batch.predict_masks
+
+        def timed_predict(*args, **kwargs):
+            pre()
+            result = self._predict(*args, **kwargs)
+            post()
+            return result
+
+        batch.predict_masks = timed_predict
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+        self._batch.predict_masks = self._predict
 
 
 def tensor_peak(device: str, fn) -> tuple[object, int]:
@@ -120,23 +166,28 @@ def run(args, size: int, points: int, filters: str, info: dict) -> dict:
         _, encoder_peak = tensor_peak(device, lambda: predictor.set_image(image))
     embedding, input_size = predictor.features, predictor.input_size
     settings = dict(points_per_side=points, points_per_batch=64, output_mode="uncompressed_rle", **FILTERS[filters])
-    batches = math.ceil(points * points / 64)
+    stock_ppb = args.stock_points_per_batch
+    batches = math.ceil(points * points / stock_ppb)  # stock's
     stock_batches = min(batches, args.stock_batches or batches)
 
     def generate(cls, limit=None):
-        generator = cls(sam, **settings)
+        ppb = stock_ppb if cls is SamAutomaticMaskGenerator else 64
+        generator = cls(sam, **{**settings, "points_per_batch": ppb})
         install(generator, embedding, image.shape[:2], input_size)
-        if limit is not None and limit < batches:
-            generator.point_grids = [generator.point_grids[0][: 64 * limit]]
+        if limit is not None and limit < batches:  # stock's first `limit` batches' points
+            generator.point_grids = [generator.point_grids[0][: stock_ppb * limit]]
         if cls is SamAutomaticMaskGenerator:  # stock's decoder too: patch_sam also patched the MaskDecoder
             with stock_layers(sam):
                 return generator.generate(image)
         return generator.generate(image)
 
     with torch.inference_mode():
-        stock, stock_s = timed(device, lambda: generate(SamAutomaticMaskGenerator, stock_batches))
+        with DecoderClock(sam, device) as stock_clock:
+            stock, stock_s = timed(device, lambda: generate(SamAutomaticMaskGenerator, stock_batches))
         stock_s *= batches / stock_batches
-        blocked, blocked_s = timed(device, lambda: generate(BlockedMaskGenerator))
+        stock_decoder_s = stock_clock.seconds * batches / stock_batches
+        with DecoderClock(sam, device) as blocked_clock:
+            blocked, blocked_s = timed(device, lambda: generate(BlockedMaskGenerator))
         _, stock_peak = tensor_peak(device, lambda: generate(SamAutomaticMaskGenerator, 1))
         blocked_same, blocked_peak = tensor_peak(device, lambda: generate(BlockedMaskGenerator, stock_batches))
     same, flipped = compare(stock, blocked if stock_batches == batches else blocked_same)
@@ -146,7 +197,9 @@ def run(args, size: int, points: int, filters: str, info: dict) -> dict:
     row = {
         "machine": machine_label(info), "device": device, "model": args.model_type, "input_px": sam.image_encoder.img_size, "img_size": size, "points_per_side": points, "filters": filters,
         "encoder_s": f"{encoder_s:.2f}", "stock_s": f"{stock_s:.2f}", "blocked_s": f"{blocked_s:.2f}", "speedup": f"{stock_s / blocked_s:.2f}",
-        "stock_batches_timed": stock_batches, "batches": batches,
+        "stock_decoder_s": f"{stock_decoder_s:.2f}", "stock_post_s": f"{stock_s - stock_decoder_s:.2f}",
+        "blocked_decoder_s": f"{blocked_clock.seconds:.2f}", "blocked_post_s": f"{blocked_s - blocked_clock.seconds:.2f}",
+        "stock_points_per_batch": stock_ppb, "stock_batches_timed": stock_batches, "batches": batches,
         "encoder_peak_mib": f"{encoder_peak / 2**20:.0f}", "stock_peak_mib": f"{stock_peak / 2**20:.0f}", "blocked_peak_mib": f"{blocked_peak / 2**20:.0f}",
         "peak_vs_encoder": f"{blocked_peak / encoder_peak:.2f}", "records": len(stock), "same_records": same, "flipped_pixels": flipped,
         "gemm_gflops": f"{rate / 1e9:.0f}", "floor_s": f"{floor:.2f}", "blocked_vs_floor": f"{(encoder_s + blocked_s) / floor:.2f}",
@@ -177,6 +230,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model-type", default="vit_b")
     parser.add_argument("--img-size", type=int, default=1024, help="the model's input size (SAM's: 1024)")
     parser.add_argument("--stock-batches", type=int, default=None, help="time stock on this many point batches and scale (default: all)")
+    parser.add_argument("--stock-points-per-batch", type=int, default=64,
+                        help="stock's points_per_batch (default: SAM's 64, as sam_blocked's). Its masks do not depend on it; "
+                             "fewer let stock fit in RAM at 4096 px (a batch of 64 upsamples 192 float masks to the image: ~13 GB)")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None, help="the CSV (default: benchmarks/results/amg_<machine>.csv)")
     parser.add_argument("--out-dir", type=Path, default=None, help="write amg_<machine>.csv here instead")
@@ -196,7 +252,7 @@ def main(argv=None) -> int:
                 row = run(args, size, points, filters, info)
                 print_result(row)
                 rows = [r for r in rows if (r["device"], r["model"], int(r["input_px"]), int(r["img_size"]), int(r["points_per_side"]), r["filters"]) != (row["device"], row["model"], row["input_px"], size, points, filters)] + [row]
-                write_rows(out, rows, FIELDS)
+                write_rows(out, rows, FIELDS, order=lambda r: (r["device"], r["model"], int(r["input_px"]), int(r["img_size"]), int(r["points_per_side"]), r["filters"]))
     plot(rows, out.with_suffix(".png"), machine_label(info))
     print(f"wrote {out}")
     return 0

@@ -51,7 +51,7 @@ class RunSummary:
         for unit in units:
             worker = self.workers.setdefault(
                 unit.worker,
-                {"worker": unit.worker, "node": unit.node, "node_ip": unit.node_ip, "pids": [], "restarts": 0, "device": unit.device, "images": 0, "tiles": 0, "busy_seconds": 0.0},
+                {"worker": unit.worker, "node": unit.node, "node_ip": unit.node_ip, "pids": [], "restarts": 0, "device": unit.device, "threads": unit.threads, "images": 0, "tiles": 0, "busy_seconds": 0.0},
             )
             if unit.pid is not None and unit.pid not in worker["pids"]:
                 worker["pids"].append(unit.pid)  # more than one: the worker died and was restarted

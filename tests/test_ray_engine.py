@@ -161,9 +161,21 @@ def test_both_nodes_did_work_and_the_summary_says_who_did_what(runs, cluster):
     assert sum(w["images"] for w in workers) == 6, "five images done and the truncated one tried, each once"
     nodes = {node.node_id[:12] for node in cluster.list_all_nodes()}
     assert {w["node"] for w in workers} == nodes
+    # the thread rule (engines.ray.worker_threads): --cpus-per-worker 1 on nodes of 1 CPU, one
+    # torch thread per worker, so a node's workers never run more threads than it has CPUs
+    cpus = {node.node_id[:12]: 1 for node in cluster.list_all_nodes()}
+    assert all(w["threads"] == 1 for w in workers), [w["threads"] for w in workers]
+    for node in nodes:
+        assert sum(w["threads"] for w in workers if w["node"] == node) <= cpus[node]
     for entry in summary["done"]:
         assert len(entry["workers"]) == 1 and set(entry["nodes"]) <= nodes
     assert "tiny with seeded random weights" in summary["settings"]["model"] and summary["settings"]["random_weights"] is True
+
+
+def test_worker_threads_are_the_whole_cpus_ray_reserves():
+    from sam_blocked.engines.ray import worker_threads
+
+    assert [worker_threads(c) for c in (0.25, 0.5, 1, 1.5, 2, 3.99, 8)] == [1, 1, 1, 1, 2, 3, 8]
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ from segment_anything.utils.amg import (
 from torchvision.ops.boxes import batched_nms
 
 from sam_blocked.attention.common import FP32_BYTES
-from sam_blocked.automatic.decoder import DEFAULT_DECODER_BYTES, LAYER_TENSORS, Workspace, decoder_reasons, predict_masks, prompts_per_chunk, upscale_per_chunk, workspace_for
+from sam_blocked.automatic.decoder import DEFAULT_DECODER_BYTES, LAYER_TENSORS, Workspace, decoder_reasons, predict_masks, prompts_per_chunk, upscale_per_chunk
 
 # per full-size mask in the post-processing: float32 logits at the model's input size and at
 # the image size, the comparisons and the bool mask (padded to the image when in a crop)
@@ -235,7 +235,7 @@ def decode_steps(
     sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
     _, c, h, w = predictor.features.shape
     chunk = prompts_per_chunk(h * w, c, budget_bytes)
-    work = workspace_for(predictor.features)  # the decoder's and these steps' tensors, kept while the image is set
+    work = Workspace()  # the decoder's and these steps' tensors, and the first layer's image side, for this batch
     decode = decode or multimask_decode(predictor, budget_bytes, work)
     threshold = model.mask_threshold
     out_h, out_w = predictor.original_size

@@ -50,7 +50,7 @@ class Workspace:
     a chunk of the decoder and a step of the post-processing allocate ~100 MiB each, and the
     faults were a fifth of the automatic path's time. A buffer taken again is already mapped.
     The results are the same: the same aten ops write into the buffers (their .out forms).
-    The workspace of an image also keeps what the decoder computes once per image.
+    It also keeps what the decoder computes once per image (Workspace.image_side).
 
     Buffers are bytes, named by slot. A phase (a transformer layer, an upscaling step, a
     post-processing step) takes its tensors from slots its inputs are not in, and what it
@@ -72,16 +72,19 @@ class Workspace:
 
     def __init__(self) -> None:
         self.slots: dict[str, Tensor] = {}
-        self._image: Optional[tuple[Tensor, Any]] = None
+        self._image: Optional[tuple[tuple, Tensor, Any]] = None
 
-    def image_side(self, dense: Tensor, make: Callable[[], Any]) -> Any:
+    def image_side(self, image: Tensor, pe: Tensor, dense: Tensor, make: Callable[[], Any]) -> Any:
         """make(): what the decoder computes once per image (the first layer's image side),
-        kept while the dense prompt embedding is the same; the workspace is the image's
-        (workspace_for), so the image cannot change under it."""
-        if self._image is None or self._image[0].shape != dense.shape or not torch.equal(self._image[0], dense):
+        kept while it is asked for the same image and positional encoding (the same tensors,
+        unchanged since) and an equal dense prompt embedding. decode_steps keeps a workspace
+        for one batch of points on the image (or crop) set."""
+        key = (image, _version(image), pe, _version(pe))
+        kept = self._image
+        if kept is None or any(a is not b for a, b in zip(kept[0][::2], key[::2])) or kept[0][1::2] != key[1::2] or kept[1].shape != dense.shape or not torch.equal(kept[1], dense):
             self._image = None
-            self._image = (dense.clone(), make())
-        return self._image[1]
+            self._image = (key, dense.clone(), make())
+        return self._image[2]
 
     def take(self, slot: str, shape: tuple[int, ...], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
         """A contiguous `shape` tensor in `slot` (like's dtype unless given, on like's
@@ -95,14 +98,12 @@ class Workspace:
         return buf[:size].view(dtype).view(shape)
 
 
-def workspace_for(features: Tensor) -> Workspace:
-    """The Workspace of one image embedding: kept on the tensor itself, so that it lives as
-    long as the image is set (SamPredictor.reset_image or the next set_image frees both)."""
-    work = getattr(features, "_sam_blocked_workspace", None)
-    if work is None:
-        work = Workspace()
-        features._sam_blocked_workspace = work
-    return work
+def _version(t: Tensor) -> Optional[int]:
+    """t's in-place version counter (None for an inference tensor, which has none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _out(work: Optional[Workspace], name: str, shape: tuple[int, ...], like: Tensor) -> Optional[Tensor]:
@@ -211,7 +212,7 @@ def predict_masks(
     pe = image_pe.flatten(2).transpose(1, 2)  # (1, hw, C)
     first = None
     if dense.shape[0] == 1 and work is not None:  # one image side for every prompt: its first-layer projections once per image
-        x, first = work.image_side(dense, lambda: _shared_first_layer(decoder.transformer, (image_embeddings + dense).flatten(2).transpose(1, 2), pe))
+        x, first = work.image_side(image_embeddings, image_pe, dense, lambda: _shared_first_layer(decoder.transformer, (image_embeddings + dense).flatten(2).transpose(1, 2), pe))
     else:
         x = (image_embeddings + dense).flatten(2).transpose(1, 2)  # (1 or B, hw, C)
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # (1 + M, C)

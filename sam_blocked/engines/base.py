@@ -25,6 +25,7 @@ class UnitRecord:
         model: its model, as load_model describes it, where the worker loaded one itself.
         random_weights: whether that model has seeded random weights.
         restarts: how many times the worker had been restarted (it died) when it did this unit.
+        threads: the worker's torch threads (intra-op) when it did this unit.
     """
 
     worker: str
@@ -37,6 +38,7 @@ class UnitRecord:
     model: Optional[str] = None
     random_weights: Optional[bool] = None
     restarts: int = 0
+    threads: Optional[int] = None
 
 
 @dataclass

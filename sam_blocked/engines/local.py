@@ -7,6 +7,7 @@ import socket
 import time
 from typing import Any, Iterator, Optional, Sequence
 
+import torch
 from segment_anything.modeling import Sam
 
 from sam_blocked.engines.base import RunContext, UnitRecord
@@ -43,7 +44,7 @@ class LocalEngine:
 
             started = time.perf_counter()
             entry = segment_image(self.segmenter, job, outputs, context.log, on_tile, context.names)
-            unit = UnitRecord("local", node, "image", time.perf_counter() - started, pid=os.getpid(), device=device)
+            unit = UnitRecord("local", node, "image", time.perf_counter() - started, pid=os.getpid(), device=device, threads=torch.get_num_threads())
             yield job, entry, [unit]
 
     def close(self) -> None:

@@ -67,6 +67,17 @@ def import_ray() -> Any:
     return ray
 
 
+def worker_threads(cpus_per_worker: float) -> int:
+    """A Ray worker's torch threads: the whole CPUs Ray reserves for it, at least one.
+
+    Ray places workers on a node only while their num_cpus fit its CPUs, so with whole
+    CPUs per worker the workers of a node together run at most as many threads as the node
+    has CPUs: none of them waits at a parallel barrier on a thread that another worker's
+    thread has descheduled. A fraction (--cpus-per-worker 0.5) still gets one thread, so
+    such workers do share cores; give whole CPUs on a busy node."""
+    return max(1, math.floor(cpus_per_worker))
+
+
 class RayEngine:
     """Segment on a Ray cluster: one model per worker, images (or tiles) spread over the workers.
 
@@ -243,7 +254,7 @@ class RayEngine:
             "output": os.path.abspath(context.output),
             "attempts": self._attempts,
             "max_attempts": self.max_attempts,
-            "threads": max(1, math.floor(self.cpus_per_worker)),
+            "threads": worker_threads(self.cpus_per_worker),
             "names": context.names,
         }
         dataset = ray.data.from_items([{"unit": pickle.dumps(u)} for u in units], override_num_blocks=len(units))
@@ -336,7 +347,7 @@ class _HugeImage:
 
 
 def _record(result: dict[str, Any], kind: str) -> UnitRecord:
-    keys = ("node_ip", "pid", "device", "model", "random_weights", "restarts")
+    keys = ("node_ip", "pid", "device", "model", "random_weights", "restarts", "threads")
     return UnitRecord(result["worker"], result["node"], kind, result["seconds"], **{k: result.get(k) for k in keys})
 
 

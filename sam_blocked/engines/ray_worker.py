@@ -136,6 +136,7 @@ class SegmentWorker:
             "device": str(self.segmenter.device),
             "model": loaded.description,
             "random_weights": loaded.random_weights,
+            "threads": torch.get_num_threads(),
         }
         self._source: Optional[tuple[Path, ImageSource]] = None  # the image of the last tile, kept open
 
