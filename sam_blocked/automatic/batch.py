@@ -144,20 +144,26 @@ def upsample(model: Any, masks: torch.Tensor, input_size: tuple[int, ...], origi
     its own calls do (the same aten op), written into `out`'s slots when given, so that a
     step does not take fresh memory from the system; and when the image is the model's input
     size (a 1024 px image, a tile) the second interpolation is to the same size: for finite
-    logits that is the identity, exactly (weights 1 and 0), and is skipped. The result is a
-    view of `out`'s slot then: valid until its next use."""
+    logits that is the identity, exactly (weights 1 and 0), and is skipped. With `out`, an
+    image of another size goes through the model's size one mask at a time (each channel is
+    interpolated on its own either way), so that only one mask is held at the model's size
+    beside the step's masks at the image's. The result is then a view of `out`'s slot "a":
+    valid until its next use."""
     from segment_anything.modeling import Sam
 
     if getattr(type(model), "postprocess_masks", None) is not Sam.postprocess_masks:
         return model.postprocess_masks(masks, input_size, original_size)
     size = model.image_encoder.img_size
     same = tuple(input_size) == tuple(original_size) and bool(torch.isfinite(masks).all())
-    first = out.take("a" if same else "b", (*masks.shape[:-2], size, size), masks) if out is not None else None
-    masks = _bilinear(masks, (size, size), first)[..., : input_size[0], : input_size[1]]
-    if same:
-        return masks
-    second = out.take("a", (*masks.shape[:-2], *original_size), masks) if out is not None else None
-    return _bilinear(masks, tuple(original_size), second)
+    if out is None or same:
+        first = out.take("a", (*masks.shape[:-2], size, size), masks) if out is not None else None
+        masks = _bilinear(masks, (size, size), first)[..., : input_size[0], : input_size[1]]
+        return masks if same else _bilinear(masks, tuple(original_size), None)
+    result = out.take("a", (*masks.shape[:-2], *original_size), masks)
+    for j in range(masks.shape[1]):
+        one = _bilinear(masks[:, j : j + 1], (size, size), out.take("b", (masks.shape[0], 1, size, size), masks))
+        _bilinear(one[..., : input_size[0], : input_size[1]], tuple(original_size), result[:, j : j + 1])
+    return result
 
 
 def _bilinear(masks: torch.Tensor, size: tuple[int, int], out: Optional[torch.Tensor]) -> torch.Tensor:
