@@ -481,6 +481,7 @@ def test_collect_images_from_folders_patterns_and_globs(tmp_path):
         (["--auto", "--pred-iou-thresh", "1.5"], r"--pred-iou-thresh 1.5 must be in \[0, 1\]"),
         (["--auto", "--max-pixels", "0"], "--max-pixels"),
         (["--auto", "--pattern", "/abs/*.png"], "--pattern"),
+        (["--auto", "--threads", "0"], r"--threads 0: give a whole number of threads >= 1"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, args, phrase):
@@ -577,3 +578,38 @@ def test_the_run_loop_and_the_ray_engines_run_stay_split_at_their_seams():
     for function, limit in ((segment_images, 80), (RayEngine.run, 40)):
         code = len(inspect.getsource(function).splitlines()) - len((function.__doc__ or "").splitlines())
         assert code <= limit, f"{function.__qualname__} has {code} lines of code besides its docstring: split it at its seams"
+
+
+def test_threads_flag_sets_this_process_threads_and_a_busy_cpu_gets_a_note(tmp_path, monkeypatch, capsys):
+    """--threads is the user's choice of torch threads; on a CPU other processes already use,
+    a run with all its threads says what is faster there (issue 23), and changes nothing itself."""
+    import torch
+
+    from sam_blocked.cli.common import busy_cpu_note
+
+    before = torch.get_num_threads()
+    try:
+        assert segment(EXAMPLES / "astronaut.jpg", "--output", tmp_path / "out", "--auto", "--points-per-side", "2", "--threads", "1", "--device", "cpu") == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    note = busy_cpu_note("cpu", threads=2, load=1.0, cores=2)  # one busy process on 2 cores, 2 threads
+    assert note and "--threads 1" in note and "OMP_WAIT_POLICY=PASSIVE" in note and "load average 1.0 on 2 cores" in note
+    assert busy_cpu_note("cpu", threads=2, load=0.1, cores=2) is None  # quiet
+    assert busy_cpu_note("cpu", threads=1, load=1.0, cores=2) is None  # one thread already
+    assert busy_cpu_note("cpu", threads=4, load=2.0, cores=16) is None  # room to spare
+    assert busy_cpu_note("meta", threads=2, load=1.0, cores=2) is None  # not the CPU
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert busy_cpu_note("cpu", threads=2, load=1.0, cores=2) is None  # the user chose already
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setattr("os.getloadavg", lambda: (1.5, 1.0, 1.0))
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        capsys.readouterr()
+        assert segment(EXAMPLES / "astronaut.jpg", "--output", tmp_path / "out2", "--auto", "--points-per-side", "2", "--device", "cpu") == 0
+        assert "note: other processes are using the CPU (load average 1.5 on 2 cores)" in capsys.readouterr().err
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

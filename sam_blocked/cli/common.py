@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+from typing import Optional
 
 from sam_blocked.attention.common import DEFAULT_CHUNKS
 from sam_blocked.attention.dispatch import BACKEND_CHOICES
 from sam_blocked.encoder.layer import check_config
 from sam_blocked.models.load import DTYPES, MODEL_TYPE_CHOICES, LoadedModel, ModelSettings, load_model, resolve_device
 
-__all__ = ["DTYPES", "LoadedModel", "add_model_args", "blocking_from_args", "device_from_args", "model_from_args", "settings_from_args"]
+__all__ = ["DTYPES", "LoadedModel", "add_model_args", "apply_threads", "blocking_from_args", "busy_cpu_note", "device_from_args", "model_from_args", "settings_from_args"]
 
 
 def add_read_args(parser: argparse.ArgumentParser, title: str) -> None:
@@ -51,6 +53,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model dtype")
     group.add_argument("--img-size", type=int, default=None, help="square input size in pixels, a multiple of 16 (default 1024)")
     group.add_argument("--seed", type=int, default=0, help="seed of the random weights when no checkpoint is given")
+    group.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of this process (default: torch's, one per core). Beside other busy processes the "
+        "patched encoder is faster on fewer threads (--threads 1), or with OMP_WAIT_POLICY=PASSIVE set before starting",
+    )
     blocks = parser.add_argument_group("blocked attention")
     blocks.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, help="blocks per attention matrix (default %(default)s = 4 x 4)")
     blocks.add_argument(
@@ -65,6 +74,52 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         choices=list(BACKEND_CHOICES),
         help="attention kernel: auto (default: chosen per device and layer shape, see README), "
         "blocked (pure PyTorch), sdpa, bands (plain GEMMs), flashbias, flex (CUDA only)",
+    )
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """--threads: this process's torch threads (the user's choice; nothing is changed without it)."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads {threads}: give a whole number of threads >= 1")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def busy_cpu_note(device: object, threads: Optional[int] = None, load: Optional[float] = None, cores: Optional[int] = None) -> Optional[str]:
+    """A line for stderr when other processes already use the CPU this run is about to use
+    with all its threads, or None.
+
+    With one core taken by another process, every parallel operator's threads wait at its
+    end for the thread that shares that core; the patched encoder runs many small operators
+    and loses its lead over stock there (docs/benchmarks/contention.md). The user chooses:
+    --threads, or OMP_WAIT_POLICY=PASSIVE before starting; nothing is changed for them.
+
+    Args:
+        device: the run's device; only "cpu" gets a note.
+        threads: torch threads (default torch.get_num_threads()); load: the 1-minute load
+            average before the run starts (default os.getloadavg()); cores: os.cpu_count().
+    """
+    import torch
+
+    if torch.device(str(device)).type != "cpu" or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        return None
+    threads = torch.get_num_threads() if threads is None else threads
+    cores = cores or os.cpu_count() or 1
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # Windows has no load average
+            return None
+    if threads < 2 or load + threads <= cores + 0.5:
+        return None
+    return (
+        f"note: other processes are using the CPU (load average {load:.1f} on {cores} cores) and this run uses {threads} threads: "
+        "beside them the patched encoder runs faster with --threads 1 (or fewer), or with OMP_WAIT_POLICY=PASSIVE set before "
+        "starting (docs/benchmarks/contention.md)"
     )
 
 

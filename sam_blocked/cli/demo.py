@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the demo imports gradio: only `sam-blocked demo` pays for it
@@ -102,7 +103,13 @@ def main(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as error:
         raise ValueError(f"the demo needs gradio ({error}): pip install 'sam-blocked[demo]'") from None
 
+    from sam_blocked.cli.common import apply_threads, busy_cpu_note
+
+    apply_threads(args)
     settings = settings_from_args(args)
+    note = busy_cpu_note(settings.model.device)
+    if note:
+        print(note, file=sys.stderr)
     if args.slides is not None and not os.path.isdir(args.slides):
         raise ValueError(f"--slides {args.slides}: not a folder")
     blocks = build_demo(settings, args.examples, args.slides)
