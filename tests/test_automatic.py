@@ -54,7 +54,7 @@ def test_decoder_matches_stock(sam, image, with_masks, budget, workspace):
     first prompts again, then another image (what was kept is the first image's)."""
     from segment_anything import SamPredictor
 
-    from sam_blocked.automatic.decoder import Workspace
+    from sam_blocked.automatic.workspace import Workspace
 
     predictor = SamPredictor(sam)
     predictor.set_image(image)
@@ -111,7 +111,7 @@ def test_postprocessing_steps_in_the_workspace_equal_stock(sam, input_size, size
     from segment_anything.utils.amg import calculate_stability_score
 
     from sam_blocked.automatic.batch import stability_score, upsample
-    from sam_blocked.automatic.decoder import Workspace
+    from sam_blocked.automatic.workspace import Workspace
 
     g = torch.Generator().manual_seed(1)
     low = 4 * sam.prompt_encoder.image_embedding_size[0]

@@ -40,7 +40,8 @@ from segment_anything.utils.amg import (
 from torchvision.ops.boxes import batched_nms
 
 from sam_blocked.attention.common import FP32_BYTES
-from sam_blocked.automatic.decoder import DEFAULT_DECODER_BYTES, LAYER_TENSORS, Workspace, decoder_reasons, predict_masks, prompts_per_chunk, upscale_per_chunk
+from sam_blocked.automatic.decoder import DEFAULT_DECODER_BYTES, LAYER_TENSORS, decoder_reasons, predict_masks, prompts_per_chunk, upscale_per_chunk
+from sam_blocked.automatic.workspace import Workspace
 
 # per full-size mask in the post-processing: float32 logits at the model's input size and at
 # the image size, the comparisons and the bool mask (padded to the image when in a crop)
@@ -56,7 +57,7 @@ SCORE_ROWS = 56  # heads x prompt-side tokens of a cross attention's scores (8 x
 def automatic_tensor_bytes(tokens: int, pixels: int, budget_bytes: Optional[int] = None, channels: int = 256, masks: int = 3, prompts: Optional[int] = None) -> int:
     """The extra peak of tensors while process_batch runs (over the image embedding), for an
     image at the model's input size: the workspace's slots at their largest
-    (decoder.Workspace), what is kept per image, a chunk's fresh tensors and its
+    (workspace.Workspace), what is kept per image, a chunk's fresh tensors and its
     low-resolution masks, counted from the same chunk and step sizes the code uses.
 
     Args:
