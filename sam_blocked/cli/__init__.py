@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "threads", None) is not None:  # --threads, for every command that has it (add_model_args)
+            from sam_blocked.cli.common import apply_threads
+
+            apply_threads(args)
         return int(args.main(args) or 0)
     except (ValueError, OSError) as error:
         # Bad input gets a message naming it, never a traceback.

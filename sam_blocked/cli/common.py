@@ -78,7 +78,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_threads(args: argparse.Namespace) -> None:
-    """--threads: this process's torch threads (the user's choice; nothing is changed without it)."""
+    """--threads: this process's torch threads (the user's choice; nothing is changed without
+    it). The command line's main applies it before any command runs."""
     threads = getattr(args, "threads", None)
     if threads is None:
         return

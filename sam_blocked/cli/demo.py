@@ -103,9 +103,8 @@ def main(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as error:
         raise ValueError(f"the demo needs gradio ({error}): pip install 'sam-blocked[demo]'") from None
 
-    from sam_blocked.cli.common import apply_threads, busy_cpu_note
+    from sam_blocked.cli.common import busy_cpu_note
 
-    apply_threads(args)
     settings = settings_from_args(args)
     note = busy_cpu_note(settings.model.device)
     if note:

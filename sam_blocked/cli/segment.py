@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from sam_blocked.cli import FLAGS
-from sam_blocked.cli.common import add_model_args, add_read_args, apply_threads, blocking_from_args, busy_cpu_note, model_from_args, settings_from_args
+from sam_blocked.cli.common import add_model_args, add_read_args, blocking_from_args, busy_cpu_note, model_from_args, settings_from_args
 from sam_blocked.inputs.base import ReadSettings
 from sam_blocked.inputs.images import DEFAULT_MAX_PIXELS, collect_images
 from sam_blocked.memory import planner
@@ -217,7 +217,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"model: {model}, loaded by each Ray worker" if model else "warning: no checkpoint found: every Ray worker builds the same seeded random weights", file=sys.stderr)
         run_on, recorded = engine, {"model": None, "random_weights": None}  # the workers report the model they loaded
     else:
-        apply_threads(args)
         loaded = model_from_args(args)
         print(f"{'warning' if loaded.random_weights else 'model'}: {loaded.description}", file=sys.stderr)
         note = busy_cpu_note(next(loaded.sam.parameters()).device)
