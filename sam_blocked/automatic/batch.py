@@ -23,8 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -43,8 +41,10 @@ from sam_blocked.attention.common import FP32_BYTES
 from sam_blocked.automatic.decoder import DEFAULT_DECODER_BYTES, LAYER_TENSORS, decoder_reasons, predict_masks, prompts_per_chunk, upscale_per_chunk
 from sam_blocked.automatic.workspace import Workspace
 
-# per full-size mask in the post-processing: float32 logits at the model's input size and at
-# the image size, the comparisons and the bool mask (padded to the image when in a crop)
+# per full-size mask in the post-processing, counted with headroom: its float32 logits at the
+# image's size, the comparison and the bool mask (6 bytes a pixel) and as much again for what
+# a step holds beside them (one mask at the model's size when the image is resized, the
+# masks padded to the image when in a crop, the RLE's transposed copy)
 POST_BYTES_PER_PIXEL = 2 * FP32_BYTES + 4
 
 

@@ -43,8 +43,9 @@ UPSCALE_TENSORS = 2 * 4 / 4 + 2 * 16 / 8 + 1
 DEFAULT_DECODER_BYTES = 64 * 2**20
 
 
-def _out(work: Optional[Workspace], name: str, shape: tuple[int, ...], like: Tensor) -> Optional[Tensor]:
-    return None if work is None else work.take(name, tuple(shape), like)
+def _out(work: Optional[Workspace], name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A `shape` tensor to write into: slot `name` of the workspace, or a new one without it."""
+    return like.new_empty(shape) if work is None else work.take(name, tuple(shape), like)
 
 
 def _softmax(x: Tensor, dim: int, work: Optional[Workspace], name: str) -> Tensor:
@@ -250,7 +251,7 @@ def token_to_image(attn: nn.Module, q_in: Tensor, x: Tensor, x_pe: Optional[Tens
     if x.shape[0] == 1:  # one image side for all: stock's arithmetic, projected once
         k, v = kv or _shared_kv(attn, x, x_pe)  # (1, H, N, d) each
         # prompt by prompt: a broadcast (B, H, T, d) @ (1, H, d, N) would copy k (and v) per prompt
-        scores = x.new_empty(b, heads, t, x.shape[1]) if work is None else work.take("d", (b, heads, t, x.shape[1]), x)
+        scores = _out(work, "d", (b, heads, t, x.shape[1]), x)
         for i in range(b):
             torch.matmul(q[i], k[0].transpose(-1, -2), out=scores[i])  # (H, T, N)
         scores = _softmax(scores.div_(math.sqrt(d)), -1, work, "e")  # (B, H, T, N)
@@ -297,7 +298,7 @@ def image_to_token(
     n = x.shape[1]
     if x.shape[0] == 1:
         q = _shared_q(attn, x_pe) if q is None else q  # (1, H, d, N), once for all prompts
-        scores = x.new_empty(b, heads, t, n) if work is None else work.take("d", (b, heads, t, n), x)
+        scores = _out(work, "d", (b, heads, t, n), x)
         for i in range(b):  # prompt by prompt, not a broadcast that copies q per prompt
             torch.matmul(k[i], q[0], out=scores[i])  # (H, T, N)
     else:

@@ -42,19 +42,20 @@ class Workspace:
 
     def __init__(self) -> None:
         self.slots: dict[str, Tensor] = {}
-        self._image: Optional[tuple[tuple, Tensor, Any]] = None
+        self._image: Optional[tuple[Tensor, Tensor, tuple, Tensor, Any]] = None  # image, pe, their versions, dense, what make() made
 
     def image_side(self, image: Tensor, pe: Tensor, dense: Tensor, make: Callable[[], Any]) -> Any:
         """make(): what the decoder computes once per image (the first layer's image side),
         kept while it is asked for the same image and positional encoding (the same tensors,
         unchanged since) and an equal dense prompt embedding. decode_steps keeps a workspace
         for one batch of points on the image (or crop) set."""
-        key = (image, _version(image), pe, _version(pe))
+        versions = (_version(image), _version(pe))
         kept = self._image
-        if kept is None or any(a is not b for a, b in zip(kept[0][::2], key[::2])) or kept[0][1::2] != key[1::2] or kept[1].shape != dense.shape or not torch.equal(kept[1], dense):
-            self._image = None
-            self._image = (key, dense.clone(), make())
-        return self._image[2]
+        same = kept is not None and kept[0] is image and kept[1] is pe and kept[2] == versions and kept[3].shape == dense.shape and torch.equal(kept[3], dense)
+        if not same:
+            self._image = None  # the old one freed before the new one is made
+            self._image = (image, pe, versions, dense.clone(), make())
+        return self._image[4]
 
     def take(self, slot: str, shape: tuple[int, ...], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
         """A contiguous `shape` tensor in `slot` (like's dtype unless given, on like's
