@@ -18,6 +18,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from sam_blocked.attention.threads import run_steps, step_threads
 from sam_blocked.attention.common import (
     FP32_BYTES,
     CPU_STEP_BYTES,
@@ -60,7 +61,9 @@ def plan_sdpa(
 ) -> BlockPlan:
     """sdpa's steps: `chunks` query bands (k_bands 1), or under max_block_mb the fewest bands
     whose float32 bias block fits it (on the CPU, also common.CPU_STEP_BYTES; one token
-    row at least); then as many batch*head rows per step as the bytes allow.
+    row at least); then as many batch*head rows per step as the bytes allow. On the CPU
+    with step threads (attention.threads), `threads` bands run at once in bands_attention,
+    so there are that many times `chunks` bands (and each step takes its share of a budget).
 
     Args:
         batch_heads: B*heads.
@@ -72,10 +75,11 @@ def plan_sdpa(
     H, W = grid
     n = H * W
     row_bytes = W * n * FP32_BYTES  # one token row of queries against every key
+    threads = step_threads(device)  # bands_attention runs that many bands at once, each a share
     if max_block_mb is None:
         chunk_bands(chunks)  # raises on a bad count
-        q_bands = min(H, chunks)
-        budget = max(DEFAULT_GROUP_BYTES, math.ceil(H / q_bands) * row_bytes)
+        q_bands = min(H, chunks * threads)
+        budget = max(DEFAULT_GROUP_BYTES // threads, math.ceil(H / q_bands) * row_bytes)
     else:
         reasons = sdpa_reasons(grid, max_block_mb)
         if reasons:
@@ -84,7 +88,7 @@ def plan_sdpa(
         q_bands = next(b for b in range(1, H + 1) if math.ceil(H / b) * row_bytes <= budget)
     per_row = math.ceil(H / q_bands) * row_bytes
     group = max(1, min(batch_heads, budget // per_row))
-    return BlockPlan(q_bands, 1, group, group * per_row)
+    return BlockPlan(q_bands, 1, group, group * per_row, threads)
 
 
 def _rel_pos_bytes(rows: int, band: int, grid: Tuple[int, int], head_dim: int) -> int:
@@ -138,7 +142,11 @@ def bands_workspace_bytes(plan: BlockPlan, batch_heads: int, grid: Tuple[int, in
     rows, band = step_rows(plan, batch_heads, grid)
     in_place = not strided_out and dtype.itemsize == FP32_BYTES
     off_float = 2 * rows * n * head_dim * FP32_BYTES if dtype.itemsize != FP32_BYTES else 0  # k, v in float32
-    return rows * band * n * FP32_BYTES + _rel_pos_bytes(rows, band, grid, head_dim) + (1 if in_place else 2) * rows * band * head_dim * FP32_BYTES + off_float
+    at_once = min(plan.threads, plan.q_bands)  # bands at once, each with its own scores and q (and output)
+    rel = _rel_pos_bytes(rows, band, grid, head_dim)
+    whole_group = rows * n * (H + W) * FP32_BYTES <= CPU_STEP_BYTES  # the group's terms shared by its bands
+    step = rows * band * n * FP32_BYTES + (1 if in_place else 2) * rows * band * head_dim * FP32_BYTES
+    return at_once * step + (rel if whole_group else at_once * rel) + off_float
 
 
 def _band_settings(q, k, v, grid, rel_pos_h, rel_pos_w, scale, chunks, max_block_mb, plan):
@@ -254,17 +262,23 @@ def bands_attention(
     H, W = grid
     BH, N, _ = q.shape  # (B*heads, N, C)
     scale, plan, tables = _band_settings(q, k, v, grid, rel_pos_h, rel_pos_w, scale, chunks, max_block_mb, plan)
-    band = max(b - a for a, b in band_rows(H, plan.q_bands))
-    scores = q.new_empty(min(plan.group, BH) * band * W * N, dtype=torch.float32)  # every step's (G, Nq, N), reused
+    bands = band_rows(H, plan.q_bands)
+    size = min(plan.group, BH) * max(b - a for a, b in bands) * W * N  # a step's (G, Nq, N) scores
+    threads = min(plan.threads, step_threads(q.device))
+    scores: list[Optional[Tensor]] = [None] * threads  # each thread's score buffer, reused step after step
 
     out = kernel_output(out, q, v)  # (B*heads, N, Cv)
     for g0, g1 in row_groups(BH, plan.group):
         G = g1 - g0
         terms = band_terms(q[g0:g1], grid, tables, min(plan.group, BH))
         keys, values = k[g0:g1].float().transpose(1, 2), v[g0:g1].float()  # (G, C, N), (G, N, Cv): views when float32
-        for qa, qb in band_rows(H, plan.q_bands):
+
+        def step(band: Tuple[int, int], slot: int) -> None:
+            qa, qb = band
             rows = qb - qa
-            s = scores[: G * rows * W * N].view(G, rows * W, N)
+            if scores[slot] is None:
+                scores[slot] = q.new_empty(size, dtype=torch.float32)
+            s = scores[slot][: G * rows * W * N].view(G, rows * W, N)
             q_blk = q[g0:g1, qa * W : qb * W].float() * scale  # (G, Nq, C), as stock's q * scale
             if tables is None:
                 torch.bmm(q_blk, keys, out=s)
@@ -280,7 +294,8 @@ def bands_attention(
                 torch.bmm(s, values, out=dest)
             else:
                 dest.copy_(torch.bmm(s, values))
-            del q_blk
+
+        run_steps(step, bands, threads)
     return out
 
 

@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from sam_blocked.attention.threads import step_threads, steps_at_once
+
 Tensor = torch.Tensor
 
 DEFAULT_CHUNKS = 16
@@ -28,9 +30,11 @@ FP32_BYTES = 4  # the softmax statistics, accumulators and score blocks are floa
 
 
 def step_budget(budget: int, device: Optional[torch.device | str]) -> int:
-    """The bytes a step may hold: `budget`, capped at CPU_STEP_BYTES on the CPU (None: no cap)."""
+    """The bytes a step may hold: `budget`, capped at CPU_STEP_BYTES on the CPU (None: no cap).
+    On the CPU the steps run on several threads at once (attention.threads), each within
+    its share of that, so the steps at once hold what one step would alone."""
     if device is not None and torch.device(device).type == "cpu":
-        return min(budget, CPU_STEP_BYTES)
+        return min(budget, CPU_STEP_BYTES) // steps_at_once(device)
     return budget
 
 
@@ -48,6 +52,7 @@ class BlockPlan:
     k_bands: int
     group: int
     block_bytes: int  # float32 bytes of the largest (group, queries, keys) score block
+    threads: int = 1  # steps run at once (attention.threads), each with its own block
 
 
 def chunk_bands(chunks: int) -> Tuple[int, int]:

@@ -26,8 +26,10 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from sam_blocked.attention.threads import run_steps, step_threads
 from sam_blocked.encoder.layer import BlockConfig, attention_heads, attention_layer
 from sam_blocked.encoder.tokenwise import (
+    WindowStep,
     grid_parts,
     linear_residual_,
     mlp_chunk,
@@ -123,10 +125,14 @@ def windowed_attention_residual(
     ws = window_size
     per_step = windows_per_step(B, ws, chunk)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)  # (B, H, W, dim)
-    buffer = x.new_empty(B * min(per_step, math.ceil(W / ws)) * ws * ws * dim)  # every step's windows, reused
-    for step in window_steps((H, W), ws, per_step):
+    threads = step_threads(x.device)
+    buffers: list[Optional[Tensor]] = [None] * threads  # each thread's windows, reused step after step
+
+    def run(step: WindowStep, slot: int) -> None:
+        if buffers[slot] is None:
+            buffers[slot] = x.new_empty(B * min(per_step, math.ceil(W / ws)) * ws * ws * dim)
         rows, cols = slice(step.r0, step.r1), slice(step.c0, step.c1)
-        windows = buffer[: B * step.k * ws * ws * dim].view(B * step.k, ws, ws, dim).zero_()  # zero where stock pads
+        windows = buffers[slot][: B * step.k * ws * ws * dim].view(B * step.k, ws, ws, dim).zero_()  # zero where stock pads
         normed = norm1(x[:, rows, cols])  # (B, r, c, dim)
         for window, part in zip(window_parts(windows, step, ws), grid_parts(normed, step, ws)):
             window.copy_(part)
@@ -134,5 +140,6 @@ def windowed_attention_residual(
         out = attention_layer(windows, attn.qkv, attn.proj, attn.num_heads, attn.scale, attn.rel_pos_h, attn.rel_pos_w, config)
         for window, short, dest in zip(window_parts(out, step, ws), grid_parts(x[:, rows, cols], step, ws), grid_parts(y[:, rows, cols], step, ws)):
             torch.add(short, window, out=dest)  # stock: shortcut + unpartitioned attention
-        del out
+
+    run_steps(run, list(window_steps((H, W), ws, per_step)), threads)
     return y

@@ -27,6 +27,7 @@ from typing import Callable, Iterator, NamedTuple, Optional
 import torch
 
 from sam_blocked.attention.common import FP32_BYTES, step_budget
+from sam_blocked.attention.threads import run_steps, step_threads
 
 Tensor = torch.Tensor
 Module = Callable[[Tensor], Tensor]
@@ -119,11 +120,13 @@ def mlp_residual_(x: Tensor, norm: Module, lin1: Module, act: Module, lin2: Modu
         chunk: tokens per step (mlp_chunk).
     """
     flat = token_rows(x)  # (T, D)
-    for t0 in range(0, flat.shape[0], chunk):
+
+    def step(t0: int, slot: int) -> None:
         rows = flat[t0 : t0 + chunk]  # (c, D)
         hidden = activate_(act, lin1(norm(rows)))  # (c, hidden)
         rows.add_(lin2(hidden))  # stock: x + mlp(norm2(x)), the same add
-        del hidden
+
+    run_steps(step, range(0, flat.shape[0], chunk), step_threads(x.device))
     return x
 
 
@@ -149,9 +152,12 @@ def linear_residual_(x: Tensor, o: Tensor, proj: Callable[[Tensor], Tensor], chu
     if o.shape[-1] != x.shape[-1]:
         raise ValueError(f"the projection's input width {o.shape[-1]} differs from the residual's {x.shape[-1]}")
     rows_o, rows_x = token_rows(o), x.reshape(-1, x.shape[-1])  # (T, D)
-    for t0 in range(0, rows_o.shape[0], chunk):
+
+    def step(t0: int, slot: int) -> None:
         out = rows_o[t0 : t0 + chunk]
         torch.add(rows_x[t0 : t0 + chunk], proj(out), out=out)  # stock: shortcut + proj(o); proj read this chunk first
+
+    run_steps(step, range(0, rows_o.shape[0], chunk), step_threads(o.device))
     return o
 
 

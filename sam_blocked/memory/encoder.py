@@ -12,6 +12,9 @@ Patched (block.encoder_block):
   own q, k, v and kernel workspace (or, while it is copied, the projection), then the
   windows, heads and output projection;
 - MLP: input and output (2 a), one chunk's norm or output beside its hidden layer.
+On the CPU the steps (a chunk, a head group, a group of windows) run on several threads at
+once (attention.threads), each sized to its share of the budget: a phase holds that many
+steps' tensors.
 Stock (segment_anything's Block.forward): global attention holds the input, norm1(x), q, k,
 v and their permuted copy (8 a) and three (batch * heads, N, N) score tensors while the
 rel-pos terms are added; windowed attention the padded and partitioned copies and the
@@ -32,6 +35,7 @@ import torch
 
 from sam_blocked.attention.common import FP32_BYTES
 from sam_blocked.attention.dispatch import plan_backend, resolve_backend, workspace_bytes
+from sam_blocked.attention.threads import step_threads, steps_at_once, steps_on_threads
 from sam_blocked.encoder.layer import projected_heads
 from sam_blocked.models.registry import ENCODER_CONFIGS, MLP_RATIO, PATCH_SIZE, PROMPT_EMBED_DIM
 from sam_blocked.encoder.tokenwise import mlp_chunk, window_chunk, windows_per_step
@@ -80,6 +84,7 @@ def encoder_phases(
     max_block_mb: Optional[float] = None,
     patched: bool = True,
     backend: str = "auto",
+    threads: Optional[int] = None,
 ) -> dict[str, int]:
     """Bytes alive at once in each phase of one encoder forward, over the weights and the input.
 
@@ -92,6 +97,9 @@ def encoder_phases(
         chunks, max_block_mb: the patch's blocking; ignored when not `patched`.
         patched: sam_blocked's blocks, or stock segment_anything's.
         backend: the patch's attention backend ("auto": the one auto picks for each layer).
+        threads: the threads the patched steps run on at once (attention.threads; each step
+            then sized to its share of the budget); None: as a call from this thread would
+            now (torch's thread count on the CPU).
 
     Raises:
         ValueError: the named backend cannot run one of the encoder's layers (as the patch would refuse it).
@@ -102,28 +110,37 @@ def encoder_phases(
     a = batch * n * shape.dim * e
     neck = batch * n * PROMPT_EMBED_DIM * max(e, FP32_BYTES)
     phases = {"patch embedding": 2 * a, "neck": a + 4 * neck}
-    count = _patched if patched else _stock
-    phases.update(count(shape, grid, batch, e, dtype, torch.device(device), chunks, max_block_mb, backend))
+    device = torch.device(device)
+    if not patched:
+        phases.update(_stock(shape, grid, batch, e, dtype, device, chunks, max_block_mb, backend))
+        return phases
+    threads = step_threads(device) if threads is None else threads
+    with steps_on_threads(threads):
+        phases.update(_patched(shape, grid, batch, e, dtype, device, chunks, max_block_mb, backend, steps_at_once(device)))
     return phases
 
 
-def _patched(s: EncoderShape, grid: int, batch: int, e: int, dtype, device, chunks: int, max_block_mb, backend: str) -> dict[str, int]:
+def _patched(s: EncoderShape, grid: int, batch: int, e: int, dtype, device, chunks: int, max_block_mb, backend: str, at_once: int) -> dict[str, int]:
+    """The patched phases, with `at_once` steps (token chunks, heads, window groups) alive at once."""
     n, head_dim = grid * grid, s.dim // s.heads
     a = batch * n * s.dim * e
-    phases = {"MLP": 2 * a + min(mlp_chunk(s.dim, s.mlp_dim, max_block_mb, device), batch * n) * (s.dim + s.mlp_dim) * e}
+    chunk = min(mlp_chunk(s.dim, s.mlp_dim, max_block_mb, device), batch * n)
+    phases = {"MLP": 2 * a + min(at_once, math.ceil(batch * n / chunk)) * chunk * (s.dim + s.mlp_dim) * e}
     if s.global_blocks:
         work, g = _attention(batch, s.heads, (grid, grid), head_dim, e, dtype, device, chunks, max_block_mb, backend)
         qkv = 3 * batch * g * n * head_dim * e * (2 if batch > 1 else 1)  # a view of the projection when batch == 1
-        phases["global attention"] = 3 * a + qkv + work
+        phases["global attention"] = 3 * a + qkv + work  # the kernel counts its bands at once (BlockPlan.threads)
     if len(s.global_blocks) < s.depth:
         ws = s.window
         k = min(windows_per_step(batch, ws, window_chunk(s.dim, max_block_mb, device)), math.ceil(grid / ws))
         step = batch * k * ws * ws  # tokens of one step's windows
-        work, g = _attention(batch * k, s.heads, (ws, ws), head_dim, e, dtype, device, chunks, max_block_mb, backend)
+        with steps_on_threads(at_once, in_step=True):  # each group of windows' attention runs inside its step
+            work, g = _attention(batch * k, s.heads, (ws, ws), head_dim, e, dtype, device, chunks, max_block_mb, backend)
         qkv = 3 * step * g * head_dim * e  # the (3, B*g, N, C) copy of the projection, which lives beside it only while copied
         # the step's windows and heads' output beside q, k, v and the kernel (or the projection); then the output projection
         kernel = 2 * step * s.dim * e + qkv + max(qkv, work)
-        phases["windowed attention"] = 2 * a + max(kernel, 3 * step * s.dim * e)
+        steps = math.ceil(grid / ws) * math.ceil(math.ceil(grid / ws) / k)
+        phases["windowed attention"] = 2 * a + min(at_once, steps) * max(kernel, 3 * step * s.dim * e)
     return phases
 
 

@@ -10,6 +10,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from sam_blocked.attention.threads import steps_on_threads
+
 MIB = 2**20
 
 
@@ -99,11 +101,16 @@ def tensor_peak_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
     code, thread stacks) and what glibc keeps after a free; this counts tensors only, the
     figure sam_blocked.plan_memory's count predicts. The profiler slows small ops a little,
     and on this project's CPU a GEMM after a profiled run ran 20-25% slower: time fn, and
-    anything else, before it.
+    anything else, before it. The profiler sees this thread only, so the patched encoder's
+    steps run here one after the other (attention.threads), as on one thread: compare with
+    the planner's count for threads=1. On more threads each step takes its share of the
+    budget, so the steps at once hold about as much.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # torch's profiler sees this thread's allocations only: the patched steps run here, one
+    # after the other, each within the whole step budget (with more threads, each within its share)
+    with steps_on_threads(1), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     changes: list[tuple[int, int]] = []  # (time ns, bytes: + allocated, - freed)
 

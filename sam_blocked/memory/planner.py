@@ -137,6 +137,7 @@ def plan_memory(
     max_block_mb: Optional[float] = None,
     points_per_batch: int = 64,
     backend: str = "auto",
+    threads: Optional[int] = None,
 ) -> MemoryPlan:
     """Predict the memory of encoding `batch` images at img_size px and decoding a prompt batch.
 
@@ -151,13 +152,15 @@ def plan_memory(
             set at a time).
         backend: the patch's attention backend ("auto", or one it names: BACKEND_CHOICES); each
             kernel states its own workspace, so the patched figures follow it.
+        threads: CPU threads the patched steps run on at once (each sized to its share of
+            the budget); None: torch's thread count now.
 
     Raises:
         ValueError: a bad setting, or a named backend that cannot run one of the encoder's layers.
     """
     _check(model_type, img_size, dtype, device, batch, chunks, max_block_mb, points_per_batch, backend)
     tokens = (img_size // PATCH_SIZE) ** 2
-    tensors, stock_tensors, phase = encoder_tensor_bytes(EncoderShape.of(model_type), img_size, dtype, device, batch, chunks, max_block_mb, backend)
+    tensors, stock_tensors, phase = encoder_tensor_bytes(EncoderShape.of(model_type), img_size, dtype, device, batch, chunks, max_block_mb, backend, threads)
     embedding = batch * PROMPT_EMBED_DIM * tokens * FP32_BYTES
     decoder_stock = DECODER_ACTIVATIONS * points_per_batch * PROMPT_EMBED_DIM * tokens * FP32_BYTES
     decoder = automatic_tensor_bytes(tokens, img_size * img_size, budget_bytes(max_block_mb), PROMPT_EMBED_DIM, prompts=points_per_batch)
@@ -194,16 +197,17 @@ def encoder_tensor_bytes(
     chunks: int = DEFAULT_CHUNKS,
     max_block_mb: Optional[float] = None,
     backend: str = "auto",
+    threads: Optional[int] = None,
 ) -> tuple[int, int, str]:
     """The encoder's extra peak in tensors, (patched, stock, the phase of the patched peak):
     the largest of the counted phases (encoder_memory).
 
     Args:
         shape: the encoder (EncoderShape.of(model_type), or .from_encoder(a built encoder)).
-        img_size, dtype, device, batch, chunks, max_block_mb, backend: as plan_memory.
+        img_size, dtype, device, batch, chunks, max_block_mb, backend, threads: as plan_memory.
     """
     torch_dtype = getattr(torch, dtype)
-    patched = encoder_phases(shape, img_size, torch_dtype, device, batch, chunks, max_block_mb, patched=True, backend=backend)
+    patched = encoder_phases(shape, img_size, torch_dtype, device, batch, chunks, max_block_mb, patched=True, backend=backend, threads=threads)
     stock = encoder_phases(shape, img_size, torch_dtype, device, batch, patched=False)
     phase = max(patched, key=patched.get)
     return patched[phase], max(stock.values()), phase
