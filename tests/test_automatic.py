@@ -7,6 +7,8 @@ reason) are in tests/automatic_oracle.py.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -155,6 +157,43 @@ def test_one_generator_on_two_images_matches_stock(sam, image):
         logits = record_stock_logits(stock)
         want = stock.generate(picture)
         compare_records(want, blocked.generate(picture), logits, settings)
+
+
+@pytest.mark.parametrize("name", ["filters-off", "filters-mid", "crop-layers"])
+def test_chunks_on_step_threads_match_stock(sam, image, name, monkeypatch):
+    """On 2 CPU threads a batch's chunks of points run on step threads (attention.threads),
+    each with its own workspace and half the budget, and are put back in stock's order: the
+    records are stock's (compare_records' rule), the same as on 1 thread."""
+    from sam_blocked.attention import threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        if threads.step_threads("cpu") < 2:
+            pytest.skip("this torch's CPU operators do not run through a reachable OpenMP")
+        from sam_blocked.automatic import batch
+
+        seen = []
+        records = batch._records
+
+        def spy(*args):
+            seen.append(threading.current_thread().name)
+            return records(*args)
+
+        monkeypatch.setattr(batch, "_records", spy)
+        settings = SETTINGS[name]
+        stock = SamAutomaticMaskGenerator(sam, **settings)
+        logits = record_stock_logits(stock)
+        want = stock.generate(image)
+        got = BlockedMaskGenerator(sam, **settings, max_block_mb=1).generate(image)
+        # a batch of one chunk runs in this thread; the others on both step threads
+        assert {"sam_blocked-step-0", "sam_blocked-step-1"} <= set(seen), f"the chunks ran on {seen}"
+        compare_records(want, got, logits, settings)
+        with threads.steps_on_threads(1):
+            one = BlockedMaskGenerator(sam, **settings, max_block_mb=1).generate(image)
+        compare_records(want, one, logits, settings)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (37, 53), (64, 64)])

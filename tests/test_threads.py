@@ -55,10 +55,12 @@ def test_a_step_runs_its_operators_on_its_own_thread_and_the_caller_keeps_its_th
     inside = []
 
     def step(item, slot):
+        torch.ones(1 << 16).sum()  # a parallel loop: torch sets a new thread's counts to its own at the first
         inside.append((omp.omp_get_max_threads(), step_threads("cpu")))
         # a step's own steps run inline, in this thread
         run_steps(lambda i, s: inside.append(("nested", threading.current_thread().name, s)), range(3), step_threads("cpu"))
 
+    steps._workers.clear()  # new worker threads, after torch.set_num_threads(2) (two_threads)
     run_steps(step, range(4), 2)
     assert [x for x in inside if x[0] != "nested"] == [(1, 1)] * 4
     nested = [x for x in inside if x[0] == "nested"]

@@ -137,12 +137,20 @@ class _Workers:
             threading.Thread(target=self._serve, name=f"sam_blocked-step-{i}", daemon=True).start()
 
     def _serve(self) -> None:
-        _runtime().omp_set_num_threads(1)  # this thread's OpenMP team: itself
-        if _MKL_LOCAL is not None:
-            _MKL_LOCAL(1)
+        # torch sets a thread's OpenMP and MKL counts to its own the first time the thread
+        # runs a parallel loop (at::internal::lazy_init_num_threads): let that happen first
+        torch.ones(1 << 16).sum()
+        _one_thread()
         _local.in_step, _local.share = True, 1
         while True:
             self.jobs.get()()
+
+
+def _one_thread() -> None:
+    """This thread's OpenMP team and MKL calls: itself alone (its own settings, nobody else's)."""
+    _runtime().omp_set_num_threads(1)
+    if _MKL_LOCAL is not None:
+        _MKL_LOCAL(1)
 
 
 _workers: dict[int, _Workers] = {}
@@ -192,6 +200,7 @@ def run_steps(step: Callable[[T, int], None], items: Iterable[T], threads: int) 
 
     def serve(slot: int) -> None:
         _local.share = threads
+        _one_thread()  # again, should anything have set this thread's counts since
         try:
             with torch.inference_mode(inference), torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]):
                 while True:

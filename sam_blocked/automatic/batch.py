@@ -38,6 +38,7 @@ from segment_anything.utils.amg import (
 from torchvision.ops.boxes import batched_nms
 
 from sam_blocked.attention.common import FP32_BYTES
+from sam_blocked.attention.threads import run_steps, step_threads
 from sam_blocked.automatic.decoder import DEFAULT_DECODER_BYTES, LAYER_TENSORS, decoder_reasons, predict_masks, prompts_per_chunk, upscale_per_chunk
 from sam_blocked.automatic.workspace import Workspace
 
@@ -217,7 +218,13 @@ class Filters:
 
 @torch.no_grad()
 def decode_steps(
-    predictor: Any, points: np.ndarray, im_size: tuple[int, ...], filters: Filters, budget_bytes: Optional[int] = None, decode: Optional[Decode] = None
+    predictor: Any,
+    points: np.ndarray,
+    im_size: tuple[int, ...],
+    filters: Filters,
+    budget_bytes: Optional[int] = None,
+    decode: Optional[Decode] = None,
+    work: Optional[Workspace] = None,
 ) -> Iterator[dict[str, Any]]:
     """Stock _process_batch's steps up to the thresholded masks, a step at a time.
 
@@ -229,6 +236,7 @@ def decode_steps(
         predictor: a SamPredictor with the image (or crop) set.
         points: (B, 2) points in the set image's pixels (x, y).
         im_size: that image's (h, w).
+        work: the slots to decode into (a Workspace the caller reuses); None: one for this call.
 
     Yields:
         {"iou_preds": (m,), "points": (m, 2) float64, "stability_score": (m,), "masks": (m, h, w) bool}
@@ -242,7 +250,7 @@ def decode_steps(
     sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
     _, c, h, w = predictor.features.shape
     chunk = prompts_per_chunk(h * w, c, budget_bytes)
-    work = Workspace()  # the decoder's and these steps' tensors, and the first layer's image side, for this batch
+    work = work or Workspace()  # the decoder's and these steps' tensors, and the first layer's image side, for this batch
     decode = decode or multimask_decode(predictor, budget_bytes, work)
     threshold = model.mask_threshold
     out_h, out_w = predictor.original_size
@@ -299,11 +307,55 @@ def process_batch(
         MaskData with rles, iou_preds, points, stability_score and boxes, as stock's.
     """
     filters = Filters(generator.pred_iou_thresh, generator.stability_score_thresh, generator.stability_score_offset)
+    predictor = generator.predictor
+    # On the CPU the batch's chunks of points are shared out among threads (attention.threads),
+    # each with its own workspace and its share of the budget, and put back in stock's order.
+    # A caller's own `decode` may keep state of its own: then one thread.
+    threads = step_threads(predictor.device) if decode is None else 1
+    share = budget_bytes if threads == 1 else (budget_bytes or DEFAULT_DECODER_BYTES) // threads
+    _, c, h, w = predictor.features.shape
+    chunk = prompts_per_chunk(h * w, c, share)
+    parts = [(i, start, min(len(points), start + chunk)) for i, start in enumerate(range(0, len(points), chunk))]
+    done: list[Optional[tuple[dict[str, list[torch.Tensor]], list[dict[str, Any]], int]]] = [None] * len(parts)
+    works = [Workspace() for _ in range(min(threads, len(parts)))]
+
+    def run(part: tuple[int, int, int], slot: int) -> None:
+        i, start, stop = part
+        done[i] = _records(predictor, points[start:stop], im_size, crop_box, orig_size, filters, share, decode, works[slot])
+
+    run_steps(run, parts, threads)
+    rows: dict[str, list[torch.Tensor]] = {"iou_preds": [], "points": [], "stability_score": [], "boxes": []}
+    rles: list[dict[str, Any]] = []
+    masks_seen = 0
+    for part_rows, part_rles, part_seen in done:
+        for key, values in part_rows.items():
+            rows[key] += values
+        rles += part_rles
+        masks_seen += part_seen
+    data = MaskData(**{key: torch.cat(values) for key, values in rows.items() if values})
+    if not masks_seen:  # stock boxes no mask as float zeros
+        data["boxes"] = torch.zeros(0, 4, device=data["iou_preds"].device)
+    data["rles"] = rles
+    return data
+
+
+def _records(
+    predictor: Any,
+    points: np.ndarray,
+    im_size: tuple[int, ...],
+    crop_box: list[int],
+    orig_size: tuple[int, ...],
+    filters: Filters,
+    budget_bytes: Optional[int],
+    decode: Optional[Decode],
+    work: Workspace,
+) -> tuple[dict[str, list[torch.Tensor]], list[dict[str, Any]], int]:
+    """process_batch's rows, RLEs and count of masks for some of its points, in stock's order."""
     orig_h, orig_w = orig_size
     rows: dict[str, list[torch.Tensor]] = {"iou_preds": [], "points": [], "stability_score": [], "boxes": []}
     rles: list[dict[str, Any]] = []
     masks_seen = 0
-    for step in decode_steps(generator.predictor, points, im_size, filters, budget_bytes, decode):
+    for step in decode_steps(predictor, points, im_size, filters, budget_bytes, decode, work):
         masks = step.pop("masks")  # (m, h, w) bool: boxed, filtered and encoded now, then dropped
         if len(masks):
             masks_seen += len(masks)
@@ -317,11 +369,7 @@ def process_batch(
         del masks
         for key, value in step.items():
             rows[key].append(value)
-    data = MaskData(**{key: torch.cat(values) for key, values in rows.items() if values})
-    if not masks_seen:  # stock boxes no mask as float zeros
-        data["boxes"] = torch.zeros(0, 4, device=data["iou_preds"].device)
-    data["rles"] = rles
-    return data
+    return rows, rles, masks_seen
 
 
 def postprocess_small_regions(mask_data: MaskData, min_area: int, nms_thresh: float) -> MaskData:
