@@ -22,6 +22,7 @@ batches only and scales to all of them (the row says so); memory is measured on 
     python benchmarks/bench_amg.py --stock-batches 2                   # stock timed on 2 batches
     python benchmarks/bench_amg.py --device cuda --out-dir DIR --machine h200   # the GPU check's call
     python benchmarks/bench_amg.py --quick                             # tiny model, 512 px, 4 x 4 points (a smoke run)
+    python benchmarks/bench_amg.py --busy 1 --threads 2 --stock-batches 2   # beside a busy process (issue 23): amg_busy_<machine>.csv
 
 On CUDA the peaks are the allocator's (max_memory_allocated over what was allocated before).
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,12 +40,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, gemm_rate, machine_info, machine_label, machine_slug, print_result, read_rows, write_rows  # noqa: E402
+from common import RESULTS, gemm_rate, machine_info, machine_label, machine_slug, print_result, read_rows, start_busy, stop_busy, write_rows  # noqa: E402
 
 FIELDS = ["machine", "device", "model", "input_px", "img_size", "points_per_side", "filters", "encoder_s", "stock_s", "blocked_s", "speedup",
           "stock_decoder_s", "stock_post_s", "blocked_decoder_s", "blocked_post_s",
           "stock_points_per_batch", "stock_batches_timed", "batches", "encoder_peak_mib", "stock_peak_mib", "blocked_peak_mib", "peak_vs_encoder",
-          "records", "same_records", "flipped_pixels", "gemm_gflops", "floor_s", "blocked_vs_floor"]  # fmt: skip
+          "records", "same_records", "flipped_pixels", "gemm_gflops", "floor_s", "blocked_vs_floor", "threads", "busy"]  # fmt: skip
 FILTERS = {"default": dict(pred_iou_thresh=0.88, stability_score_thresh=0.95), "zero": dict(pred_iou_thresh=0.0, stability_score_thresh=0.0)}
 
 
@@ -82,10 +84,21 @@ class DecoderClock:
     """Seconds spent in the mask decoder during a generate() call: stock's MaskDecoder module
     (forward hooks) and sam_blocked.automatic's predict_masks (wrapped where batch.py calls it).
     The rest of mask generation after the encoder is the post-processing (prompt encoding,
-    upsampling, filters, boxes, RLE, NMS)."""
+    upsampling, filters, boxes, RLE, NMS). Where chunks of points run on several threads at
+    once (attention.threads), the decoder's time is the wall time some thread spent in it
+    (the union of the calls' intervals)."""
 
     def __init__(self, sam, device: str):
-        self.sam, self.device, self.seconds, self._start = sam, device, 0.0, None
+        self.sam, self.device, self.intervals, self._local = sam, device, [], threading.local()
+
+    @property
+    def seconds(self) -> float:
+        total, end = 0.0, float("-inf")
+        for a, b in sorted(self.intervals):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total
 
     def _sync(self):
         if self.device.startswith("cuda"):
@@ -96,11 +109,11 @@ class DecoderClock:
 
         def pre(*_):
             self._sync()
-            self._start = time.perf_counter()
+            self._local.start = time.perf_counter()
 
         def post(*_):
             self._sync()
-            self.seconds += time.perf_counter() - self._start
+            self.intervals.append((self._local.start, time.perf_counter()))
 
         self._hooks = [self.sam.mask_decoder.register_forward_pre_hook(pre), self.sam.mask_decoder.register_forward_hook(post)]
         self._batch, self._predict = batch, batch.predict_masks
@@ -238,21 +251,36 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", type=Path, default=None, help="write amg_<machine>.csv here instead")
     parser.add_argument("--machine", default=None, help="the machine's name in the file name (default: from the CPU or GPU)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny model at 256 px, a 512 px image, 4 x 4 points, filters at 0")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="busy processes (each spinning a Python loop) beside the measurement (issue 23); rows go to amg_busy_<machine>.csv")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.points, args.filters, args.model_type, args.img_size, args.stock_batches = [512], [4], ["zero"], "tiny", 256, 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     info = machine_info(args.device)
-    name = f"amg_{args.machine or machine_slug(info)}.csv"
+    name = f"amg{'_busy' if args.busy else ''}_{args.machine or machine_slug(info)}.csv"
     out = args.out or (args.out_dir / name if args.out_dir else RESULTS / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = read_rows(out) if out.exists() else []
+
+    def row_key(r: dict) -> tuple:
+        busy = int(r.get("busy") or 0)  # quiet rows (and those from before the column) by their settings alone
+        return (r["device"], r["model"], int(r["input_px"]), int(r["img_size"]), int(r["points_per_side"]), r["filters"], busy, int(r.get("threads") or 0) if busy else 0)
+
     for size in args.sizes:
         for points in args.points:
             for filters in args.filters:
-                row = run(args, size, points, filters, info)
+                busy = start_busy(args.busy, 3600)
+                try:
+                    row = run(args, size, points, filters, info)
+                finally:
+                    stop_busy(busy)
+                row.update(threads=torch.get_num_threads(), busy=args.busy)
                 print_result(row)
-                rows = [r for r in rows if (r["device"], r["model"], int(r["input_px"]), int(r["img_size"]), int(r["points_per_side"]), r["filters"]) != (row["device"], row["model"], row["input_px"], size, points, filters)] + [row]
-                write_rows(out, rows, FIELDS, order=lambda r: (r["device"], r["model"], int(r["input_px"]), int(r["img_size"]), int(r["points_per_side"]), r["filters"]))
+                rows = [r for r in rows if row_key(r) != row_key(row)] + [row]
+                write_rows(out, rows, FIELDS, order=row_key)
     plot(rows, out.with_suffix(".png"), machine_label(info))
     print(f"wrote {out}")
     return 0
@@ -265,7 +293,7 @@ def plot(rows: list[dict], path: Path, machine: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [f"{r['img_size']} px {r['points_per_side']}² pts {r['filters']}" for r in rows]
+    labels = [f"{r['img_size']} px {r['points_per_side']}² pts {r['filters']}" + (f"\n{r['threads']} thr, {r['busy']} busy" if r.get("busy") not in (None, "", "0", 0) else "") for r in rows]
     x = np.arange(len(rows))
     ax_t.bar(x - 0.2, [float(r["stock_s"]) for r in rows], 0.4, label="stock")
     ax_t.bar(x + 0.2, [float(r["blocked_s"]) for r in rows], 0.4, label="sam_blocked")

@@ -31,19 +31,17 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, also when imported from elsewhere
-from common import RESULTS, SweepCSV, print_result, print_table, read_rows, run_in_child, sweep_csv_path  # noqa: E402
+from common import RESULTS, SweepCSV, print_result, print_table, read_rows, run_in_child, start_busy, stop_busy, sweep_csv_path  # noqa: E402
 
 MODES = ["stock", "patched"]
 WAIT_POLICIES = ["default", "passive", "active"]  # OMP_WAIT_POLICY in the child: unset, PASSIVE, ACTIVE
 FIELDS = ["machine", "model", "img_size", "mode", "threads", "busy", "wait_policy", "round", "status", "seconds",
           "first_s", "second_s", "third_s", "cpu_s", "omp", "load_avg", "note"]  # fmt: skip
-SPIN = "import time\nend = time.monotonic() + {seconds}\nn = 0\nwhile time.monotonic() < end:\n    n += 1\n"
 
 
 def variant(row: dict) -> tuple:
@@ -95,19 +93,6 @@ def run_child(config: dict) -> dict:
 
 
 # --- the sweep, in the parent ------------------------------------------------------------
-
-
-def start_busy(count: int, seconds: float) -> list[subprocess.Popen]:
-    """`count` Python processes, each spinning a pure-Python loop for at most `seconds`."""
-    code = SPIN.format(seconds=seconds)
-    return [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(count)]
-
-
-def stop_busy(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def measure(config: dict, timeout: float) -> dict:

@@ -238,3 +238,21 @@ def gemm_rate(dtype: str = "float32", device: str = "cpu", shape: tuple[int, int
             if i:  # the first call is the warm-up
                 best = min(best, time.perf_counter() - start)
     return 2 * m * k * n / best
+
+
+# --- busy processes beside a measurement (issue 23) ------------------------------------------
+
+BUSY_LOOP = "import time\nend = time.monotonic() + {seconds}\nn = 0\nwhile time.monotonic() < end:\n    n += 1\n"
+
+
+def start_busy(count: int, seconds: float) -> list[subprocess.Popen]:
+    """`count` Python processes, each spinning a pure-Python loop for at most `seconds`."""
+    code = BUSY_LOOP.format(seconds=seconds)
+    return [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(count)]
+
+
+def stop_busy(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -582,9 +582,11 @@ def test_the_run_loop_and_the_ray_engines_run_stay_split_at_their_seams():
 
 def test_threads_flag_sets_this_process_threads_and_a_busy_cpu_gets_a_note(tmp_path, monkeypatch, capsys):
     """--threads is the user's choice of torch threads; on a CPU other processes already use,
-    a run with all its threads says what is faster there (issue 23), and changes nothing itself."""
+    a run with all its threads, where this torch cannot give the patched steps threads of
+    their own, says what is faster there (issue 23), and changes nothing itself."""
     import torch
 
+    from sam_blocked.attention import threads
     from sam_blocked.cli.common import busy_cpu_note
 
     before = torch.get_num_threads()
@@ -593,6 +595,9 @@ def test_threads_flag_sets_this_process_threads_and_a_busy_cpu_gets_a_note(tmp_p
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+    # where the patched steps get threads of their own (attention.threads), a busy CPU needs no note
+    assert busy_cpu_note("cpu", threads=2, load=1.0, cores=2) is None or not threads.shares_steps()
+    monkeypatch.setattr(threads, "_runtime", lambda: None)  # a torch whose OpenMP cannot be reached
     note = busy_cpu_note("cpu", threads=2, load=1.0, cores=2)  # one busy process on 2 cores, 2 threads
     assert note and "--threads 1" in note and "OMP_WAIT_POLICY=PASSIVE" in note and "load average 1.0 on 2 cores" in note
     assert busy_cpu_note("cpu", threads=2, load=0.1, cores=2) is None  # quiet

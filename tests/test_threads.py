@@ -108,7 +108,7 @@ def test_the_first_error_is_raised_and_later_steps_are_dropped(two_threads):
 
 
 @needs_openmp
-def test_the_callers_autograd_state_is_carried_into_the_steps(two_threads):
+def test_the_callers_autograd_and_autocast_state_is_carried_into_the_steps(two_threads):
     made = []
 
     def step(item, slot):
@@ -120,6 +120,12 @@ def test_the_callers_autograd_state_is_carried_into_the_steps(two_threads):
         run_steps(step, range(4), 2)
     assert made[:4] == [(False, True, True)] * 4
     assert made[4:] == [(False, False, False)] * 4
+    dtypes = []
+    a = torch.ones(4, 4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        run_steps(lambda i, s: dtypes.append((a @ a).dtype), range(4), 2)
+    run_steps(lambda i, s: dtypes.append((a @ a).dtype), range(4), 2)
+    assert dtypes == [torch.bfloat16] * 4 + [torch.float32] * 4
 
 
 def _child_runs_steps(queue):
@@ -164,3 +170,26 @@ def test_patched_encoder_on_step_threads_matches_stock(two_threads):
     scale = stock.abs().max().item()
     assert (threaded - one).abs().max().item() <= 1e-5 * scale, "2 step threads vs 1"
     assert (threaded - stock).abs().max().item() <= 1e-4 * scale, "2 step threads vs stock"
+
+
+@needs_openmp
+def test_windows_on_step_threads_leave_sdpas_kernel_flags_alone(two_threads):
+    # flashbias (auto's CPU half-precision windows) limits SDPA to its fused kernels; torch's
+    # sdpa_kernel does that with process-wide flags, so two window steps inside it at once
+    # once left SDPA's math kernel off for the rest of the process. The flags stay as found,
+    # and each step's output is the one-thread output.
+    from sam_blocked.attention.flashbias import flashbias_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 14 * 14, 64, generator=gen).bfloat16() for _ in range(3))
+    rel = torch.randn(27, 64, generator=gen).bfloat16()
+    want = flashbias_attention(q, k, v, (14, 14), rel, rel)
+    outs = [None] * 40
+
+    def step(i, slot):
+        outs[i] = flashbias_attention(q, k, v, (14, 14), rel, rel)
+
+    flags = [torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled()]
+    run_steps(step, range(40), 2)
+    assert [torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled()] == flags
+    assert all(torch.equal(o, want) for o in outs)

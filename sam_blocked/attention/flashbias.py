@@ -9,6 +9,7 @@ how a call is cut into steps and workspace_bytes what a step holds.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -58,12 +59,27 @@ def flashbias_reasons(device: torch.device, dtype: torch.dtype, grid: Tuple[int,
     return []
 
 
+# sdpa_kernel sets process-wide flags and puts back what it found: two threads inside it at
+# once (window steps on step threads, attention.threads) could leave SDPA's math kernel off
+_SDPA_FLAGS = threading.Lock()
+# SDPA's flash kernel on the CPU, called without the flags (what SDPA runs when they allow only it)
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _fused_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """SDPA limited to its fused kernels, scale 1: (1, G, N, D) -> (1, G, N, Dv)."""
+    if q.device.type == "cpu" and _CPU_FLASH is not None:
+        return _CPU_FLASH(q, k, v, 0.0, False, scale=1.0)[0]
+    with _SDPA_FLAGS, sdpa_kernel(_fused_kernels(q.device)):
+        return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+
+
 @functools.lru_cache(maxsize=None)
 def _fused_sdpa_takes(device: torch.device, dtype: torch.dtype, dim: int) -> bool:
     """Whether SDPA, limited to its fused kernels, would run (1, 1, 16, dim) q, k, v in `dtype`."""
     probe = torch.zeros(1, 1, 16, dim, device=device, dtype=dtype)
     try:
-        with sdpa_kernel(_fused_kernels(device)):
+        with _SDPA_FLAGS, sdpa_kernel(_fused_kernels(device)):
             choice = torch._fused_sdp_choice(probe, probe, probe, scale=1.0)
     except RuntimeError:
         return False
@@ -196,8 +212,7 @@ def flashbias_attention(
         if v_aug is not None:
             va_ = v_aug[:G]
             va_[..., :Cv] = v[g0:g1]
-        with sdpa_kernel(_fused_kernels(q.device)):
-            o = F.scaled_dot_product_attention(qa_[None], ka_[None], va_[None], scale=1.0)  # (1, G, N, D)
+        o = _fused_sdpa(qa_[None], ka_[None], va_[None])  # (1, G, N, D)
         out[g0:g1] = o[0, ..., :Cv]
         del o
     return out

@@ -40,7 +40,9 @@ import torch
 
 T = TypeVar("T")
 
-_local = threading.local()  # .in_step: this thread runs a step of run_steps
+# .in_step: this thread runs a step of run_steps, .share: that run's threads,
+# .threads: steps_on_threads' count
+_local = threading.local()
 
 
 def _openmp_library() -> Optional[ctypes.CDLL]:
@@ -52,7 +54,8 @@ def _openmp_library() -> Optional[ctypes.CDLL]:
             paths = {line.split()[-1] for line in maps if ("libgomp" in line or "libiomp" in line or "libomp" in line) and "/" in line}
     except OSError:
         paths = set()
-    for path in sorted(paths):
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "")
+    for path in sorted(paths, key=lambda p: (not p.startswith(torch_lib), p)):  # torch's own copy first
         try:
             lib = ctypes.CDLL(path)
             lib.omp_set_num_threads  # noqa: B018 (raises AttributeError when absent)
@@ -88,6 +91,11 @@ def _runtime() -> Optional[ctypes.CDLL]:
     return _OPENMP
 
 
+def shares_steps() -> bool:
+    """Whether run_steps can run steps on threads of their own here (torch's OpenMP is reachable)."""
+    return _runtime() is not None
+
+
 def step_threads(device: Optional[torch.device | str]) -> int:
     """How many threads run_steps shares a call's steps among on `device`: torch's thread
     count on the CPU (or steps_on_threads' count), 1 elsewhere, inside a step, or where
@@ -98,7 +106,7 @@ def step_threads(device: Optional[torch.device | str]) -> int:
     if chosen is not None:
         return chosen
     threads = torch.get_num_threads()
-    return threads if threads > 1 and _runtime() is not None else 1
+    return threads if threads > 1 and shares_steps() else 1
 
 
 def steps_at_once(device: Optional[torch.device | str]) -> int:
@@ -171,6 +179,13 @@ def _get_workers(size: int) -> _Workers:
         return _workers[size]
 
 
+def _cpu_autocast() -> tuple[bool, torch.dtype]:
+    """The caller's CPU autocast (enabled, dtype): torch >= 2.4 names the device, older has its own calls."""
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+
+
 def run_steps(step: Callable[[T, int], None], items: Iterable[T], threads: int) -> None:
     """step(item, slot) for every item, on `threads` threads (step_threads), each item once.
 
@@ -183,16 +198,17 @@ def run_steps(step: Callable[[T, int], None], items: Iterable[T], threads: int) 
     Args:
         step: the work on one item; its return value is ignored.
         items: the steps' inputs, taken in order.
-        threads: at most this many steps run at once (1: in this thread, in order).
+        threads: at most this many steps run at once (1, or where shares_steps() is False:
+            in this thread, in order).
     """
     items = list(items) if not isinstance(items, Sequence) else items
     threads = min(threads, len(items))
-    if threads <= 1:
+    if threads <= 1 or not shares_steps():  # without per-thread counts, workers would each use every core
         for item in items:
             step(item, 0)
         return
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-    autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    autocast = _cpu_autocast()
     next_item = iter(range(len(items)))
     lock = threading.Lock()
     errors: list[BaseException] = []

@@ -8,6 +8,7 @@ from typing import Optional
 
 from sam_blocked.attention.common import DEFAULT_CHUNKS
 from sam_blocked.attention.dispatch import BACKEND_CHOICES
+from sam_blocked.attention.threads import shares_steps
 from sam_blocked.encoder.layer import check_config
 from sam_blocked.models.load import DTYPES, MODEL_TYPE_CHOICES, LoadedModel, ModelSettings, load_model, resolve_device
 
@@ -92,12 +93,15 @@ def apply_threads(args: argparse.Namespace) -> None:
 
 def busy_cpu_note(device: object, threads: Optional[int] = None, load: Optional[float] = None, cores: Optional[int] = None) -> Optional[str]:
     """A line for stderr when other processes already use the CPU this run is about to use
-    with all its threads, or None.
+    with all its threads, and this torch cannot give the patched steps threads of their own;
+    else None.
 
     With one core taken by another process, every parallel operator's threads wait at its
-    end for the thread that shares that core; the patched encoder runs many small operators
-    and loses its lead over stock there (docs/benchmarks/contention.md). The user chooses:
-    --threads, or OMP_WAIT_POLICY=PASSIVE before starting; nothing is changed for them.
+    end for the thread that shares that core. Where attention.threads shares the patched
+    steps out among threads (torch's OpenMP reachable: Linux), a slowed thread just takes
+    fewer steps, and nothing needs saying. Elsewhere the patched encoder, many small
+    operators, loses its lead over stock there (docs/benchmarks/contention.md). The user
+    chooses: --threads, or OMP_WAIT_POLICY=PASSIVE before starting; nothing is changed for them.
 
     Args:
         device: the run's device; only "cpu" gets a note.
@@ -106,7 +110,7 @@ def busy_cpu_note(device: object, threads: Optional[int] = None, load: Optional[
     """
     import torch
 
-    if torch.device(str(device)).type != "cpu" or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+    if torch.device(str(device)).type != "cpu" or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" or shares_steps():
         return None
     threads = torch.get_num_threads() if threads is None else threads
     cores = cores or os.cpu_count() or 1
