@@ -196,6 +196,27 @@ def test_chunks_on_step_threads_match_stock(sam, image, name, monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_chunks_stay_in_this_thread_when_the_budget_holds_one_full_size_mask(sam, image, monkeypatch):
+    """Each thread post-processes one full-size mask at least: a budget that holds fewer than
+    two (131 x 197 px at 12 bytes a pixel: 0.30 MiB each, budget 0.5 MiB) runs the chunks here."""
+    from sam_blocked.automatic import batch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        records = batch._records
+        monkeypatch.setattr(batch, "_records", lambda *args: seen.append(threading.current_thread().name) or records(*args))
+        settings = SETTINGS["filters-off"]
+        stock = SamAutomaticMaskGenerator(sam, **settings)
+        logits = record_stock_logits(stock)
+        want = stock.generate(image)
+        compare_records(want, BlockedMaskGenerator(sam, **settings, max_block_mb=0.5).generate(image), logits, settings)
+        assert seen and set(seen) == {threading.current_thread().name}
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (37, 53), (64, 64)])
 def test_mask_to_rle_matches_stock(shape):
     g = torch.Generator().manual_seed(sum(shape))

@@ -309,9 +309,11 @@ def process_batch(
     filters = Filters(generator.pred_iou_thresh, generator.stability_score_thresh, generator.stability_score_offset)
     predictor = generator.predictor
     # On the CPU the batch's chunks of points are shared out among threads (attention.threads),
-    # each with its own workspace and its share of the budget, and put back in stock's order.
+    # each with its own workspace and its share of the budget, and put back in stock's order:
+    # as many threads as full-size masks fit the budget (each post-processes one at least).
     # A caller's own `decode` may keep state of its own: then one thread.
-    threads = step_threads(predictor.device) if decode is None else 1
+    out_h, out_w = predictor.original_size
+    threads = min(step_threads(predictor.device), masks_per_step(out_h * out_w, budget_bytes)) if decode is None else 1
     share = budget_bytes if threads == 1 else (budget_bytes or DEFAULT_DECODER_BYTES) // threads
     _, c, h, w = predictor.features.shape
     chunk = prompts_per_chunk(h * w, c, share)
