@@ -9,6 +9,10 @@ most, OpenMP's or MKL's/oneDNN's), and sorts them by that self time, stock and p
     python benchmarks/profile_contention.py                      # vit_b 1024 px, 2 threads
     python benchmarks/profile_contention.py --threads 1 --top 12
 
+torch's profiler sees the calling thread only: since the patched steps are shared out among
+threads (sam_blocked/attention/threads.py, 2026-12-05), the profiled call runs them in this
+thread (steps_on_threads(1)), each operator on torch's threads as before the change.
+
 It prints one line per mode (such ops, how many last under 0.1 ms / 0.1-1 ms / 1-10 ms / over
 10 ms and the time in each class) and the top operators by self time; --json writes the same.
 """
@@ -31,6 +35,7 @@ def profile(mode: str, model: str, img_size: int, top: int) -> dict:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     from sam_blocked import build_sam, patch_sam, unpatch_sam
+    from sam_blocked.attention.threads import steps_on_threads
 
     encoder = build_sam(model, img_size=img_size, seed=0).image_encoder.eval()
     unpatch_sam(encoder)
@@ -40,7 +45,7 @@ def profile(mode: str, model: str, img_size: int, top: int) -> dict:
     with torch.inference_mode():
         encoder(x)  # warm-up
         start = time.perf_counter()
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        with steps_on_threads(1), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             encoder(x)
         wall = time.perf_counter() - start
     # an operator doing work of its own (self time over 10 us: not a view, an empty, a dispatch wrapper)
