@@ -123,7 +123,7 @@ def run_child(args: argparse.Namespace) -> int:
         if row["status"] == "ok" and not args.blocks:  # the FLOP count is the whole encoder's
             # After the encode (its peak is measured without the GEMM's operands) and before
             # the profiler runs: a GEMM after a profiled encode ran 20-25% slower here.
-            rate = gemm_rate(args.dtype, args.device)
+            rate = gemm_rate(args.dtype, args.device, (args.gemm_size,) * 3)
             row["gemm_gflops"] = round(rate / 1e9, 1)
             row["floor_ratio"] = round(min(times) * rate / flops, 2)
         if row["status"] == "ok":
@@ -170,7 +170,7 @@ def run_one(args: argparse.Namespace, model: str, size: int, dtype: str, mode: s
         "--model", model, "--size", str(size), "--dtype", dtype, "--mode", mode, "--device", args.device,
         "--chunks", str(args.chunks), "--max-block-mb", str(args.max_block_mb),
         "--mem-cap-gb", str(args.mem_cap_gb), "--threads", str(args.threads), "--repeat", str(args.repeat),
-        "--blocks", str(args.blocks or 0),
+        "--blocks", str(args.blocks or 0), "--gemm-size", str(args.gemm_size),
     ]  # fmt: skip
     return run_in_child(__file__, command, args.timeout)
 
@@ -360,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "every block has the same shapes, so the peak is a block's; rows say 'blocks 0-(N-1) + neck', no floor ratio)")
     parser.add_argument("--repeat", type=int, default=1, help="forwards per configuration; the fastest is recorded (default %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice, one per core)")
+    parser.add_argument("--gemm-size", type=int, default=2048, help="side of the square GEMM whose rate sets the floor ratio (default %(default)s; "
+                        "smaller runs faster and gives a lower rate, so a looser floor: for smoke runs)")  # fmt: skip
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the CSV and PNG go (default benchmarks/results)")
     parser.add_argument("--machine", default=None, help="name in the file names (default: from the CPU or GPU model)")
     parser.add_argument("--fresh", action="store_true", help="drop earlier rows of the same CSV instead of keeping them")

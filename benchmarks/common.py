@@ -216,19 +216,23 @@ class SweepCSV:
 # --- the speed floor ---------------------------------------------------------------------
 
 
-def gemm_rate(dtype: str = "float32", device: str = "cpu", shape: tuple[int, int, int] = (2048, 2048, 2048), repeat: int = 5) -> float:
+def gemm_rate(dtype: str = "float32", device: str = "cpu", shape: tuple[int, int, int] = (2048, 2048, 2048), repeat: int = 5, max_seconds: float = 10.0) -> float:
     """FLOP/s of one plain (m x k) @ (k x n) matmul in this process: the fastest of `repeat`
     after a warm-up. The default square product ran as fast as any of SAM's own shapes here
     (vit_b's MLP, 4096 x 768 @ 768 x 3072, ran 10% slower), so the floor it gives is strict.
     Divide a model's FLOPs (sam_blocked.memory.flops.encoder_flops) by it for the time a GEMM-bound
-    run would take."""
+    run would take.
+
+    The timed calls stop early once they have taken `max_seconds` together (one at least):
+    on a CPU without bfloat16 instructions (no AVX512-BF16 / AMX) one bfloat16 2048^3
+    product on one thread took 20 s here."""
     import torch
 
     m, k, n = shape
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(m, k, generator=generator).to(device, getattr(torch, dtype))
     b = torch.randn(k, n, generator=generator).to(device, getattr(torch, dtype))
-    best = float("inf")
+    best, spent = float("inf"), 0.0
     with torch.inference_mode():
         for i in range(repeat + 1):
             start = time.perf_counter()
@@ -236,7 +240,10 @@ def gemm_rate(dtype: str = "float32", device: str = "cpu", shape: tuple[int, int
             if device.startswith("cuda"):
                 torch.cuda.synchronize(device)
             if i:  # the first call is the warm-up
-                best = min(best, time.perf_counter() - start)
+                took = time.perf_counter() - start
+                best, spent = min(best, took), spent + took
+                if spent > max_seconds:
+                    break
     return 2 * m * k * n / best
 
 

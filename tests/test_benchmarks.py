@@ -57,7 +57,8 @@ def test_bench_backends_writes_rows_and_plot(tmp_path):
 @pytest.mark.slow
 def test_bench_resolution_writes_rows_and_plot(tmp_path):
     run_script("bench_resolution.py", "--models", "tiny", "--sizes", "64", "128", "--modes", "stock", "budget",
-               "--dtypes", "float32", "bfloat16", "--threads", "1", "--out-dir", str(tmp_path), "--machine", "test")  # fmt: skip
+               "--dtypes", "float32", "bfloat16", "--threads", "1", "--gemm-size", "256",  # a bfloat16 2048^3 GEMM took 20 s on CPUs without bf16 instructions
+               "--out-dir", str(tmp_path), "--machine", "test")  # fmt: skip
 
     rows = read_csv(tmp_path / "resolution_test.csv")
     assert {(r["size"], r["dtype"], r["mode"]) for r in rows} == {
