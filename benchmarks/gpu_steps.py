@@ -175,7 +175,7 @@ def child_measure(child: Child, step: str) -> int:
                     encoder = sam_blocked.build_sam(cell["model"], img_size=size, seed=0).image_encoder.to(dtype)
                 built = (cell["model"], size, cell["dtype"])
                 if not rates:
-                    rates[("prior",)] = 1 / (0.25 * gemm_rate(cell["dtype"], str(device), (1024, 1024, 1024) if child.spec["dry_run"] else (4096, 4096, 4096)))
+                    rates[("prior",)] = 1 / (0.25 * gemm_rate(cell["dtype"], str(device), (256, 256, 256) if child.spec["dry_run"] else (4096, 4096, 4096)))
             attn = next(b.attn for b in encoder.blocks if b.window_size == 0)
             head_dim = attn.qkv.in_features // attn.num_heads
             grid, window = size // 16, max(b.window_size for b in encoder.blocks)
