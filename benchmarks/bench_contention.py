@@ -177,7 +177,7 @@ def plot(rows: list[dict], path: Path, machine: str) -> None:
     first = summary[0] if summary else {"model": "?", "img_size": "?"}
     n = sorted({s["n"] for s in summary})
     ax.set_title(f"{first['model']} image encoder, {first['img_size']} px: stock vs patched (auto, defaults) beside busy processes\n"
-                 f"bars: median of {'/'.join(map(str, n))} fresh processes, whiskers: range, dots: each run; {machine}", fontsize=8)  # fmt: skip
+                 f"bars: median of {'/'.join(map(str, n))} fresh processes, whiskers: range, dots: each run\n{machine}", fontsize=8)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
